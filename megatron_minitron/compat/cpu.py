@@ -1,0 +1,214 @@
+"""Make megatron-core run on a machine without CUDA (CPU, gloo).
+
+Used only when CUDA is unavailable or the mamba_ssm / Transformer Engine kernels are
+missing; on a GPU node with the kernels installed `install()` changes nothing.
+
+megatron-core allocates with `device="cuda"` / `torch.cuda.current_device()` in many
+places and calls `torch.cuda.synchronize()` in p2p code. Rather than patching the global
+`torch` module (which would also change user code), we replace the name `torch` inside
+the affected megatron modules with a proxy whose factory functions map a CUDA device to
+the CPU and whose `torch.cuda` answers the few calls megatron makes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import types
+from typing import Any
+
+import torch
+
+_CUDA_MODULES = (
+    # every megatron-core module (0.16 / 0.19) reached by model build, forward, training
+    # step, optimizer and checkpointing that hard-codes a CUDA device
+    "megatron.core.utils",
+    "megatron.core.ssm.mamba_mixer",
+    "megatron.core.ssm.mamba_block",
+    "megatron.core.ssm.mamba_layer",
+    "megatron.core.models.mamba.mamba_model",
+    "megatron.core.models.hybrid.hybrid_model",
+    "megatron.core.models.hybrid.hybrid_block",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.language_model_embedding",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.mlp",
+    "megatron.core.transformer.module",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer_param_scheduler",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.exchange_utils",
+)
+
+_installed = False
+
+
+def _to_cpu_device(dev: Any) -> Any:
+    if isinstance(dev, int):
+        return torch.device("cpu")
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        return torch.device("cpu")
+    return dev
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream: everything runs on the CPU's one 'stream'."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _CudaNamespace(types.SimpleNamespace):
+    """The subset of `torch.cuda` that megatron-core calls on its CPU-reachable paths."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+    @staticmethod
+    def device_count():
+        return 0
+
+    Stream = _NullStream
+
+    @staticmethod
+    def stream(s=None):
+        return _NullStream()
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _NullStream()
+
+    @staticmethod
+    def default_stream(*args, **kwargs):
+        return _NullStream()
+
+    @staticmethod
+    def nvtx_range_push(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def nvtx_range_pop(*args, **kwargs):
+        return None
+
+
+class _CpuTorch(types.ModuleType):
+    """Proxy for the `torch` module: functions get CUDA devices mapped to the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.__dict__["cuda"] = _CudaNamespace()
+        self.__dict__["_cache"] = {}
+
+    def __getattr__(self, name):
+        cache = self.__dict__["_cache"]
+        if name in cache:
+            return cache[name]
+        attr = getattr(torch, name)
+        # Only plain functions are wrapped: classes (Tensor, dtype, device, ...) and
+        # submodules must stay themselves so isinstance checks keep working.
+        if isinstance(attr, (types.BuiltinFunctionType, types.FunctionType)):
+            attr = _map_device_kwarg(attr)
+        elif name == "autocast":
+            attr = _cpu_autocast
+        cache[name] = attr
+        return attr
+
+
+def _map_device_kwarg(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _cpu_autocast(device_type="cpu", *args, **kwargs):
+    return torch.autocast("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
+def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """CPU twin of megatron's clipper, which asserts `grad.type() == 'torch.cuda.FloatTensor'`."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def install() -> bool:
+    """Patch megatron-core modules for CPU execution. Idempotent. Returns True if patched."""
+    global _installed
+    if _installed:
+        return True
+    if cuda_available():
+        return False
+    proxy = _CpuTorch()
+    for name in _CUDA_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue  # module belongs to another megatron-core release
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
+    opt = sys.modules.get("megatron.core.optimizer.optimizer")
+    if opt is not None:
+        opt.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    _installed = True
+    return True

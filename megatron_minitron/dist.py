@@ -1,0 +1,146 @@
+"""Process groups and rank-0 helpers. Parallel state is created here and then passed on
+explicitly (a `Parallel` object holding the groups); algorithm code never reads
+megatron's global parallel state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, ParallelConfig
+
+
+@dataclass
+class Parallel:
+    """The process groups of one rank, plus its coordinates in the (tp, pp, dp) grid."""
+
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    pg: Any  # megatron ProcessGroupCollection (tp, pp, dp, cp, mp, ...)
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def init(parallel: ParallelConfig, seed: int = 1234) -> Parallel:
+    """Start torch.distributed (torchrun env, or a world of one) and megatron's groups."""
+    from .compat import mcore, setup_runtime
+
+    setup_runtime()
+    cuda = torch.cuda.is_available()
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ConfigError("parallel.backend=nccl needs CUDA; use parallel.backend=gloo on CPU")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    world = dist.get_world_size()
+    mp = parallel.tp * parallel.pp
+    if world % mp:
+        raise ConfigError(
+            f"world size {world} is not divisible by parallel.tp x parallel.pp = {mp}; "
+            f"launch a multiple of {mp} processes or change the layout"
+        )
+    mcore.parallel_state.destroy_model_parallel()
+    mcore.parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
+    )
+    set_seed(seed)
+    ps = mcore.parallel_state
+    pg = mcore.ProcessGroupCollection.use_mpu_process_groups()
+    return Parallel(
+        tp=parallel.tp,
+        pp=parallel.pp,
+        dp=world // mp,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        pg=pg,
+        device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+    )
+
+
+def set_seed(seed: int) -> None:
+    from .compat import mcore
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        mcore.model_parallel_cuda_manual_seed(seed)
+    else:
+        # The CUDA RNG tracker asserts CUDA; in inference mode it is a no-op tracker
+        # (dropout must then stay 0 on CPU, which our configs do).
+        mcore.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
+
+
+def shutdown() -> None:
+    from .compat import mcore
+
+    if dist.is_initialized():
+        mcore.parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_sum(t: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t

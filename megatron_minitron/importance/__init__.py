@@ -1,0 +1,1 @@
+"""Importance: hooks accumulate, `scores` turns accumulators into scores (pure)."""

@@ -1,0 +1,158 @@
+"""ModelConfig -> a real megatron-core hybrid model; analytic parameter count."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def activation_fn(name: str):
+    from megatron.core.activations import squared_relu
+
+    return {
+        "squared_relu": squared_relu,
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "swiglu": F.silu,  # gated: megatron applies silu(x1) * x2 with gated_linear_unit
+    }[name]
+
+
+def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_parallel=False):
+    """The megatron TransformerConfig for `cfg` at a (tp, pp) layout."""
+    from .compat import mcore
+
+    dtype = DTYPES[cfg.params_dtype]
+    cuda = torch.cuda.is_available()
+    return mcore.TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        mamba_num_heads=cfg.mamba_num_heads,
+        mamba_head_dim=cfg.mamba_head_dim,
+        mamba_num_groups=cfg.mamba_num_groups,
+        mamba_state_dim=cfg.mamba_state_dim,
+        # The memory-efficient path fuses conv+scan+norm in one mamba_ssm kernel; our
+        # hooks need the unfused path (in_proj output, out_proj input) anyway.
+        use_mamba_mem_eff_path=False,
+        is_hybrid_model=True,
+        activation_func=activation_fn(cfg.activation),
+        gated_linear_unit=cfg.activation == "swiglu",
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # CPU init builds the full master weight then slices it: TP-invariant init.
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=cuda,
+    )
+
+
+def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None):
+    """Build this rank's stage of the hybrid model (embedding on the first PP stage, output
+    layer on the last). `parallel` is a dist.Parallel."""
+    from .compat import mcore, setup_runtime
+
+    setup_runtime()
+    cfg.validate(tp=parallel.tp, pp=parallel.pp)
+    pattern = cfg.pattern.replace("|", "")
+    tcfg = transformer_config(cfg, parallel.tp, parallel.pp)
+    spec = mcore.hybrid_stack_spec(mcore.te_usable(), cfg.mamba_conv_kernel, cfg.mamba_chunk_size)
+    model = mcore.HybridLMModel(
+        config=tcfg,
+        mamba_stack_spec=spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=parallel.is_first_stage if pre_process is None else pre_process,
+        post_process=parallel.is_last_stage if post_process is None else post_process,
+        hybrid_override_pattern=pattern,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings,
+        position_embedding_type=cfg.position_embedding,
+        rotary_percent=cfg.rotary_percent,
+        rotary_base=cfg.rotary_base,
+        parallel_output=True,
+        pg_collection=parallel.pg,
+    )
+    model.to(parallel.device)
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def causal_mask(seq_length: int, device_str: str = "cpu") -> torch.Tensor:
+    """[1, 1, s, s] boolean mask, True = masked (megatron's convention). Passed explicitly:
+    megatron's default causal mask is allocated on "cuda"."""
+    m = torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device_str), 1)
+    return m[None, None]
+
+
+def layer_param_counts(cfg: ModelConfig) -> dict:
+    """Parameters of one layer of each kind (analytic; equals the built model)."""
+    h = cfg.hidden_size
+    d_in = cfg.mamba_num_heads * cfg.mamba_head_dim
+    gn = cfg.mamba_num_groups * cfg.mamba_state_dim
+    nh = cfg.mamba_num_heads
+    conv_ch = d_in + 2 * gn
+    mamba = (
+        h  # input norm
+        + h * (2 * d_in + 2 * gn + nh)  # in_proj [z|x|B|C|dt]
+        + conv_ch * cfg.mamba_conv_kernel + conv_ch  # conv1d weight + bias
+        + 3 * nh  # A_log, D, dt_bias
+        + d_in  # gated norm
+        + d_in * h  # out_proj
+    )
+    q = cfg.num_attention_heads * cfg.kv_channels
+    kv = 2 * cfg.num_query_groups * cfg.kv_channels
+    attn = h + h * (q + kv) + q * h
+    fc1 = cfg.ffn_hidden_size * (2 if cfg.activation == "swiglu" else 1)
+    mlp = h + h * fc1 + cfg.ffn_hidden_size * h
+    return {"M": mamba, "*": attn, "-": mlp}
+
+
+def count_parameters(cfg: ModelConfig) -> dict:
+    """Analytic parameter count of the whole model (all stages, all TP shards)."""
+    per = layer_param_counts(cfg)
+    layers = sum(per[c] for c in cfg.pattern.replace("|", ""))
+    emb = cfg.vocab_size * cfg.hidden_size
+    out = emb if cfg.untie_embeddings else 0
+    total = layers + emb + out + cfg.hidden_size  # + final norm
+    return {
+        "total": total,
+        "embedding": emb,
+        "output_layer": out,
+        "layers": layers,
+        "non_embedding": total - emb - out,
+        "per_layer_kind": per,
+    }
+
+
+def local_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters held by this rank (a TP shard of one PP stage); shared weights once."""
+    seen = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n

@@ -1,0 +1,1 @@
+"""Pruning plan: `keep` selects keep sets from scores (pure, group-aware)."""

@@ -1,0 +1,129 @@
+"""Distributed checkpoints (megatron `dist_checkpointing`, torch_dist format) that carry
+their model config, so loading needs no size flags.
+
+Layout of a run directory:
+    <run>/checkpoints/iter_0000100/   megatron sharded checkpoint + model_config.json + meta.json
+    <run>/checkpoints/latest          text: the name of the newest complete iteration folder
+A checkpoint is written to `iter_XXXXXXX.partial`, renamed when every rank has finished,
+and only then is `latest` replaced (atomically): a crash never leaves `latest` pointing at
+a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from ..config import ConfigError, ModelConfig, build
+from ..dist import barrier, is_rank0
+
+CONFIG_FILE = "model_config.json"
+META_FILE = "meta.json"
+
+
+def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"iter_{iteration:07d}"
+
+
+def resolve(path: str | Path) -> Optional[Path]:
+    """A run dir, a checkpoints dir or an iteration dir -> the iteration dir (or None)."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file() and (p / META_FILE).is_file():
+        return p
+    for base in (p / "checkpoints", p):
+        latest = base / "latest"
+        if latest.is_file():
+            it = base / latest.read_text().strip()
+            if (it / META_FILE).is_file():
+                return it
+    return None
+
+
+def require(path: str | Path) -> Path:
+    it = resolve(path)
+    if it is None:
+        raise ConfigError(
+            f"no checkpoint at {path}: expected a run directory with checkpoints/latest, or an "
+            f"iteration folder holding {CONFIG_FILE} and {META_FILE}"
+        )
+    return it
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    it = require(path)
+    return build(ModelConfig, json.loads((it / CONFIG_FILE).read_text()), "model.")
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((require(path) / META_FILE).read_text())
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save(
+    run_dir: str | Path,
+    iteration: int,
+    model_cfg: ModelConfig,
+    sharded_state_dict: dict,
+    meta: dict,
+    keep_last: int = 2,
+) -> Path:
+    """Collective: every rank calls it with its own sharded state dict."""
+    from ..compat import mcore
+
+    final = iteration_dir(run_dir, iteration)
+    partial = final.with_name(final.name + ".partial")
+    if is_rank0():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    mcore.dist_checkpointing.save(sharded_state_dict, str(partial))
+    barrier()
+    if is_rank0():
+        _write_json_atomic(partial / CONFIG_FILE, model_cfg.to_dict())
+        _write_json_atomic(partial / META_FILE, dict(meta, iteration=iteration,
+                                                     megatron_core=mcore.MCORE_VERSION))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = final.parent / "latest.tmp"
+        tmp.write_text(final.name)
+        os.replace(tmp, final.parent / "latest")
+        _prune_old(final.parent, keep_last)
+    barrier()
+    return final
+
+
+def _prune_old(ckpt_dir: Path, keep_last: int) -> None:
+    its = sorted(p for p in ckpt_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+    for p in its[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(path: str | Path, sharded_state_dict: dict) -> dict:
+    """Collective load of the tensors named by `sharded_state_dict` (any TP/PP layout)."""
+    from ..compat import mcore
+
+    it = require(path)
+    return mcore.dist_checkpointing.load(sharded_state_dict, str(it))
+
+
+def load_model_weights(path: str | Path, model) -> dict:
+    """Load only the model's tensors into `model` (a bare or DDP-wrapped megatron model)."""
+    module = getattr(model, "module", model)
+    state = load(path, {"model": module.sharded_state_dict()})
+    module.load_state_dict(state["model"], strict=True)
+    return read_meta(path)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,0 +1,310 @@
+"""Training machinery on megatron-core pieces: DDP wrapper, megatron optimizer,
+OptimizerParamScheduler, pipeline schedules (`get_forward_backward_func`), gradient
+accumulation via micro-batches, checkpoint save/resume. Shared by pretrain and distill.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig, ParallelConfig, TrainConfig
+from ..dist import Parallel
+from ..model import build_model, causal_mask
+from . import checkpoint as ckpt
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class MicroBatches:
+    """Deterministic micro-batch stream for one rank.
+
+    Global batch `step` holds samples [step*G, (step+1)*G). Micro-batch m of data-parallel
+    rank r takes samples step*G + m*(mbs*dp) + r*mbs + [0, mbs). The position is a pure
+    function of `step`, so resuming at step k continues exactly where a run would be.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, global_batch_size: int, dp: int,
+                 dp_rank: int, start_step: int = 0, device="cpu", wrap: bool = True):
+        self.ds = dataset
+        self.mbs = micro_batch_size
+        self.gbs = global_batch_size
+        self.dp = dp
+        self.dp_rank = dp_rank
+        self.step = start_step
+        self.m = 0
+        self.device = device
+        self.wrap = wrap
+        self.num_micro = global_batch_size // (micro_batch_size * dp)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        base = self.step * self.gbs + self.m * self.mbs * self.dp + self.dp_rank * self.mbs
+        idx = [base + i for i in range(self.mbs)]
+        if not self.wrap and idx[-1] >= len(self.ds):
+            raise StopIteration
+        samples = [self.ds[i % len(self.ds)] for i in idx]
+        self.m += 1
+        if self.m == self.num_micro:
+            self.m = 0
+            self.step += 1
+        return collate(samples, self.device)
+
+
+def collate(samples: list[dict], device="cpu") -> dict:
+    out = {}
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
+    out["tokens"] = out["tokens"].long()
+    out["labels"] = out["labels"].long()
+    out["position_ids"] = out["position_ids"].long()
+    out["loss_mask"] = out["loss_mask"].float()
+    return out
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def lm_forward_step(data_iterator: Iterator, model, use_mask: bool = True):
+    """forward_step_func for the pipeline schedules: LM cross-entropy on the last stage."""
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    mask = causal_mask(tokens.shape[1], str(tokens.device)) if use_mask else None
+    out = model(tokens, batch["position_ids"], mask, labels=batch["labels"])
+    return out, partial(_lm_loss, batch["loss_mask"])
+
+
+def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Returns (sum loss, tokens, report): the schedule divides by tokens and micro-batches."""
+    per_token_loss = per_token_loss.float()
+    total = (per_token_loss * loss_mask).sum()
+    n = loss_mask.sum()
+    return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n.detach()])}
+
+
+def reduce_reports(reports: list[dict], par: Parallel, key: str = "lm loss") -> float:
+    """Token-weighted mean of `key` over micro-batches and data-parallel ranks, on every
+    rank. Only the last pipeline stage's TP-rank-0 replicas contribute (each DP replica's
+    report is counted once)."""
+    acc = torch.zeros(2, dtype=torch.float64)
+    if par.is_last_stage and par.tp_rank == 0:
+        for r in reports:
+            acc += r[key].double().cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        acc = acc.to(par.device)
+        dist.all_reduce(acc)
+        acc = acc.cpu()
+    return (acc[0] / acc[1].clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def use_distributed_optimizer(parallel: ParallelConfig) -> bool:
+    if parallel.distributed_optimizer == "auto":
+        return torch.cuda.is_available()
+    return parallel.distributed_optimizer == "true"
+
+
+def wrap_ddp(model, parallel: ParallelConfig):
+    from ..compat import mcore
+
+    ddp_cfg = mcore.DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer(parallel),
+        check_for_nan_in_grad=False,
+    )
+    return mcore.DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+
+
+def build_optimizer(ddp_model, train: TrainConfig, parallel: ParallelConfig):
+    from ..compat import mcore
+
+    tcfg = ddp_model.module.config
+    opt_cfg = mcore.OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        clip_grad=train.clip_grad,
+        bf16=tcfg.bf16,
+        params_dtype=tcfg.params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer(parallel),
+    )
+    optimizer = mcore.get_megatron_optimizer(opt_cfg, [ddp_model])
+    scheduler = mcore.OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=train.warmup_steps,
+        lr_decay_steps=train.steps,
+        lr_decay_style=train.lr_decay_style,
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=train.steps,
+        wd_incr_style="constant",
+    )
+    tcfg.finalize_model_grads_func = mcore.finalize_model_grads
+    tcfg.no_sync_func = ddp_model.no_sync
+    tcfg.grad_scale_func = optimizer.scale_loss
+    return optimizer, scheduler
+
+
+@dataclass
+class Trainable:
+    model_cfg: ModelConfig
+    par: Parallel
+    model: object  # DDP-wrapped megatron model (this rank's stage)
+    optimizer: object
+    scheduler: object
+    iteration: int = 0
+
+
+def build_trainable(model_cfg: ModelConfig, par: Parallel, train: TrainConfig,
+                    parallel: ParallelConfig) -> Trainable:
+    model = build_model(model_cfg, par)
+    ddp = wrap_ddp(model, parallel)
+    opt, sched = build_optimizer(ddp, train, parallel)
+    return Trainable(model_cfg, par, ddp, opt, sched)
+
+
+def sharded_state(t: Trainable, is_loading: bool = False) -> dict:
+    model_sd = t.model.module.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": t.optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+    }
+
+
+def save_trainable(t: Trainable, run_dir, extra_meta: Optional[dict] = None) -> None:
+    sd = sharded_state(t)
+    # plain (non-sharded) values are stored once, in the checkpoint's common state
+    sd["scheduler"] = t.scheduler.state_dict()
+    sd["iteration"] = t.iteration
+    meta = {"tp": t.par.tp, "pp": t.par.pp, "dp": t.par.dp, **(extra_meta or {})}
+    ckpt.save(run_dir, t.iteration, t.model_cfg, sd, meta)
+
+
+def resume_trainable(t: Trainable, path) -> dict:
+    sd = sharded_state(t, is_loading=True)
+    sd["scheduler"] = None
+    sd["iteration"] = None
+    state = ckpt.load(path, sd)
+    t.model.module.load_state_dict(state["model"], strict=True)
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.iteration = int(state["iteration"])
+    return ckpt.read_meta(path)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def train_step(t: Trainable, data: Iterator, forward_step: Callable, num_micro: int,
+               seq_length: int, micro_batch_size: int) -> dict:
+    """One optimizer step over `num_micro` micro-batches (gradient accumulation)."""
+    from ..compat import mcore
+
+    t.model.train()
+    t.model.zero_grad_buffer()
+    t.optimizer.zero_grad()
+    fb = mcore.get_forward_backward_func()
+    reports = fb(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=[t.model],
+        num_microbatches=num_micro,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    ok, grad_norm, _ = t.optimizer.step()
+    t.scheduler.step(increment=1)
+    t.iteration += 1
+    return {
+        "reports": reports,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": t.optimizer.param_groups[0]["lr"],
+        "skipped": not ok,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, data: Iterator, forward_step: Callable, num_micro: int, par: Parallel,
+             seq_length: int, micro_batch_size: int, key: str = "lm loss") -> float:
+    """Forward-only pass over `num_micro` micro-batches; the token-weighted mean of `key`."""
+    from ..compat import mcore
+
+    model.eval()
+    fb = mcore.get_forward_backward_func()
+    reports = fb(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=[model],
+        num_microbatches=num_micro,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+    )
+    return reduce_reports(reports, par, key)
+
+
+class Progress:
+    """Rank-0 console progress: a tqdm bar when attached to a terminal, log lines always."""
+
+    def __init__(self, total: int, start: int, enabled: bool, desc: str):
+        self.enabled = enabled
+        self.t0 = time.time()
+        self.start = start
+        self.total = total
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
+                            disable=None)  # disabled automatically when not a TTY
+
+    def update(self, it: int, postfix: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                                  for k, v in postfix.items()}, refresh=False)
+
+    def eta(self, it: int) -> float:
+        done = it - self.start
+        if done <= 0:
+            return float("nan")
+        return (time.time() - self.t0) / done * (self.total - it)
+
+    def write(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"

@@ -1,0 +1,227 @@
+"""`pretrain` and `eval` stages: LM training / validation loss of a hybrid model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .. import dist as D
+from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, dump_json
+from ..model import build_model, count_parameters
+from . import checkpoint as ckpt
+from .engine import (MicroBatches, Progress, build_trainable, evaluate, fmt_eta, lm_forward_step,
+                     reduce_reports, resume_trainable, save_trainable, train_step)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_data(data: DataConfig, model: ModelConfig | None = None) -> dict:
+    """Fail before any model is built if the dataset or tokenizer is missing or too big."""
+    for suffix in (".bin", ".idx"):
+        if not Path(data.prefix + suffix).is_file():
+            raise ConfigError(
+                f"data.prefix={data.prefix!r}: {data.prefix + suffix} not found; run "
+                "`python -m megatron_minitron prepare-data` or point data.prefix at your own "
+                "megatron indexed dataset (<prefix>.bin/.idx)"
+            )
+    if not Path(data.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer={data.tokenizer!r} not found (a tokenizer.json)")
+    from ..data import Tokenizer
+
+    tok = Tokenizer(data.tokenizer)
+    if model is not None and tok.vocab_size > model.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={model.vocab_size}; "
+            f"set model.vocab_size >= {tok.vocab_size}"
+        )
+    summary = Path(data.prefix).parent / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {}
+
+
+def datasets(data: DataConfig, seq_length: int, train_samples: int, valid_samples: int):
+    from ..data import Tokenizer, build_gpt_datasets
+
+    tok = Tokenizer(data.tokenizer)
+    return build_gpt_datasets(
+        data.prefix, tok, seq_length, data.split,
+        {"train": train_samples, "valid": valid_samples, "test": 0}, data.seed,
+        cache_dir=str(Path(data.prefix).parent / "cache"), barrier=D.barrier,
+    )
+
+
+def valid_batches(ds, micro_batch_size: int, eval_iters: int, par) -> MicroBatches:
+    """A fixed validation set: the first eval_iters x mbs x dp samples, the same at every
+    evaluation and for every model evaluated on it."""
+    return MicroBatches(ds, micro_batch_size, micro_batch_size * par.dp * eval_iters, par.dp,
+                        par.dp_rank, start_step=0, device=par.device)
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    dp = world_size_from_env() // (cfg.parallel.tp * cfg.parallel.pp)
+    cfg.parallel.validate()
+    cfg.model.validate(cfg.parallel.tp, cfg.parallel.pp)
+    cfg.train.validate(max(dp, 1))
+    cfg.data.validate()
+    data_summary = check_data(cfg.data, cfg.model)
+    if cfg.init_from:
+        ckpt.require(cfg.init_from)
+
+    t_start = time.time()
+    par = D.init(cfg.parallel, seed=cfg.train.seed)
+    out = Path(cfg.output_dir)
+    if D.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(dump_json(cfg))
+    tr = cfg.train
+    num_micro = tr.global_batch_size // (tr.micro_batch_size * par.dp)
+    train_ds, valid_ds, _ = datasets(cfg.data, cfg.model.seq_length,
+                                     tr.steps * tr.global_batch_size,
+                                     tr.eval_iters * tr.micro_batch_size * par.dp)
+    t = build_trainable(cfg.model, par, tr, cfg.parallel)
+    resumed_from = None
+    if cfg.resume and ckpt.resolve(out) is not None:
+        stored = ckpt.read_model_config(out)
+        if stored != cfg.model:
+            raise ConfigError(
+                f"{out} holds a checkpoint of a different model; use another output_dir or "
+                "resume=false with a fresh directory"
+            )
+        resume_trainable(t, out)
+        resumed_from = t.iteration
+    elif cfg.init_from:
+        ckpt.load_model_weights(cfg.init_from, t.model)
+
+    params = count_parameters(cfg.model)
+    D.print0(f"[pretrain] model {cfg.model.pattern!r}: {params['total']:,} parameters "
+             f"({params['non_embedding']:,} non-embedding); tp={par.tp} pp={par.pp} dp={par.dp}; "
+             f"{num_micro} micro-batches of {tr.micro_batch_size} per step"
+             + (f"; resumed at step {resumed_from}" if resumed_from is not None else ""))
+    data = MicroBatches(train_ds, tr.micro_batch_size, tr.global_batch_size, par.dp,
+                        par.dp_rank, start_step=t.iteration, device=par.device)
+    seq = cfg.model.seq_length
+    tokens_per_step = tr.global_batch_size * seq
+    history = []
+    writer = _tensorboard(out / "tensorboard") if D.is_rank0() else None
+    prog = Progress(tr.steps, t.iteration, D.is_rank0(), "pretrain")
+    metrics = open(out / "metrics.jsonl", "a") if D.is_rank0() else None
+    last_val = None
+    t_loop = time.time()
+    start_it = t.iteration
+    while t.iteration < tr.steps:
+        t0 = time.time()
+        res = train_step(t, data, lm_forward_step, num_micro, seq, tr.micro_batch_size)
+        loss = reduce_reports(res["reports"], par)
+        dt = time.time() - t0
+        rec = {"step": t.iteration, "loss": loss, "lr": res["lr"], "grad_norm": res["grad_norm"],
+               "tokens_per_s": tokens_per_step / dt}
+        history.append(rec)
+        if t.iteration % tr.eval_interval == 0 or t.iteration == tr.steps:
+            last_val = evaluate(t.model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
+                                lm_forward_step, tr.eval_iters, par, seq, tr.micro_batch_size)
+            rec["val_loss"] = last_val
+        prog.update(t.iteration, {"loss": loss, "lr": res["lr"]})
+        if D.is_rank0():
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            if writer is not None:
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
+                    if k in rec:
+                        writer.add_scalar(f"train/{k}", rec[k], t.iteration)
+        if t.iteration % tr.log_interval == 0 or "val_loss" in rec:
+            prog.write(
+                f"[pretrain] step {t.iteration}/{tr.steps} loss {loss:.4f} lr {res['lr']:.3g} "
+                f"grad_norm {res['grad_norm']:.3g} tok/s {rec['tokens_per_s']:.0f} "
+                f"ETA {fmt_eta(prog.eta(t.iteration))}"
+                + (f" | val loss {last_val:.4f} ppl {math.exp(last_val):.2f}" if "val_loss" in rec else "")
+            )
+        if t.iteration % tr.save_interval == 0 or t.iteration == tr.steps:
+            save_trainable(t, out, {"stage": "pretrain", "val_loss": last_val})
+    prog.close()
+    if last_val is None:  # nothing left to train (already at the last step)
+        last_val = evaluate(t.model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
+                            lm_forward_step, tr.eval_iters, par, seq, tr.micro_batch_size)
+    elapsed = time.time() - t_start
+    summary = {
+        "stage": "pretrain",
+        "checkpoint": str(ckpt.resolve(out)),
+        "parameters": params["total"],
+        "non_embedding_parameters": params["non_embedding"],
+        "steps": tr.steps,
+        "resumed_from": resumed_from,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "val_loss": last_val,
+        "val_ppl": math.exp(last_val),
+        "unigram_baseline": data_summary.get("unigram_entropy"),
+        "tokens_seen": tr.steps * tokens_per_step,
+        "train_seconds": time.time() - t_loop,
+        "steps_this_run": t.iteration - start_it,
+        "elapsed_seconds": elapsed,
+        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+        "losses": [h["loss"] for h in history],
+    }
+    if D.is_rank0():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics.close()
+        if writer is not None:
+            writer.close()
+        ub = summary["unigram_baseline"]
+        D.print0(f"[pretrain] done in {elapsed:.0f}s: val loss {last_val:.4f} (ppl "
+                 f"{math.exp(last_val):.1f})" + (f" vs unigram baseline {ub:.4f}" if ub else "")
+                 + f"; checkpoint {summary['checkpoint']}")
+    D.shutdown()
+    return summary
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    cfg.parallel.validate()
+    cfg.data.validate()
+    model_cfg = ckpt.read_model_config(cfg.checkpoint)
+    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp)
+    data_summary = check_data(cfg.data, model_cfg)
+    if cfg.split not in ("valid", "test", "train"):
+        raise ConfigError(f"split={cfg.split!r}: use valid, test or train")
+    par = D.init(cfg.parallel)
+    n = cfg.eval_iters * cfg.micro_batch_size * par.dp
+    train_ds, valid_ds, test_ds = datasets(cfg.data, model_cfg.seq_length, n if cfg.split == "train" else 1, n)
+    ds = {"train": train_ds, "valid": valid_ds, "test": test_ds}[cfg.split]
+    if ds is None:
+        raise ConfigError(f"the data split {cfg.data.split!r} has no {cfg.split} part")
+    model = build_model(model_cfg, par)
+    meta = ckpt.load_model_weights(cfg.checkpoint, model)
+    loss = evaluate(model, valid_batches(ds, cfg.micro_batch_size, cfg.eval_iters, par),
+                    lm_forward_step, cfg.eval_iters, par, model_cfg.seq_length, cfg.micro_batch_size)
+    summary = {
+        "stage": "eval",
+        "checkpoint": str(ckpt.require(cfg.checkpoint)),
+        "iteration": meta.get("iteration"),
+        "split": cfg.split,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "tokens": n * model_cfg.seq_length,
+        "parameters": count_parameters(model_cfg)["total"],
+        "unigram_baseline": data_summary.get("unigram_entropy"),
+        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+    }
+    out = Path(cfg.output_dir or Path(cfg.checkpoint) / "eval")
+    if D.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        D.print0(f"[eval] {summary['checkpoint']}: {cfg.split} loss {loss:.4f} ppl {math.exp(loss):.2f} "
+                 f"on {summary['tokens']:,} tokens")
+    D.shutdown()
+    return summary
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(path))
