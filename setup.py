@@ -19,12 +19,14 @@ setup(
         "pyyaml",
         "tokenizers>=0.19",
         "tqdm",
+        # megatron-core's Mamba mixer imports triton at module level (also on CPU)
+        "triton; platform_system == 'Linux'",
     ],
     extras_require={
         # CUDA-only kernels for clusters. NVIDIA apex is built from its own source
         # (github NVIDIA/apex); never install PyPI's unrelated `apex` package.
         "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
-        "test": ["pytest>=7", "tensorboard"],
+        "test": ["pytest>=7", "tensorboard", "matplotlib"],
         "hf": ["transformers>=4.48", "safetensors"],
     },
     entry_points={"console_scripts": ["megatron-minitron=megatron_minitron.__main__:main"]},

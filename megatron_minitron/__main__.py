@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", "-c", default=None, help="YAML recipe for the stage")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_stage_config(args.stage, args.config, args.overrides)
         if args.print_config:

@@ -80,14 +80,14 @@ def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None)
     pattern = cfg.pattern.replace("|", "")
     tcfg = transformer_config(cfg, parallel.tp, parallel.pp)
     spec = mcore.hybrid_stack_spec(mcore.te_usable(), cfg.mamba_conv_kernel, cfg.mamba_chunk_size)
-    model = mcore.HybridLMModel(
+    model = mcore.make_hybrid_model(
+        spec,
+        pattern,
         config=tcfg,
-        mamba_stack_spec=spec,
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=parallel.is_first_stage if pre_process is None else pre_process,
         post_process=parallel.is_last_stage if post_process is None else post_process,
-        hybrid_override_pattern=pattern,
         share_embeddings_and_output_weights=not cfg.untie_embeddings,
         position_embedding_type=cfg.position_embedding,
         rotary_percent=cfg.rotary_percent,

