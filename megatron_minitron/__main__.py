@@ -1,7 +1,7 @@
 """CLI: `python -m megatron_minitron STAGE --config RECIPE.yaml [dotted.key=value ...]`.
 
-The same line runs under `torchrun`. Each stage maps to its config dataclass (config.py)
-and its `main(config)`; nothing else happens here.
+The same line runs under `torchrun`. Each stage maps to its config dataclass and its
+entry point (stages.py); nothing else happens here.
 """
 
 from __future__ import annotations
@@ -9,29 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import STAGES, ConfigError, load_stage_config
-
-
-def _runner(stage: str):
-    if stage == "prepare-data":
-        from .data import prepare_data
-
-        return prepare_data
-    if stage == "pretrain":
-        from .train.pretrain import run_pretrain
-
-        return run_pretrain
-    if stage == "eval":
-        from .train.pretrain import run_eval
-
-        return run_eval
-    raise AssertionError(stage)
+from .config import ConfigError, dump_json, load_stage_config
+from .stages import available, runner
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_minitron",
                                 description="Minitron-SSM compression stages on Megatron-Core")
-    p.add_argument("stage", choices=sorted(STAGES))
+    p.add_argument("stage", choices=available())
     p.add_argument("--config", "-c", default=None, help="YAML recipe for the stage")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
@@ -39,11 +24,9 @@ def main(argv=None) -> int:
     try:
         cfg = load_stage_config(args.stage, args.config, args.overrides)
         if args.print_config:
-            from .config import dump_json
-
             print(dump_json(cfg))
             return 0
-        _runner(args.stage)(cfg)
+        runner(args.stage)(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

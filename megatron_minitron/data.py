@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from .config import ConfigError
+
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 
@@ -50,7 +52,7 @@ DATASET_NAME = "corpus_text_document"
 _FORMAT_VERSION = 1
 
 
-class DataError(RuntimeError):
+class DataError(ConfigError):
     """Data preparation or loading failed; the message says what to do."""
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, dump_json
+from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, dump_json  # noqa: F401
 from ..model import build_model, count_parameters
 from . import checkpoint as ckpt
 from .engine import (MicroBatches, Progress, build_trainable, evaluate, fmt_eta, lm_forward_step,

@@ -1,0 +1,75 @@
+"""The importance file: what the `stats` stage writes and the `plan` / `search` stages read.
+
+One `torch.save` file (`importance.pt`, CPU tensors, fp32) plus a JSON sidecar with the
+metadata. All indices are GLOBAL: layer ids are positions in the model's pattern string
+(ignoring '|'), head / channel / neuron indices are in the unsharded model's order (TP
+slices already gathered). Scores are finalized (higher = more important):
+
+  layers[i] for a Mamba layer ('M'):
+      "mamba": {"x": [nheads, headdim], "z": [nheads, headdim], "y": [nheads, headdim]}
+               L2-over-samples of the per-sample mean |activation| (paper eq. 19-24 input),
+               from the x part of in_proj's output, the z part, and out_proj's input.
+      "flap":  [d_inner] FLAP column scores ||W_out[:, j]||^2 * Var(y_j)  (sec. 3.3)
+  layers[i] for an MLP layer ('-'):        "ffn":  [ffn_hidden_size]        (eq. 26)
+  layers[i] for an attention layer ('*'):  "attn": [num_attention_heads]
+  hidden:  [hidden_size] embedding-channel scores summed over every residual reader (eq. 27)
+  depth:   {"kl": [num_layers], "cosine": [num_layers]}  (sec. 3.4; NaN where not computed)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, ModelConfig, build
+
+FORMAT = "megatron-minitron-importance"
+VERSION = 1
+
+
+@dataclass
+class ImportanceFile:
+    model: ModelConfig
+    layers: dict[int, dict[str, Any]]
+    hidden: torch.Tensor
+    depth: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)  # samples, seq_length, checkpoint, mcore version, ...
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model.to_dict(),
+            "layers": {int(k): v for k, v in self.layers.items()},
+            "hidden": self.hidden,
+            "depth": self.depth,
+            "meta": self.meta,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+        side = path.with_suffix(".json")
+        side.write_text(json.dumps({"format": FORMAT, "version": VERSION,
+                                    "model": self.model.to_dict(), "meta": self.meta}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ImportanceFile":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"importance file {path} does not exist; run the `stats` stage first")
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise ConfigError(f"{path} is not a megatron-minitron importance file")
+        if blob.get("version") != VERSION:
+            raise ConfigError(f"{path} has importance format version {blob.get('version')}, "
+                              f"this release reads version {VERSION}; re-run `stats`")
+        return cls(model=build(ModelConfig, blob["model"], "model."),
+                   layers={int(k): v for k, v in blob["layers"].items()},
+                   hidden=blob["hidden"], depth=blob["depth"], meta=blob.get("meta", {}))
