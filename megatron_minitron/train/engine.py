@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, ParallelConfig, TrainConfig
+from ..config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from ..dist import Parallel
 from ..model import build_model, causal_mask
 from . import checkpoint as ckpt
@@ -110,8 +110,17 @@ def reduce_reports(reports: list[dict], par: Parallel, key: str = "lm loss") -> 
 
 
 def use_distributed_optimizer(parallel: ParallelConfig) -> bool:
+    """Megatron's distributed optimizer (optimizer state sharded over DP) on GPU. On CPU
+    the plain megatron fp32 optimizer: megatron-core's distributed optimizer classifies
+    parameters by 'torch.cuda.*Tensor' type names and its checkpoint gather moves state to
+    CUDA, so it cannot run without a GPU."""
     if parallel.distributed_optimizer == "auto":
         return torch.cuda.is_available()
+    if parallel.distributed_optimizer == "true" and not torch.cuda.is_available():
+        raise ConfigError(
+            "parallel.distributed_optimizer=true needs CUDA (megatron-core's distributed "
+            "optimizer is GPU-only); use parallel.distributed_optimizer=auto or false on CPU"
+        )
     return parallel.distributed_optimizer == "true"
 
 
@@ -185,7 +194,11 @@ def sharded_state(t: Trainable, is_loading: bool = False) -> dict:
     model_sd = t.model.module.sharded_state_dict()
     return {
         "model": model_sd,
-        "optimizer": t.optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        # 'fully_reshardable': distributed-optimizer state saved at one DP/TP/PP layout
+        # loads at another (the plain optimizer ignores the key)
+        "optimizer": t.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"}),
     }
 
 
@@ -214,8 +227,10 @@ def resume_trainable(t: Trainable, path) -> dict:
 
 
 def train_step(t: Trainable, data: Iterator, forward_step: Callable, num_micro: int,
-               seq_length: int, micro_batch_size: int) -> dict:
-    """One optimizer step over `num_micro` micro-batches (gradient accumulation)."""
+               seq_length: int, micro_batch_size: int,
+               schedule_kwargs: Optional[dict] = None) -> dict:
+    """One optimizer step over `num_micro` micro-batches (gradient accumulation).
+    `schedule_kwargs` go to the pipeline schedule as is (e.g. adjust_tensor_shapes_fn)."""
     from ..compat import mcore
 
     t.model.train()
@@ -230,6 +245,7 @@ def train_step(t: Trainable, data: Iterator, forward_step: Callable, num_micro: 
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=False,
+        **(schedule_kwargs or {}),
     )
     ok, grad_norm, _ = t.optimizer.step()
     t.scheduler.step(increment=1)
