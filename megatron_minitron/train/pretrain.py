@@ -166,8 +166,13 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
         "losses": [h["loss"] for h in history],
     }
+    prev = out / "summary.json"
+    if t.iteration == start_it and prev.is_file():
+        # already trained (the teacher is reused): keep the record of the run that trained it
+        summary = dict(json.loads(prev.read_text()), val_loss=last_val, val_ppl=math.exp(last_val),
+                       reused=True, checkpoint=summary["checkpoint"])
     if D.is_rank0():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        prev.write_text(json.dumps(summary, indent=2))
         metrics.close()
         if writer is not None:
             writer.close()
