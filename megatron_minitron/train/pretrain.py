@@ -184,6 +184,31 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     return summary
 
 
+def eval_checkpoint(checkpoint, data: DataConfig, par, eval_iters: int, micro_batch_size: int,
+                    split: str = "valid") -> dict:
+    """Validation LM loss of a checkpoint on the fixed evaluation set (the first
+    eval_iters x mbs x dp samples of `split`), in an already initialised process group."""
+    model_cfg = ckpt.read_model_config(checkpoint)
+    n = eval_iters * micro_batch_size * par.dp
+    train_ds, valid_ds, test_ds = datasets(data, model_cfg.seq_length, n if split == "train" else 1, n)
+    ds = {"train": train_ds, "valid": valid_ds, "test": test_ds}[split]
+    if ds is None:
+        raise ConfigError(f"the data split {data.split!r} has no {split} part")
+    model = build_model(model_cfg, par)
+    meta = ckpt.load_model_weights(checkpoint, model)
+    loss = evaluate(model, valid_batches(ds, micro_batch_size, eval_iters, par),
+                    lm_forward_step, eval_iters, par, model_cfg.seq_length, micro_batch_size)
+    return {
+        "checkpoint": str(ckpt.require(checkpoint)),
+        "iteration": meta.get("iteration"),
+        "split": split,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "tokens": n * model_cfg.seq_length,
+        "parameters": count_parameters(model_cfg)["total"],
+    }
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     cfg.parallel.validate()
     cfg.data.validate()
@@ -193,33 +218,15 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.split not in ("valid", "test", "train"):
         raise ConfigError(f"split={cfg.split!r}: use valid, test or train")
     par = D.init(cfg.parallel)
-    n = cfg.eval_iters * cfg.micro_batch_size * par.dp
-    train_ds, valid_ds, test_ds = datasets(cfg.data, model_cfg.seq_length, n if cfg.split == "train" else 1, n)
-    ds = {"train": train_ds, "valid": valid_ds, "test": test_ds}[cfg.split]
-    if ds is None:
-        raise ConfigError(f"the data split {cfg.data.split!r} has no {cfg.split} part")
-    model = build_model(model_cfg, par)
-    meta = ckpt.load_model_weights(cfg.checkpoint, model)
-    loss = evaluate(model, valid_batches(ds, cfg.micro_batch_size, cfg.eval_iters, par),
-                    lm_forward_step, cfg.eval_iters, par, model_cfg.seq_length, cfg.micro_batch_size)
-    summary = {
-        "stage": "eval",
-        "checkpoint": str(ckpt.require(cfg.checkpoint)),
-        "iteration": meta.get("iteration"),
-        "split": cfg.split,
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "tokens": n * model_cfg.seq_length,
-        "parameters": count_parameters(model_cfg)["total"],
-        "unigram_baseline": data_summary.get("unigram_entropy"),
-        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
-    }
+    res = eval_checkpoint(cfg.checkpoint, cfg.data, par, cfg.eval_iters, cfg.micro_batch_size, cfg.split)
+    summary = {"stage": "eval", **res, "unigram_baseline": data_summary.get("unigram_entropy"),
+               "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp}}
     out = Path(cfg.output_dir or Path(cfg.checkpoint) / "eval")
     if D.is_rank0():
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        D.print0(f"[eval] {summary['checkpoint']}: {cfg.split} loss {loss:.4f} ppl {math.exp(loss):.2f} "
-                 f"on {summary['tokens']:,} tokens")
+        D.print0(f"[eval] {summary['checkpoint']}: {cfg.split} loss {res['loss']:.4f} ppl "
+                 f"{res['ppl']:.2f} on {res['tokens']:,} tokens")
     D.shutdown()
     return summary
 
