@@ -52,7 +52,7 @@ class ModelConfig:
     vocab_size: int = 4096
     seq_length: int = 256
     norm_epsilon: float = 1e-5
-    position_embedding: str = "rope"  # rope | none
+    position_embedding: str = "none"  # none (Nemotron-H) | rope
     rotary_percent: float = 0.5
     rotary_base: int = 10000
     untie_embeddings: bool = True

@@ -1,0 +1,401 @@
+"""`import-hf` and `export-hf` stages: Hugging Face Nemotron-H folders <-> our checkpoints.
+
+import-hf (torchrun at any TP/PP): every rank builds its own shard of the megatron model,
+then walks its layers one at a time: it reads that layer's tensors from the safetensors
+shards (only the files that hold them), converts them to the checkpoint's global layout
+(mapping.hf_to_ours), cuts out this rank's TP slice and copies it in. Memory: the rank's
+model shard plus one layer's full tensors. The result is saved with train/checkpoint.save
+(model_config.json included); tokenizer files go to <output_dir>/tokenizer/.
+
+export-hf (one process, no model built): reads the checkpoint's metadata, then loads one
+unit (embedding, a layer, final norm + output layer) at a time as full global tensors via
+megatron's dist_checkpointing (it re-assembles whatever TP/PP layout the checkpoint was
+saved at), converts it (mapping.ours_to_hf) and appends it to the current safetensors shard,
+which is written when the next unit would overflow max_shard_size. Memory: at most one
+shard (or one unit when a unit is larger).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import dist as D
+from ..config import ConfigError, ModelConfig, ParallelConfig
+from . import mapping as M
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "generation_config.json", "chat_template.jinja")
+HF_DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"),
+             "fp16": (torch.float16, "float16")}
+
+
+@dataclass
+class ImportHFConfig:
+    hf_dir: str = ""  # a folder written by NemotronHForCausalLM.save_pretrained
+    output_dir: str = "runs/imported"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    params_dtype: str = "fp32"  # fp32 | bf16: dtype of the megatron parameters
+    # transformers clamps Mamba dt at time_step_min, megatron does not (see mapping.py);
+    # true = import anyway and compute the unclamped (megatron-trained) function.
+    ignore_time_step_min: bool = False
+    seq_length: int = 0  # 0: config.json max_position_embeddings
+
+
+@dataclass
+class ExportHFConfig:
+    checkpoint: str = "runs/pruned"  # run dir or iteration folder of ours (any TP/PP layout)
+    output_dir: str = "runs/export_hf"
+    dtype: str = "bf16"  # bf16 | fp32 | fp16 (tensors written)
+    max_shard_size: str = "5GB"  # safetensors shard size; several shards -> index json
+    # tokenizer: "auto" = <run>/tokenizer/ (written by import-hf), else data/default/tokenizer.json;
+    # a tokenizer.json path or a folder of tokenizer files; "none" = write no tokenizer.
+    tokenizer: str = "auto"
+    overwrite: bool = False
+
+
+# ----------------------------------------------------------------------------- reading HF
+
+
+class HFFolder:
+    """Tensor access to an HF folder: model.safetensors or sharded with an index json."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise ConfigError(f"hf_dir={str(path)!r} has no config.json; give a folder written "
+                              "by save_pretrained")
+        self.config = json.loads((self.path / "config.json").read_text())
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise ConfigError(f"hf_dir={str(path)!r} has neither model.safetensors nor "
+                              "model.safetensors.index.json (only safetensors folders are supported)")
+        missing = sorted({f for f in self.weight_map.values() if not (self.path / f).is_file()})
+        if missing:
+            raise ConfigError(f"hf_dir={str(path)!r}: shard file(s) {missing} listed in "
+                              "model.safetensors.index.json are missing; copy the complete folder")
+        self._open: dict = {}
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        fname = self.weight_map.get(name)
+        if fname is None and name.startswith("backbone."):  # in-memory naming
+            name = "model." + name[len("backbone."):]
+            fname = self.weight_map.get(name)
+        if fname is None:
+            return None
+        if fname not in self._open:
+            from safetensors import safe_open
+
+            self._open[fname] = safe_open(str(self.path / fname), "pt")
+        return self._open[fname].get_tensor(name)
+
+    def shape(self, name: str) -> Optional[tuple]:
+        """Shape from the safetensors header (no tensor data is read)."""
+        fname = self.weight_map.get(name)
+        if fname is None and name.startswith("backbone."):
+            name = "model." + name[len("backbone."):]
+            fname = self.weight_map.get(name)
+        if fname is None:
+            return None
+        if fname not in self._open:
+            from safetensors import safe_open
+
+            self._open[fname] = safe_open(str(self.path / fname), "pt")
+        return tuple(self._open[fname].get_slice(name).get_shape())
+
+    def check_shapes(self, mcfg: ModelConfig) -> None:
+        """Every tensor the model needs is present with the shape config.json implies."""
+        for unit in M.layer_units(mcfg):
+            for name, shape in M.expected_hf_shapes(mcfg, unit).items():
+                got = self.shape(name)
+                if got is None and not M.hf_optional(name):
+                    raise M.HFMappingError(f"tensor {name} is missing from hf_dir={str(self.path)!r} "
+                                           f"(expected shape {list(shape)})")
+                if got is not None and got != tuple(shape):
+                    raise M.HFMappingError(
+                        f"tensor {name} in hf_dir={str(self.path)!r} has shape {list(got)} but "
+                        f"config.json implies {list(shape)}; the folder's config.json and weights disagree")
+
+    def close(self):
+        self._open.clear()
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _check_import(cfg: ImportHFConfig) -> tuple[HFFolder, ModelConfig]:
+    if not cfg.hf_dir:
+        raise ConfigError("hf_dir is empty; give the Hugging Face model folder, e.g. hf_dir=/models/nemotron-h-8b")
+    if cfg.params_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"params_dtype={cfg.params_dtype!r}: use fp32 or bf16")
+    cfg.parallel.validate()
+    folder = HFFolder(cfg.hf_dir)
+    model_cfg = M.model_config_from_hf(folder.config, cfg.params_dtype, cfg.ignore_time_step_min)
+    if cfg.seq_length:
+        model_cfg.seq_length = cfg.seq_length
+    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp)
+    folder.check_shapes(model_cfg)  # headers only: fails before any model is built
+    return folder, model_cfg
+
+
+def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
+    from ..train import checkpoint as ckpt
+    from ..model import build_model, count_parameters
+
+    folder, mcfg = _check_import(cfg)  # every user error before any model is built
+    t0 = time.time()
+    par = D.init(cfg.parallel, seed=1234)
+    model = build_model(mcfg, par)
+    fill_from_hf(model, mcfg, par, folder.get, log=D.print0)
+    folder.close()
+    out = Path(cfg.output_dir)
+    meta = {"tp": par.tp, "pp": par.pp, "source": "import-hf", "hf_dir": str(Path(cfg.hf_dir).resolve()),
+            "hf_time_step_min": folder.config.get("time_step_min")}
+    it = ckpt.save(out, 0, mcfg, {"model": model.sharded_state_dict()}, meta)
+    summary = {}
+    if D.is_rank0():
+        tok = _copy_tokenizer(Path(cfg.hf_dir), out / "tokenizer")
+        summary = {
+            "stage": "import-hf", "hf_dir": str(Path(cfg.hf_dir).resolve()), "checkpoint": str(it),
+            "model": mcfg.to_dict(), "parameters": count_parameters(mcfg)["total"],
+            "tp": par.tp, "pp": par.pp, "tokenizer_files": tok, "seconds": round(time.time() - t0, 2),
+            "notes": _import_notes(folder.config),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        D.print0(f"[import-hf] {cfg.hf_dir} -> {it} ({summary['parameters']:,} parameters, "
+                 f"pattern {mcfg.pattern}, TP={par.tp} PP={par.pp}); tokenizer: {tok or 'none found'}")
+        for n in summary["notes"]:
+            D.print0(f"[import-hf] note: {n}")
+    D.barrier()
+    if shutdown:
+        D.shutdown()
+    return summary
+
+
+def _import_notes(hf: dict) -> list[str]:
+    notes = []
+    tmin = float(hf.get("time_step_min", 0.001))
+    if "M" in M.hf_pattern(hf) and tmin > M.EXPORT_TIME_STEP_MIN:
+        notes.append(f"transformers clamps Mamba dt at time_step_min={tmin}; our megatron model does not "
+                     "(ignore_time_step_min=true)")
+    if hf.get("num_nextn_predict_layers", 0):
+        notes.append("multi-token-prediction (mtp.*) weights were not imported (transformers ignores them too)")
+    return notes
+
+
+def fill_from_hf(model, mcfg: ModelConfig, par, get, log=None) -> None:
+    """Copy HF tensors (fetched by name with `get`) into this rank's model shard, one unit
+    (layer) at a time. Works at any TP/PP: local layer j is global layer pp_rank*L/pp + j."""
+    offset = par.pp_rank * (mcfg.num_layers // par.pp)
+    by_unit: dict = {}
+    for name, p in model.named_parameters():
+        key = M.global_key_of_param(name, offset)
+        if key == "output_layer.weight" and not mcfg.untie_embeddings:
+            key = "embedding.word_embeddings.weight"  # tied: the last stage's copy
+        by_unit.setdefault(M.unit_of_key(key), []).append((key, p))
+    units = [u for u in M.layer_units(mcfg) if u in by_unit]
+    from ..train.engine import Progress
+
+    prog = Progress(len(units), 0, D.is_rank0(), "import-hf")
+    for n, unit in enumerate(units):
+        tensors = M.hf_to_ours(mcfg, unit, get)
+        if unit[0] == "final" and not mcfg.untie_embeddings and any(
+                k == "embedding.word_embeddings.weight" for k, _ in by_unit[unit]):
+            tensors.update(M.hf_to_ours(mcfg, ("embedding", -1), get))
+        for key, p in by_unit[unit]:
+            tp_dim = getattr(p, "partition_dim", 0) if getattr(p, "tensor_model_parallel", False) else None
+            local = M.local_from_global(key, tensors, par.tp, par.tp_rank, tp_dim)
+            if tuple(local.shape) != tuple(p.shape):
+                raise M.HFMappingError(f"{key}: converted slice has shape {list(local.shape)}, the "
+                                       f"model's parameter {list(p.shape)} (tp_rank {par.tp_rank})")
+            with torch.no_grad():
+                p.copy_(local)
+        del tensors
+        prog.update(n + 1, {"unit": f"{unit[0]}{'' if unit[1] < 0 else unit[1]}"})
+    prog.close()
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    files = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if files:
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(src / f, dst / f)
+    return files
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _check_export(cfg: ExportHFConfig):
+    from ..train import checkpoint as ckpt
+
+    if cfg.dtype not in HF_DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r}: use one of {sorted(HF_DTYPES)}")
+    max_bytes = M.parse_size(cfg.max_shard_size)
+    if max_bytes <= 0:
+        raise ConfigError(f"max_shard_size={cfg.max_shard_size!r} must be positive")
+    it = ckpt.require(cfg.checkpoint)
+    mcfg = ckpt.read_model_config(it)
+    tok = _tokenizer_source(cfg, it)
+    special = _special_tokens(tok)
+    hf_cfg = M.hf_config_from_model(mcfg, HF_DTYPES[cfg.dtype][1], special)  # refusals here
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} exists and is not empty; set overwrite=true "
+                          "or choose another folder")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("export-hf runs in one process (it streams one layer at a time); "
+                          "launch it with python, not torchrun")
+    return it, mcfg, hf_cfg, tok, max_bytes
+
+
+def _tokenizer_source(cfg: ExportHFConfig, it: Path) -> Optional[Path]:
+    if cfg.tokenizer == "none":
+        return None
+    if cfg.tokenizer != "auto":
+        p = Path(cfg.tokenizer)
+        if not p.exists():
+            raise ConfigError(f"tokenizer={cfg.tokenizer!r} not found; give a tokenizer.json, a folder "
+                              "of tokenizer files, 'auto' or 'none'")
+        return p
+    for cand in (it.parent.parent / "tokenizer", it / "tokenizer", Path("data/default/tokenizer.json")):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"tokenizer=auto found no tokenizer for {it} (looked in <run>/tokenizer/ and "
+                      "data/default/tokenizer.json); set tokenizer=PATH or tokenizer=none")
+
+
+def _special_tokens(tok: Optional[Path]) -> dict:
+    """bos/eos/pad ids and strings from a tokenizer (ours: <|endoftext|> and <pad>)."""
+    if tok is None:
+        return {}
+    path = tok / "tokenizer.json" if tok.is_dir() else tok
+    out: dict = {}
+    if tok.is_dir() and (tok / "tokenizer_config.json").is_file():
+        tc = json.loads((tok / "tokenizer_config.json").read_text())
+        for k in ("bos", "eos", "pad"):
+            v = tc.get(f"{k}_token")
+            out[f"{k}_token"] = v.get("content") if isinstance(v, dict) else v
+    else:
+        from ..data import EOD_TOKEN, PAD_TOKEN
+
+        out.update(eos_token=EOD_TOKEN, pad_token=PAD_TOKEN, bos_token=None)
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        t = Tokenizer.from_file(str(path))
+        for k in ("bos", "eos", "pad"):
+            s = out.get(f"{k}_token")
+            out[f"{k}_token_id"] = t.token_to_id(s) if s else None
+    return out
+
+
+def _write_tokenizer(tok: Optional[Path], out: Path, special: dict) -> list[str]:
+    if tok is None:
+        return []
+    if tok.is_dir():
+        files = _copy_tokenizer(tok, out)
+        if "tokenizer_config.json" in files or "tokenizer.json" not in files:
+            return files
+    else:
+        shutil.copy2(tok, out / "tokenizer.json")
+        files = ["tokenizer.json"]
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1000000000,
+          "clean_up_tokenization_spaces": False}
+    for k in ("bos", "eos", "pad"):
+        if special.get(f"{k}_token"):
+            tc[f"{k}_token"] = special[f"{k}_token"]
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    return files + ["tokenizer_config.json"]
+
+
+class CheckpointReader:
+    """Full global tensors of one of our distributed checkpoints, a few keys at a time."""
+
+    def __init__(self, it: Path):
+        from ..compat import mcore
+
+        self.it = it
+        self.dc = mcore.dist_checkpointing
+        self.meta = self.dc.load_tensors_metadata(str(it))
+
+    def load(self, keys: list[str]) -> dict:
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        missing = [k for k in keys if k not in self.meta]
+        if missing:
+            raise M.HFMappingError(f"checkpoint {self.it} lacks tensors {missing}")
+        sd = {k: ShardedTensor.from_rank_offsets(
+            k, torch.empty(self.meta[k].global_shape, dtype=self.meta[k].dtype), replica_id=0)
+            for k in keys}
+        return self.dc.load(sd, str(self.it))
+
+
+def run_export_hf(cfg: ExportHFConfig, shutdown: bool = True) -> dict:
+    from safetensors.torch import save_file
+
+    it, mcfg, hf_cfg, tok, max_bytes = _check_export(cfg)
+    t0 = time.time()
+    D.init(ParallelConfig(), seed=0)  # a world of one: dist_checkpointing needs a process group
+    reader = CheckpointReader(it)
+    dtype, dtype_name = HF_DTYPES[cfg.dtype]
+    esize = torch.empty((), dtype=dtype).element_size()
+    units = M.layer_units(mcfg)
+    sizes = [(u, sum(M.numel(s) for s in M.expected_hf_shapes(mcfg, u).values()) * esize) for u in units]
+    shards = M.shard_plan(sizes, max_bytes)
+    out = Path(cfg.output_dir)
+    if out.exists() and cfg.overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from ..train.engine import Progress
+
+    prog = Progress(len(units), 0, True, "export-hf")
+    weight_map, total, done = {}, 0, 0
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(names, shards):
+        buf: dict = {}
+        for unit in shard:
+            got = reader.load(M.our_keys(mcfg, unit))
+            for name, x in M.ours_to_hf(mcfg, unit, got).items():
+                buf[name] = x.to(dtype).contiguous()
+                weight_map[name] = fname
+                total += buf[name].numel() * esize
+            del got
+            done += 1
+            prog.update(done, {"unit": f"{unit[0]}{'' if unit[1] < 0 else unit[1]}"})
+        save_file(buf, str(out / fname), metadata={"format": "pt"})
+        del buf
+    prog.close()
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    special = _special_tokens(tok)
+    tok_files = _write_tokenizer(tok, out, special)
+    summary = {"stage": "export-hf", "checkpoint": str(it), "output_dir": str(out.resolve()),
+               "dtype": dtype_name, "shards": len(shards), "bytes": total,
+               "tensors": len(weight_map), "pattern": mcfg.pattern, "model": mcfg.to_dict(),
+               "tokenizer_files": tok_files, "seconds": round(time.time() - t0, 2)}
+    (out / "export_summary.json").write_text(json.dumps(summary, indent=2))
+    D.print0(f"[export-hf] {it} -> {out} ({len(weight_map)} tensors, {total / 1e6:.1f} MB {dtype_name}, "
+             f"{len(shards)} shard(s)); load with transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+    if shutdown:
+        D.shutdown()
+    return summary
