@@ -19,6 +19,7 @@ setup(
         "pyyaml",
         "tokenizers>=0.19",
         "tqdm",
+        "matplotlib",  # importance and report plots
         # megatron-core's Mamba mixer imports triton at module level (also on CPU)
         "triton; platform_system == 'Linux'",
     ],
@@ -26,7 +27,7 @@ setup(
         # CUDA-only kernels for clusters. NVIDIA apex is built from its own source
         # (github NVIDIA/apex); never install PyPI's unrelated `apex` package.
         "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
-        "test": ["pytest>=7", "tensorboard", "matplotlib", "transformers>=5.0", "safetensors"],
+        "test": ["pytest>=7", "tensorboard", "transformers>=5.0", "safetensors"],
         "hf": ["transformers>=4.48", "safetensors"],
     },
     entry_points={"console_scripts": ["megatron-minitron=megatron_minitron.__main__:main"]},

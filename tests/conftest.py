@@ -35,6 +35,9 @@ def free_port() -> int:
 def launch(script: Path, args: list, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a worker under torchrun (nproc > 1) or plain python; fail with its output."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    # an in-process dist.init (unit tests) exported its rendezvous; the child needs its own
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), str(script), *map(str, args)]

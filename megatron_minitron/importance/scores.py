@@ -31,6 +31,7 @@ __all__ = [
     "flap_moments",
     "flap_variance",
     "flap_column_scores",
+    "flap_column_scores_from_norms",
     "flap_head_scores",
     "flap_channel_scores",
     "ffn_neuron_scores",
@@ -246,6 +247,19 @@ def flap_column_scores(
         )
     col_sq = _f32(w_out).pow(2).sum(dim=0)
     return col_sq * flap_variance(count, s1, s2, unbiased=unbiased)
+
+
+def flap_column_scores_from_norms(
+    col_sq: Tensor, count: Tensor | float, s1: Tensor, s2: Tensor, unbiased: bool = True
+) -> Tensor:
+    """`flap_column_scores` given ``col_sq[j] = ||W_out[:, j]||_2^2`` ``[d_inner]`` instead
+    of the weight (what TP ranks gather: one number per column, not the matrix)."""
+    if col_sq.dim() != 1 or s1.shape != col_sq.shape or s2.shape != col_sq.shape:
+        raise ValueError(
+            f"expected col_sq, s1, s2 all [d_inner]; got {tuple(col_sq.shape)}, "
+            f"{tuple(s1.shape)}, {tuple(s2.shape)}"
+        )
+    return _f32(col_sq) * flap_variance(count, s1, s2, unbiased=unbiased)
 
 
 def flap_head_scores(col_scores: Tensor, nheads: int, headdim: int) -> Tensor:

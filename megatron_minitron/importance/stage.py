@@ -1,0 +1,364 @@
+"""`stats` stage: calibration forwards of a hybrid checkpoint -> importance file.
+
+    python -m megatron_minitron stats -c configs/stats_default.yaml [key=value ...]
+    torchrun --nproc_per_node N -m megatron_minitron stats -c ... parallel.tp=2
+
+Calibration step k covers global samples [k*mbs*dp, (k+1)*mbs*dp) of the train split
+(one epoch of the indexed dataset, never repeated); data-parallel rank r takes the r-th
+`mbs` of them. The first `depth_samples` samples also get the skip-one-layer forwards
+(depth KL, one extra forward per layer). Hooks accumulate (hooks.py), ranks reduce
+(reduce.py), rank 0 scores (scores.py) and writes:
+    <output_dir>/importance.pt (+ importance.json)   the importance file (io.py)
+    <output_dir>/summary.json, layer_importance.png
+    <output_dir>/partial/                             resumable partial state (removed at the end)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import dist as D
+from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, dump_json
+from ..train import checkpoint as ckpt
+from . import scores as S
+from .hooks import MAMBA_SOURCES, SOURCES, StatsCollector, out_proj_col_sq
+from .io import ImportanceFile
+
+ALL_SOURCES = list(SOURCES) + ["kl"]
+
+
+@dataclass
+class StatsConfig:
+    checkpoint: str = "runs/default/teacher"
+    output_dir: str = ""  # default: <checkpoint>/stats
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    samples: int = 256  # calibration samples (paper: 1024 x 8192 tokens)
+    seq_length: int = 0  # 0 = the model's seq_length
+    micro_batch_size: int = 4
+    depth_samples: int = 32  # the first N samples also get the depth KL forwards (paper: 256)
+    # what to collect: Mamba x / z / y, flap, ffn, attn, hidden, cosine, kl (depth)
+    sources: list[str] = field(default_factory=lambda: list(ALL_SOURCES))
+    save_interval: int = 16  # calibration steps between partial-state saves (0 = never)
+    resume: bool = True  # continue from <output_dir>/partial when it matches this run
+    stop_after: int = 0  # stop (leaving the partial state) after N steps of this run; 0 = run all
+    seed: int = 1234
+
+
+def _out_dir(cfg: StatsConfig) -> Path:
+    return Path(cfg.output_dir or Path(cfg.checkpoint) / "stats")
+
+
+def validate(cfg: StatsConfig) -> ModelConfig:
+    """Every user error, before any process group, model or forward."""
+    cfg.parallel.validate()
+    cfg.data.validate()
+    for key in ("samples", "micro_batch_size"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    for key in ("depth_samples", "save_interval", "stop_after", "seq_length"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
+    bad = [s for s in cfg.sources if s not in ALL_SOURCES]
+    if bad:
+        raise ConfigError(f"sources={cfg.sources}: unknown source(s) {bad}; choose from {ALL_SOURCES} "
+                          "(Mamba: x = in_proj x part, z = in_proj z part, y = out_proj input)")
+    if not cfg.sources:
+        raise ConfigError(f"sources is empty; choose from {ALL_SOURCES}")
+    if cfg.depth_samples > cfg.samples:
+        raise ConfigError(f"depth_samples={cfg.depth_samples} exceeds samples={cfg.samples}; "
+                          f"use depth_samples <= {cfg.samples}")
+    path = ckpt.resolve(cfg.checkpoint)
+    if path is None or not (path / ckpt.CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint!r} is not a megatron-minitron hybrid checkpoint (no "
+            f"{ckpt.CONFIG_FILE}); train one with `pretrain`, import one with `import-hf`, or "
+            "point checkpoint at a run directory / iteration folder")
+    model_cfg = ckpt.read_model_config(path)
+    if "M" not in model_cfg.pattern:
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint!r} is not a hybrid Mamba model (pattern "
+            f"{model_cfg.pattern!r} has no 'M' layer); the stats stage needs a Mamba2 hybrid")
+    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="checkpoint model")
+    from ..train.pretrain import check_data
+
+    check_data(cfg.data, model_cfg)
+    return model_cfg
+
+
+def _layer_offset(cfg: ModelConfig, pp: int, pp_rank: int) -> int:
+    if "|" in cfg.pattern:
+        return len("".join(cfg.pattern.split("|")[:pp_rank]))
+    return pp_rank * (cfg.num_layers // pp)
+
+
+def _fingerprint(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par) -> dict:
+    return {"checkpoint": str(ckpt.require(cfg.checkpoint).resolve()), "model": model_cfg.to_dict(),
+            "samples": cfg.samples, "seq_length": seq, "micro_batch_size": cfg.micro_batch_size,
+            "depth_samples": cfg.depth_samples, "sources": sorted(cfg.sources),
+            "data": {"prefix": cfg.data.prefix, "split": cfg.data.split, "seed": cfg.data.seed},
+            "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp}}
+
+
+# ----------------------------------------------------------------------------- partial state
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _save_partial(out: Path, step: int, fp: dict, col: StatsCollector) -> None:
+    """Each rank writes its accumulators under partial/step_K/; after a barrier rank 0 points
+    partial/latest at K (atomically) and removes older steps: a crash mid-save leaves the
+    previous complete state in charge."""
+    part = out / "partial"
+    d = part / f"step_{step:07d}"
+    if D.is_rank0():
+        d.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    tmp = d / f"rank_{_rank():05d}.pt.tmp"
+    torch.save({"step": step, "fingerprint": fp, "acc": col.state_dict()}, tmp)
+    tmp.replace(tmp.with_suffix(""))
+    D.barrier()
+    if D.is_rank0():
+        t = part / "latest.tmp"
+        t.write_text(d.name)
+        t.replace(part / "latest")
+        for old in part.glob("step_*"):
+            if old.name != d.name:
+                shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
+
+
+def _load_partial(out: Path, fp: dict, col: StatsCollector) -> int:
+    """Restore this rank's accumulators; returns the number of steps already done (0 when
+    there is no partial state)."""
+    latest = out / "partial" / "latest"
+    if not latest.is_file():
+        return 0
+    f = out / "partial" / latest.read_text().strip() / f"rank_{_rank():05d}.pt"
+    if not f.is_file():
+        raise ConfigError(f"partial state {f.parent} has no file for this rank; it was written "
+                          f"with another layout: set resume=false or remove {out / 'partial'}")
+    blob = torch.load(f, map_location="cpu", weights_only=False)
+    if blob["fingerprint"] != fp:
+        diff = sorted(k for k in fp if blob["fingerprint"].get(k) != fp[k])
+        raise ConfigError(f"partial state in {out / 'partial'} was written by a different run "
+                          f"(differs in {diff}); set resume=false or remove that folder")
+    col.load_state_dict(blob["acc"])
+    return int(blob["step"])
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def build_importance(red: dict[str, torch.Tensor], model_cfg: ModelConfig, sources: list[str],
+                     meta: dict) -> ImportanceFile:
+    """Reduced accumulators (global, all layers) -> finalized scores (pure)."""
+    pattern = model_cfg.pattern.replace("|", "")
+    L, nh = len(pattern), model_cfg.mamba_num_heads
+    layers: dict[int, dict] = {}
+    readers = []
+    for gid, kind in enumerate(pattern):
+        p = f"L{gid}."
+        entry: dict = {}
+        if kind == "M":
+            entry["mamba"] = {s: S.as_head_matrix(S.finalize(red[p + s]), nh)
+                              for s in MAMBA_SOURCES if s in sources}
+            if "flap" in sources:
+                entry["flap"] = S.flap_column_scores_from_norms(
+                    red[p + "flap_wcol"], red[p + "flap_n"], red[p + "flap_s1"], red[p + "flap_s2"])
+        elif kind == "-" and "ffn" in sources:
+            entry["ffn"] = S.ffn_neuron_scores(S.finalize(red[p + "ffn"]))
+        elif kind == "*" and "attn" in sources:
+            entry["attn"] = S.attention_head_scores(S.finalize(red[p + "attn"]),
+                                                    model_cfg.num_attention_heads)
+        if "hidden" in sources:
+            readers.append(S.finalize(red[p + "hidden"]))
+        layers[gid] = entry
+    if "hidden" in sources:
+        readers.append(S.finalize(red["final_norm"]))
+        hidden = S.embedding_channel_scores(readers)
+    else:
+        hidden = torch.full((model_cfg.hidden_size,), float("nan"))
+    nan = torch.full((L,), float("nan"))
+    depth = {"kl": nan.clone(), "cosine": nan.clone()}
+    if "kl" in sources and float(red.get("depth.kl_n", torch.zeros(()))) > 0:
+        depth["kl"] = (red["depth.kl_sum"] / red["depth.kl_n"]).float()
+    if "cosine" in sources:
+        depth["cosine"] = torch.stack([red[f"L{g}.cos_sum"] / red[f"L{g}.cos_n"].clamp_min(1)
+                                       for g in range(L)]).float()
+    return ImportanceFile(model=model_cfg, layers=layers, hidden=hidden, depth=depth, meta=meta)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_stats(cfg: StatsConfig) -> dict:
+    model_cfg = validate(cfg)
+    seq = cfg.seq_length or model_cfg.seq_length
+    started_here = not torch.distributed.is_initialized()
+    t_start = time.time()
+    par = D.init(cfg.parallel, seed=cfg.seed)
+    try:
+        return _run(cfg, model_cfg, seq, par, t_start)
+    finally:
+        if started_here:
+            D.shutdown()
+
+
+def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float) -> dict:
+    from ..model import build_model
+    from ..train.engine import Progress, collate, fmt_eta
+    from ..train.pretrain import datasets
+    from .depth import accumulate_kl, pipeline_forward
+
+    out = _out_dir(cfg)
+    # one epoch of the train split (None = no repetition), so "too many samples" is visible
+    train_ds, _, _ = datasets(cfg.data, seq, None, 1)
+    if train_ds is None or len(train_ds) < cfg.samples:
+        have = 0 if train_ds is None else len(train_ds)
+        raise ConfigError(
+            f"samples={cfg.samples} exceeds the {have} distinct train samples of length {seq} in "
+            f"{cfg.data.prefix} (split {cfg.data.split!r}); use samples <= {have}, a shorter "
+            "seq_length, or a larger corpus")
+    model = build_model(model_cfg, par)
+    meta_ckpt = ckpt.load_model_weights(cfg.checkpoint, model)
+    model.eval()
+
+    offset = _layer_offset(model_cfg, par.pp, par.pp_rank)
+    n_local = len(model.decoder.layers)
+    sources = list(dict.fromkeys(cfg.sources))
+    col = StatsCollector(model, model_cfg, par.tp, offset, [s for s in sources if s != "kl"],
+                         device=par.device)
+    want_kl = "kl" in sources and cfg.depth_samples > 0
+    L = model_cfg.num_layers
+    if want_kl and par.is_last_stage:
+        col.acc["depth.kl_sum"] = torch.zeros(L, dtype=torch.float64, device=par.device)
+        col.acc["depth.kl_n"] = torch.zeros((), dtype=torch.float64, device=par.device)
+
+    per_step = cfg.micro_batch_size * par.dp
+    steps = math.ceil(cfg.samples / per_step)
+    fp = _fingerprint(cfg, model_cfg, seq, par)
+    if D.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    start = _load_partial(out, fp, col) if cfg.resume else 0
+    if not cfg.resume and D.is_rank0():
+        shutil.rmtree(out / "partial", ignore_errors=True)
+    D.print0(f"[stats] {model_cfg.pattern!r} from {ckpt.require(cfg.checkpoint)}: {cfg.samples} samples "
+             f"x {seq} tokens ({cfg.depth_samples if want_kl else 0} with depth KL, {L} extra "
+             f"forwards each); tp={par.tp} pp={par.pp} dp={par.dp}; {steps} steps of {per_step}"
+             + (f"; resumed after step {start}" if start else ""))
+
+    prog = Progress(steps, start, D.is_rank0(), "stats")
+    end = steps if not cfg.stop_after else min(steps, start + cfg.stop_after)
+    t_loop = time.time()
+    with torch.no_grad(), col:
+        for k in range(start, end):
+            base = k * per_step + par.dp_rank * cfg.micro_batch_size
+            idx = [i for i in range(base, base + cfg.micro_batch_size) if i < cfg.samples]
+            if idx:  # ranks of one pipeline / TP group share dp_rank: they agree on this
+                batch = collate([train_ds[i] for i in idx], par.device)
+                held: list = []
+                pipeline_forward(model, batch, held.append)
+                col.count_samples(len(idx))
+                m = sum(i < cfg.depth_samples for i in idx) if want_kl else 0
+                if m:
+                    sub = {k2: v[:m] for k2, v in batch.items()}
+                    full = held[0][:m] if held else None
+                    with col.paused():
+                        accumulate_kl(model, sub, full, L, offset, n_local, par.is_last_stage,
+                                      par.pg.tp, col.acc.get("depth.kl_sum"))
+                    if par.is_last_stage:
+                        col.acc["depth.kl_n"] += m * seq
+            prog.update(k + 1, {})
+            if cfg.save_interval and (k + 1) % cfg.save_interval == 0 and k + 1 < end:
+                _save_partial(out, k + 1, fp, col)
+            if (k + 1) % max(1, steps // 10) == 0:
+                prog.write(f"[stats] step {k + 1}/{steps} ETA {fmt_eta(prog.eta(k + 1))}")
+    prog.close()
+    loop_s = time.time() - t_loop
+    if end < steps:
+        _save_partial(out, end, fp, col)
+        D.print0(f"[stats] stopped after step {end}/{steps} (stop_after={cfg.stop_after}); "
+                 f"partial state in {out / 'partial'}; run again with resume=true to continue")
+        return {"stage": "stats", "complete": False, "steps_done": end, "steps": steps}
+
+    from ..compat import mcore
+    from .reduce import reduce_all
+
+    weights = out_proj_col_sq(model, offset, col.kinds) if "flap" in sources else {}
+    red = reduce_all(col.acc, par.pg.dp, par.pg.tp, par.pg.pp, weights)
+    done = int(round(float(red["samples"])))
+    summary: dict = {"stage": "stats", "complete": True}
+    if D.is_rank0():
+        if done != cfg.samples:
+            raise RuntimeError(f"internal: {done} samples accumulated, expected {cfg.samples}")
+        meta = {
+            "samples": done, "seq_length": seq,
+            "depth_samples": cfg.depth_samples if want_kl else 0,
+            "sources": sources, "checkpoint": str(ckpt.require(cfg.checkpoint)),
+            "checkpoint_iteration": meta_ckpt.get("iteration"),
+            "megatron_core": mcore.MCORE_VERSION,
+            "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+            "data": {"prefix": cfg.data.prefix, "split": cfg.data.split, "seed": cfg.data.seed},
+            "aggregation": "mean |a| over sequence, L2 over samples (fp32); FLAP: ||W_out[:,j]||^2 "
+                           "x unbiased Var(y_j) over tokens; depth: mean over tokens",
+        }
+        imp = build_importance(red, model_cfg, sources, meta)
+        imp.save(out / "importance.pt")
+        from .plot import plot_layer_importance
+
+        plot = plot_layer_importance(imp.depth, model_cfg.pattern, out / "layer_importance.png",
+                                     title=f"{model_cfg.pattern}  ({done} samples)")
+        summary.update(_summary(imp, model_cfg, out, plot, loop_s, time.time() - t_start,
+                                steps - start, per_step))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "config.json").write_text(dump_json(cfg))
+        shutil.rmtree(out / "partial", ignore_errors=True)
+        _print_summary(summary)
+    D.barrier()
+    return summary
+
+
+def _summary(imp: ImportanceFile, model_cfg, out: Path, plot, loop_s, total_s, steps_run,
+             per_step) -> dict:
+    pattern = model_cfg.pattern.replace("|", "")
+    kl = [float(v) for v in imp.depth["kl"]]
+    cos = [float(v) for v in imp.depth["cosine"]]
+    order = sorted(range(len(kl)), key=lambda i: kl[i]) if all(math.isfinite(v) for v in kl) else []
+    return {
+        "importance": str(out / "importance.pt"),
+        "plot": str(plot) if plot else None,
+        "samples": imp.meta["samples"],
+        "depth_samples": imp.meta["depth_samples"],
+        "seq_length": imp.meta["seq_length"],
+        "layout": imp.meta["layout"],
+        "collect_seconds": loop_s,
+        "elapsed_seconds": total_s,
+        "samples_per_second_this_run": steps_run * per_step / loop_s if loop_s > 0 else None,
+        "layers": [{"layer": i, "type": pattern[i], "kl": kl[i], "cosine": cos[i]}
+                   for i in range(len(pattern))],
+        "least_important_by_kl": order,
+    }
+
+
+def _print_summary(s: dict) -> None:
+    D.print0(f"[stats] {s['samples']} samples ({s['depth_samples']} with depth KL) in "
+             f"{s['collect_seconds']:.1f}s; wrote {s['importance']}")
+    D.print0("[stats] layer type      KL(full||skip)   1-cos")
+    for r in s["layers"]:
+        D.print0(f"[stats] {r['layer']:5d}  {r['type']}   {r['kl']:14.6g}  {r['cosine']:9.4g}")
+    if s["least_important_by_kl"]:
+        D.print0(f"[stats] least important layers by KL: {s['least_important_by_kl']}")
+    if s["plot"] is None:
+        D.print0("[stats] (no plot: matplotlib is not installed)")

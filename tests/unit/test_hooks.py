@@ -1,0 +1,186 @@
+"""Importance hooks on a real megatron-core hybrid model (world of one, gloo): accumulator
+arithmetic against a direct computation, hooks leave outputs unchanged and are removed,
+depth KL / cosine are zero exactly for identity layers, bad input fails before any work."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from megatron_minitron import dist as D
+from megatron_minitron.config import ConfigError, DataConfig, ModelConfig, ParallelConfig
+from megatron_minitron.importance.depth import accumulate_kl, pipeline_forward, skip_layer
+from megatron_minitron.importance.hooks import StatsCollector, rms_norm
+from megatron_minitron.importance.stage import StatsConfig, validate
+from megatron_minitron.model import build_model, causal_mask
+
+pytestmark = pytest.mark.smoke  # cheap (~20 s), runs on megatron-core 0.16 and 0.19
+
+SMALL = ModelConfig(pattern="M-*-M-", hidden_size=64, ffn_hidden_size=96, mamba_num_heads=4,
+                    mamba_head_dim=16, mamba_num_groups=2, mamba_state_dim=8,
+                    mamba_chunk_size=16, num_attention_heads=4, num_query_groups=2,
+                    kv_channels=16, vocab_size=4096, seq_length=32)
+B, SEQ = 3, 32
+
+
+@pytest.fixture(scope="module")
+def par():
+    return D.init(ParallelConfig(), seed=11)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, SMALL.vocab_size, (B, SEQ), generator=g)
+    return {"tokens": tok, "position_ids": torch.arange(SEQ)[None].expand(B, -1)}
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(batch["tokens"], batch["position_ids"], causal_mask(SEQ))
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs)
+               for m in model.modules())
+
+
+def direct(a: torch.Tensor) -> torch.Tensor:
+    """sum over samples of (mean over the sequence of |a|)^2, one sample at a time, fp64."""
+    a = a.double()
+    return sum(a[:, i].abs().mean(0) ** 2 for i in range(a.shape[1])).float()
+
+
+def test_accumulators_match_direct_computation(par, batch):
+    model = build_model(SMALL, par).eval()
+    raw = {}  # plain capture of the raw tensors (no arithmetic) to compute the reference
+
+    def keep(name, pre=False):
+        def f(mod, args, out=None):
+            raw[name] = (args[0] if pre else (out[0] if isinstance(out, tuple) else out)).detach().clone()
+        return f
+
+    layers = model.decoder.layers
+    hs = [layers[0].mixer.in_proj.register_forward_hook(keep("in_proj")),
+          layers[0].mixer.out_proj.register_forward_pre_hook(keep("y", pre=True)),
+          layers[1].mlp.linear_fc2.register_forward_pre_hook(keep("ffn", pre=True)),
+          layers[2].self_attention.linear_proj.register_forward_pre_hook(keep("attn", pre=True)),
+          layers[2].input_layernorm.register_forward_hook(keep("norm2")),
+          layers[3].register_forward_pre_hook(
+              lambda m, a, kw: raw.update(in3=kw["hidden_states"].detach().clone()),
+              with_kwargs=True),  # the block calls layers with keyword arguments
+          layers[3].register_forward_hook(keep("out3")),
+          model.decoder.final_norm.register_forward_hook(keep("final"))]
+    col = StatsCollector(model, SMALL, tp=1, layer_offset=0)
+    with col:
+        logits(model, batch)
+    for h in hs:
+        h.remove()
+    di = SMALL.mamba_d_inner
+    acc = col.acc
+    close = dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(acc["L0.z"], direct(raw["in_proj"][..., :di]), **close)
+    torch.testing.assert_close(acc["L0.x"], direct(raw["in_proj"][..., di:2 * di]), **close)
+    torch.testing.assert_close(acc["L0.y"], direct(raw["y"]), **close)
+    torch.testing.assert_close(acc["L1.ffn"], direct(raw["ffn"]), **close)
+    torch.testing.assert_close(acc["L2.attn"], direct(raw["attn"]), **close)
+    torch.testing.assert_close(acc["L2.hidden"], direct(raw["norm2"]), **close)
+    torch.testing.assert_close(acc["final_norm"], direct(raw["final"]), **close)
+    y = raw["y"].double().reshape(-1, di)
+    assert acc["L0.flap_n"].item() == B * SEQ
+    torch.testing.assert_close(acc["L0.flap_s1"], y.sum(0))
+    torch.testing.assert_close(acc["L0.flap_s2"], (y * y).sum(0))
+    cos = torch.nn.functional.cosine_similarity(raw["in3"].double(), raw["out3"].double(), dim=-1)
+    torch.testing.assert_close(acc["L3.cos_sum"], (1 - cos).sum(), rtol=1e-5, atol=1e-9)
+    assert acc["L3.cos_n"].item() == B * SEQ
+    # every accumulator received something, the counters count
+    assert all(v.abs().sum() > 0 for k, v in acc.items() if k != "samples")
+
+
+def test_hooks_leave_outputs_unchanged_and_are_removed(par, batch):
+    model = build_model(SMALL, par).eval()
+    before = _hook_count(model)
+    ref = logits(model, batch)
+    col = StatsCollector(model, SMALL, tp=1, layer_offset=0)
+    with col:
+        assert _hook_count(model) > before
+        got = logits(model, batch)
+        with col.paused():
+            snap = {k: v.clone() for k, v in col.acc.items()}
+            logits(model, batch)
+            assert all(torch.equal(snap[k], v) for k, v in col.acc.items())  # paused = no-op
+    assert torch.equal(got, ref)
+    assert _hook_count(model) == before
+    snap = {k: v.clone() for k, v in col.acc.items()}
+    logits(model, batch)
+    assert all(torch.equal(snap[k], v) for k, v in col.acc.items())  # nothing left attached
+
+
+def test_fused_norm_recomputation_matches_the_norm_module(par, batch):
+    """The TE-spec path (norm fused into in_proj / linear_qkv / linear_fc1) recomputes the
+    RMSNorm from the fused linear's input: it must equal the local spec's norm module."""
+    model = build_model(SMALL, par).eval()
+    norm = model.decoder.layers[0].norm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(SEQ, B, SMALL.hidden_size)
+        torch.testing.assert_close(rms_norm(x, norm.weight, SMALL.norm_epsilon), norm(x),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_depth_kl_and_cosine_are_zero_exactly_for_identity_layers(par, batch):
+    model = build_model(SMALL, par).eval()
+    with torch.no_grad():  # layer 0 (Mamba) and layer 3 (MLP) now add 0 to the residual
+        model.decoder.layers[0].mixer.out_proj.weight.zero_()
+        model.decoder.layers[3].mlp.linear_fc2.weight.zero_()
+    b = dict(batch)
+    full = []
+    col = StatsCollector(model, SMALL, tp=1, layer_offset=0, sources=["cosine"])
+    with torch.no_grad(), col:
+        pipeline_forward(model, b, full.append)
+        kl = torch.zeros(SMALL.num_layers, dtype=torch.float64)
+        with col.paused():
+            accumulate_kl(model, b, full[0], SMALL.num_layers, 0, SMALL.num_layers, True, None, kl)
+    # per-token means; 1 - cos is computed in fp32: an identity layer gives ~1e-8 rounding
+    cos = torch.stack([col.acc[f"L{i}.cos_sum"] / col.acc[f"L{i}.cos_n"]
+                       for i in range(SMALL.num_layers)])
+    kl = kl / (B * SEQ)
+    for i in (0, 3):
+        assert kl[i].item() < 1e-9 and cos[i].item() < 1e-6, (i, kl, cos)
+    for i in (1, 2, 4, 5):
+        assert kl[i].item() > 1e-6 and cos[i].item() > 1e-4, (i, kl, cos)
+    # skipping = identity on the residual stream: skipping the zeroed layer changes nothing
+    with skip_layer(model.decoder.layers[3]):
+        torch.testing.assert_close(logits(model, batch), full[0], rtol=0, atol=1e-6)
+    assert "forward" not in vars(model.decoder.layers[3])  # patch removed
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _fake_ckpt(tmp_path, cfg: ModelConfig):
+    it = tmp_path / "ck" / "checkpoints" / "iter_0000001"
+    it.mkdir(parents=True)
+    (it / "model_config.json").write_text(json.dumps(cfg.to_dict()))
+    (it / "meta.json").write_text("{}")
+    (it.parent / "latest").write_text(it.name)
+    return str(tmp_path / "ck")
+
+
+def test_bad_input_fails_before_any_work(tmp_path, real_data):
+    data = DataConfig(prefix=real_data["prefix"], tokenizer=real_data["tokenizer"])
+    good = _fake_ckpt(tmp_path, SMALL)
+    validate(StatsConfig(checkpoint=good, data=data))  # the reference case passes
+    with pytest.raises(ConfigError, match=r"unknown source\(s\) \['w'\]"):
+        validate(StatsConfig(checkpoint=good, data=data, sources=["x", "w"]))
+    with pytest.raises(ConfigError, match="depth_samples=9 exceeds samples=8"):
+        validate(StatsConfig(checkpoint=good, data=data, samples=8, depth_samples=9))
+    with pytest.raises(ConfigError, match="not a megatron-minitron hybrid checkpoint"):
+        validate(StatsConfig(checkpoint=str(tmp_path / "nothing"), data=data))
+    (tmp_path / "gpt").mkdir()
+    gpt = _fake_ckpt(tmp_path / "gpt", dataclasses.replace(SMALL, pattern="*-*-"))
+    with pytest.raises(ConfigError, match="not a hybrid Mamba model"):
+        validate(StatsConfig(checkpoint=gpt, data=data))
+    with pytest.raises(ConfigError, match="parallel.tp"):
+        validate(StatsConfig(checkpoint=good, data=data, parallel=ParallelConfig(tp=3)))
