@@ -1,0 +1,307 @@
+"""`distill` stage: train a student checkpoint against a frozen teacher checkpoint with
+forward-KL logit distillation (paper sec. 3.6, DESIGN.md sec. 5) on megatron-core's
+training machinery (train/engine.py: DDP, optimizer, OptimizerParamScheduler, pipeline
+schedules, checkpoints).
+
+loss = alpha_kd * mean_tokens KL(softmax(t/T) || softmax(s/T)) + (1 - alpha_kd) * CE;
+alpha_kd = 1 is the paper's recipe (logits only), alpha_kd = 0 the cross-entropy baseline
+(the teacher is then not run during training; it is only evaluated for the summary).
+
+Start: the student's weights come from `student` at step 0 (new optimizer). If output_dir
+already holds a checkpoint of this run and resume=true, everything is restored exactly
+(weights, optimizer, scheduler, iteration, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .. import dist as D
+from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, dump_json
+from ..model import count_parameters
+from ..train import checkpoint as ckpt
+from ..train.engine import (MicroBatches, Progress, build_trainable, evaluate, fmt_eta,
+                            lm_forward_step, reduce_reports, resume_trainable, save_trainable,
+                            train_step)
+from ..train.pretrain import _tensorboard, check_data, datasets, valid_batches, world_size_from_env
+from .loss import kd_loss
+from .teacher import checksum, distill_forward_step, load_teacher, pair_shapes_fn
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 1.0  # KL at temperature T (plain KL, no T^2 factor); paper: 1
+    alpha_kd: float = 1.0  # 1 = forward KL only (paper); 0 = cross-entropy only (baseline)
+    # Tokens per chunk inside the loss; its extra memory is about 3 x chunk x V/tp fp32
+    # (1024 at 8192 tokens: 1.25x megatron CE's peak, measured by bench_distill.py). 0 = all.
+    chunk_size: int = 1024
+
+    def validate(self, prefix: str = "loss") -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"{prefix}.temperature={self.temperature} must be > 0 (paper: 1.0)")
+        if not 0.0 <= self.alpha_kd <= 1.0:
+            raise ConfigError(
+                f"{prefix}.alpha_kd={self.alpha_kd} must be in [0, 1]: 1 = forward KL only, "
+                "0 = cross-entropy only, between = a mix"
+            )
+        if self.chunk_size < 0:
+            raise ConfigError(f"{prefix}.chunk_size={self.chunk_size} must be >= 0 (0 = no chunking)")
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(steps=200, global_batch_size=16, micro_batch_size=8, lr=1e-3, min_lr=1e-4,
+                       warmup_steps=10, weight_decay=0.01, log_interval=10, eval_interval=50,
+                       eval_iters=8, save_interval=50)
+
+
+@dataclass
+class DistillConfig:
+    student: str = "runs/default/pruned"  # checkpoint the student starts from (step 0)
+    teacher: str = "runs/default/teacher"  # frozen teacher checkpoint (same vocabulary)
+    output_dir: str = "runs/default/distilled"
+    # Training sequence length; 0 = the student's model.seq_length. Both models are
+    # position-table free (RoPE or none), so any length runs; the student's saved config
+    # records the length it was trained at.
+    seq_length: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+    resume: bool = True  # continue from output_dir's latest checkpoint when there is one
+    # Stop (after saving) once this many steps ran in THIS invocation; 0 = run to train.steps.
+    # For jobs with a wall-clock limit: re-launch the same command to continue.
+    exit_after_steps: int = 0
+
+    def validate(self, dp: int = 1) -> None:
+        for key in ("student", "teacher", "output_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is empty; give a path")
+        if Path(self.output_dir).resolve() in (Path(self.student).resolve(), Path(self.teacher).resolve()):
+            raise ConfigError(
+                f"output_dir={self.output_dir!r} is the student or teacher checkpoint; "
+                "write the distilled model to a new directory"
+            )
+        if self.seq_length < 0:
+            raise ConfigError(f"seq_length={self.seq_length} must be >= 0 (0 = the student's)")
+        if self.exit_after_steps < 0:
+            raise ConfigError(f"exit_after_steps={self.exit_after_steps} must be >= 0")
+        self.loss.validate()
+        self.parallel.validate()
+        self.train.validate(max(dp, 1))
+        self.data.validate()
+
+
+def check_pair(student: ModelConfig, teacher: ModelConfig, tp: int, pp: int) -> None:
+    """Teacher and student may differ in every pruned dimension but must share the
+    vocabulary (the KL is over the same token ids) and both fit the (tp, pp) layout."""
+    if student.vocab_size != teacher.vocab_size:
+        raise ConfigError(
+            f"vocabulary mismatch: student vocab_size={student.vocab_size}, teacher "
+            f"vocab_size={teacher.vocab_size}; logit distillation needs the same tokenizer and "
+            "vocabulary (prune the teacher without touching the vocabulary)"
+        )
+    student.validate(tp, pp, prefix="student model")
+    teacher.validate(tp, pp, prefix="teacher model")
+
+
+def _kd_loss_func(loss_cfg: LossConfig, tp_group, batch: dict, teacher_logits, student_logits):
+    """Last-stage loss: (sum over tokens, tokens, report) as the schedules expect.
+
+    Logits are [b, s, V/tp] (megatron returns them batch-first); kd_loss expects [s, b, v]
+    logits and [b, s] labels/mask, which it transposes. The math is per token, so we hand it
+    the logits as they are and the labels/mask transposed to [s, b]: its transpose maps them
+    back onto the logits' [b, s] without copying the logits."""
+    mask = batch["loss_mask"]
+    loss, logs = kd_loss(
+        student_logits, teacher_logits, labels=batch["labels"].t(), loss_mask=mask.t(),
+        temperature=loss_cfg.temperature, alpha_kd=loss_cfg.alpha_kd, tp_group=tp_group,
+        chunk_size=loss_cfg.chunk_size or None,
+    )
+    n = mask.sum()
+    total = loss * n.clamp(min=1)  # kd_loss is the token mean; the schedule wants the sum
+    report = {"loss": torch.stack([total.detach(), n.detach()]).float()}
+    for k, v in logs.items():
+        report[k] = torch.stack([v * n.clamp(min=1), n]).float()
+    return total, n.to(torch.int), report
+
+
+def run_distill(cfg: DistillConfig) -> dict:
+    # ---- every check that needs no process group, before any model is built
+    dp = world_size_from_env() // (cfg.parallel.tp * cfg.parallel.pp)
+    cfg.validate(dp)
+    s_cfg = ckpt.read_model_config(cfg.student)
+    t_cfg = ckpt.read_model_config(cfg.teacher)
+    check_pair(s_cfg, t_cfg, cfg.parallel.tp, cfg.parallel.pp)
+    seq = cfg.seq_length or s_cfg.seq_length
+    s_cfg = replace(s_cfg, seq_length=seq)
+    t_cfg = replace(t_cfg, seq_length=seq)
+    data_summary = check_data(cfg.data, s_cfg)
+    lc, tr = cfg.loss, cfg.train
+    use_teacher_in_training = lc.alpha_kd > 0
+
+    t_start = time.time()
+    owns_pg = not torch.distributed.is_initialized()
+    par = D.init(cfg.parallel, seed=tr.seed)
+    out = Path(cfg.output_dir)
+    if D.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(dump_json(cfg))
+    num_micro = tr.global_batch_size // (tr.micro_batch_size * par.dp)
+    train_ds, valid_ds, _ = datasets(cfg.data, seq, tr.steps * tr.global_batch_size,
+                                     tr.eval_iters * tr.micro_batch_size * par.dp)
+
+    def val_loss(model) -> float:
+        return evaluate(model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
+                        lm_forward_step, tr.eval_iters, par, seq, tr.micro_batch_size)
+
+    # ---- models: the trainable student (DDP + optimizer) and the frozen teacher
+    t = build_trainable(s_cfg, par, tr, cfg.parallel)
+    resumed_from, prev_meta = None, {}
+    if cfg.resume and ckpt.resolve(out) is not None:
+        if ckpt.read_model_config(out) != s_cfg:
+            raise ConfigError(
+                f"{out} holds a checkpoint of a different model than student={cfg.student!r}; "
+                "use another output_dir or resume=false"
+            )
+        prev_meta = resume_trainable(t, out)
+        resumed_from = t.iteration
+    else:
+        ckpt.load_model_weights(cfg.student, t.model)
+    teacher, _, _ = load_teacher(cfg.teacher, par, t_cfg)
+    teacher_sum = checksum(teacher)
+    n_trainable = sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
+
+    s_params, t_params = count_parameters(s_cfg)["total"], count_parameters(t_cfg)["total"]
+    D.print0(
+        f"[distill] teacher {cfg.teacher} ({t_params:,} params) -> student {cfg.student} "
+        f"({s_params:,} params); tp={par.tp} pp={par.pp} dp={par.dp}; seq {seq}; "
+        f"{num_micro} micro-batches of {tr.micro_batch_size} per step; alpha_kd={lc.alpha_kd} "
+        f"T={lc.temperature}" + (f"; resumed at step {resumed_from}" if resumed_from is not None else "")
+    )
+    teacher_val = val_loss(teacher)
+    if resumed_from is not None and prev_meta.get("student_val_before") is not None:
+        student_before = prev_meta["student_val_before"]
+    else:
+        student_before = val_loss(t.model)
+    D.print0(f"[distill] val loss: teacher {teacher_val:.4f}, student before {student_before:.4f}")
+
+    # ---- the loop
+    fwd = partial(
+        distill_forward_step, teacher=teacher, student_hidden=s_cfg.hidden_size,
+        is_first_stage=par.is_first_stage, is_last_stage=par.is_last_stage,
+        loss_func=partial(_kd_loss_func, lc, par.pg.tp),
+    ) if use_teacher_in_training else partial(_ce_forward_step, lc, par.pg.tp)
+    sched_kw = {"adjust_tensor_shapes_fn": pair_shapes_fn(t_cfg.hidden_size)} \
+        if (use_teacher_in_training and par.pp > 1) else None
+    data = MicroBatches(train_ds, tr.micro_batch_size, tr.global_batch_size, par.dp,
+                        par.dp_rank, start_step=t.iteration, device=par.device)
+    tokens_per_step = tr.global_batch_size * seq
+    meta = {"stage": "distill", "teacher": str(ckpt.require(cfg.teacher)),
+            "student_init": str(ckpt.require(cfg.student)), "teacher_val_loss": teacher_val,
+            "student_val_before": student_before}
+    history = []
+    writer = _tensorboard(out / "tensorboard") if D.is_rank0() else None
+    metrics = open(out / "metrics.jsonl", "a") if D.is_rank0() else None
+    prog = Progress(tr.steps, t.iteration, D.is_rank0(), "distill")
+    last_val, start_it, t_loop = None, t.iteration, time.time()
+    while t.iteration < tr.steps:
+        t0 = time.time()
+        res = train_step(t, data, fwd, num_micro, seq, tr.micro_batch_size, schedule_kwargs=sched_kw)
+        rec = {"step": t.iteration, "loss": reduce_reports(res["reports"], par, "loss")}
+        for k in ("kd", "ce"):
+            if _has(lc, k):  # collective: every rank asks for the same keys
+                rec[k] = reduce_reports(res["reports"], par, k)
+        dt = time.time() - t0
+        rec.update(lr=res["lr"], grad_norm=res["grad_norm"], tokens_per_s=tokens_per_step / dt)
+        final = t.iteration == tr.steps
+        if t.iteration % tr.eval_interval == 0 or final:
+            last_val = rec["val_loss"] = val_loss(t.model)
+        history.append(rec)
+        prog.update(t.iteration, {"loss": rec["loss"], "lr": rec["lr"]})
+        if D.is_rank0():
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            if writer is not None:
+                for k in ("loss", "kd", "ce", "lr", "grad_norm", "tokens_per_s", "val_loss"):
+                    if k in rec:
+                        writer.add_scalar(f"distill/{k}", rec[k], t.iteration)
+                writer.flush()
+        if t.iteration % tr.log_interval == 0 or "val_loss" in rec or final:
+            prog.write(
+                f"[distill] step {t.iteration}/{tr.steps} loss {rec['loss']:.4f}"
+                + (f" KL {rec['kd']:.4f}" if "kd" in rec else "")
+                + (f" CE {rec['ce']:.4f}" if "ce" in rec else "")
+                + f" lr {rec['lr']:.3g} grad_norm {rec['grad_norm']:.3g} "
+                f"tok/s {rec['tokens_per_s']:.0f} ETA {fmt_eta(prog.eta(t.iteration))}"
+                + (f" | student val loss {last_val:.4f}" if "val_loss" in rec else "")
+            )
+        stop_now = cfg.exit_after_steps and t.iteration - start_it >= cfg.exit_after_steps
+        if t.iteration % tr.save_interval == 0 or final or stop_now:
+            save_trainable(t, out, dict(meta, val_loss=last_val))
+        if stop_now:
+            break
+    prog.close()
+    if last_val is None:  # nothing left to train, or stopped between evaluations
+        last_val = val_loss(t.model)
+    teacher_sum_after = checksum(teacher)
+    if teacher_sum_after != teacher_sum:  # cannot happen unless something wrote into it
+        raise RuntimeError("the teacher's weights changed during distillation")
+    summary = {
+        "stage": "distill",
+        "checkpoint": str(ckpt.resolve(out)),
+        "teacher": meta["teacher"],
+        "student_init": meta["student_init"],
+        "teacher_parameters": t_params,
+        "student_parameters": s_params,
+        "trainable_parameters_this_rank": n_trainable,
+        "teacher_val_loss": teacher_val,
+        "student_val_before": student_before,
+        "student_val_after": last_val,
+        "loss": {"alpha_kd": lc.alpha_kd, "temperature": lc.temperature},
+        "steps": tr.steps,
+        "iteration": t.iteration,
+        "resumed_from": resumed_from,
+        "steps_this_run": t.iteration - start_it,
+        "seq_length": seq,
+        "tokens_seen": t.iteration * tokens_per_step,
+        "train_seconds": time.time() - t_loop,
+        "elapsed_seconds": time.time() - t_start,
+        "unigram_baseline": data_summary.get("unigram_entropy"),
+        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+        "teacher_checksum_rank0": teacher_sum,
+        "teacher_unchanged": True,
+        "history": history,
+    }
+    if D.is_rank0():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics.close()
+        if writer is not None:
+            writer.close()
+        D.print0(
+            f"[distill] done in {summary['elapsed_seconds']:.0f}s: val loss teacher {teacher_val:.4f} | "
+            f"student before {student_before:.4f} -> after {last_val:.4f} "
+            f"(step {t.iteration}/{tr.steps}); checkpoint {summary['checkpoint']}"
+        )
+    if owns_pg:
+        D.shutdown()
+    return summary
+
+
+def _has(lc: LossConfig, key: str) -> bool:
+    return (key == "kd" and lc.alpha_kd > 0) or (key == "ce" and lc.alpha_kd < 1)
+
+
+def _ce_forward_step(lc: LossConfig, tp_group, data_iterator, model):
+    """alpha_kd = 0 (cross-entropy baseline): the student alone, same loss code path."""
+    from ..model import causal_mask
+
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    s_out = model(tokens, batch["position_ids"], causal_mask(tokens.shape[1], str(tokens.device)))
+    return s_out, partial(_kd_loss_func, lc, tp_group, batch, None)

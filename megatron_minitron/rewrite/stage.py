@@ -1,0 +1,403 @@
+"""`prune` stage: rewrite a megatron distributed checkpoint to a plan, at any TP/PP.
+
+How (every rank, under torchrun):
+  1. build the PRUNED model at the requested TP/PP; expand its sharded state dict (the
+     Mamba in_proj / conv1d factories become the separate global keys in_proj.weight.{z,x,
+     B,C,dt}, conv1d.{weight,bias}.{x,B,C}); each ShardedTensor is a view of this rank's
+     parameter slice;
+  2. for each, rules.rule() gives the source key and, per dimension, the SOURCE indices
+     that fill this shard (keep[off:off+n]); the rank asks dist_checkpointing for the
+     bounding box of those indices only (one collective load for the rank's whole share),
+     then gathers the exact rows/cols locally and copies them into the parameter;
+  3. dist_checkpointing.save of the pruned model into <dst>.partial (+ model_config.json =
+     the pruned config, meta.json, pruning_plan.json, summary.json);
+  4. verify: a fresh pruned model loads <dst>.partial, every tensor equals the written
+     one exactly and a forward pass on a few tokens is finite;
+  5. swap (rank 0): an atomic exchange of <dst>.partial and <dst> (Linux renameat2
+     RENAME_EXCHANGE), then the old folder becomes <dst>.orig (or is deleted if
+     keep_backup=false).
+
+Memory per rank: its pruned shard (the model) + the source bounding boxes of that shard.
+With the default sorted plans the box of a TP shard spans about that rank's share of the
+source along the sharded dimension, so the bound is about (pruned share + source share);
+with arbitrary (ranked) orders it can grow to the full source tensor along the TP axis of
+the rank's PP stage (never another stage's layers).
+
+Crash safety: <dst> only ever changes by one atomic rename/exchange of a complete,
+verified folder, so a kill -9 at any moment leaves <dst> either untouched or the complete
+new checkpoint. A journal <dst>.prune_journal.json (written before <dst>.partial exists,
+removed last) plus a prune_id in the new meta.json let the next `prune` on the same
+destination finish or roll back the bookkeeping (move the exchanged-out original to
+<dst>.orig, delete a half-written <dst>.partial). Only on filesystems without
+renameat2 is the swap two renames; a kill between them leaves <dst> absent with the
+original at <dst>.orig, which the next run restores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, ParallelConfig
+from ..plan.targets import Plan
+from . import rules
+
+FAULT_ENV = "MINITRON_PRUNE_FAULT"  # test hook: SIGKILL rank 0 at this phase
+PHASES = ("staged", "loaded", "written", "verified", "exchanged", "backed_up")
+
+
+@dataclass
+class PruneConfig:
+    checkpoint: str = "runs/teacher"  # source: run dir or iteration dir
+    plan: str = "runs/plan/plan.json"
+    output: str = "runs/pruned"  # new checkpoint folder; "" or the source path = in place
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # layout to write at
+    keep_backup: bool = True  # keep the replaced folder as <output>.orig
+    overwrite: bool = False  # allow replacing an existing output that is not the source
+    verify: bool = True
+    verify_tokens: int = 16
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _fault(phase: str) -> None:
+    if os.environ.get(FAULT_ENV) == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE). False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    r = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE)
+    if r != 0:
+        err = ctypes.get_errno()
+        if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: filesystem lacks it
+            return False
+        raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
+    return True
+
+
+def _paths(dst: Path) -> dict:
+    return {"partial": dst.with_name(dst.name + ".partial"),
+            "orig": dst.with_name(dst.name + ".orig"),
+            "journal": dst.with_name(dst.name + ".prune_journal.json")}
+
+
+def _prune_id(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("prune_id")
+    except (OSError, ValueError):
+        return None
+
+
+def recover(dst: Path, log=print) -> None:
+    """Finish or roll back an interrupted prune into `dst` (rank 0, before any work)."""
+    p = _paths(dst)
+    if not p["journal"].exists():
+        if p["partial"].exists():
+            raise ConfigError(f"{p['partial']} exists but no prune journal does; it is not ours "
+                              "to delete: move it away and re-run")
+        return
+    j = json.loads(p["journal"].read_text())
+    if dst.exists() and _prune_id(dst) == j["id"]:  # the swap happened
+        if p["partial"].exists():  # the exchanged-out original
+            if j.get("keep_backup", True) and not p["orig"].exists():
+                os.replace(p["partial"], p["orig"])
+                log(f"recover: original kept at {p['orig']}")
+            else:
+                shutil.rmtree(p["partial"])
+    else:  # the swap did not happen: the original (if any) is intact
+        if not dst.exists() and j.get("dst_existed") and p["orig"].exists():
+            os.replace(p["orig"], dst)  # the two-rename fallback was interrupted
+            log(f"recover: restored {dst} from {p['orig']}")
+        if p["partial"].exists():
+            shutil.rmtree(p["partial"])
+            log(f"recover: removed the unfinished {p['partial']}")
+    p["journal"].unlink()
+
+
+def forward_logits(model, par, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocab logits [b, s, V] on the last PP stage (None elsewhere); forward only,
+    through the pipeline schedule so PP > 1 works."""
+    import torch.distributed as dist
+
+    from ..compat import mcore
+    from ..model import causal_mask
+
+    got = []
+    b, s = tokens.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+
+    def step(it, m):
+        batch = next(it)
+        out = m(batch[0], batch[1], causal_mask(s))
+
+        def keep(o):
+            got.append(o.detach())
+            return o.sum() * 0, {}
+        return out, keep
+
+    model.eval()
+    with torch.no_grad():
+        mcore.get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([(tokens.to(par.device), pos.to(par.device))]),
+            model=[model], num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+    if not par.is_last_stage:
+        return None
+    local = got[0].float()
+    if par.tp > 1:
+        parts = [torch.empty_like(local) for _ in range(par.tp)]
+        dist.all_gather(parts, local.contiguous(), group=par.pg.tp)
+        local = torch.cat(parts, dim=-1)
+    return local
+
+
+# ----------------------------------------------------------------------------- the rewrite
+
+
+def fill_from_source(model, plan: Plan, src_dir: Path) -> dict:
+    """Fill every parameter shard of `model` (the pruned model) from the source checkpoint
+    (collective). Returns byte counts: what was read (bounding boxes) and written."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from ..compat import mcore
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)  # in_proj / conv1d factories -> per-part ShardedTensors (views)
+    meta = mcore.dist_checkpointing.load_tensors_metadata(str(src_dir))
+    requests, jobs, boxes = {}, [], {}
+    for st in nested_values(sd):
+        if not isinstance(st, ShardedTensor):
+            continue  # ShardedObjects (_extra_state) are re-created by the pruned model
+        if st.prepend_axis_num or st.flattened_range is not None:
+            raise NotImplementedError(f"{st.key}: prepended axes / flattened shards are not supported")
+        src_key, idxs = rules.rule(st.key, plan)
+        if src_key not in meta:
+            raise ConfigError(f"source checkpoint {src_dir} has no tensor {src_key!r} (needed for {st.key})")
+        src_shape = tuple(meta[src_key].global_shape)
+        if len(src_shape) != len(idxs):
+            raise ConfigError(f"{src_key}: source is {len(src_shape)}-D, rule has {len(idxs)} dims")
+        need = rules.shard_indices(idxs, st.global_offset, st.local_shape, src_shape)
+        lo = tuple(int(n.min()) for n in need)
+        box = tuple(int(n.max()) - l + 1 for n, l in zip(need, lo))
+        name = boxes.get((src_key, lo, box))
+        if name is None:
+            name = f"r{len(requests)}"
+            boxes[(src_key, lo, box)] = name
+            dtype = meta[src_key].dtype
+            requests[name] = ShardedTensor(src_key, torch.empty(box, dtype=dtype), dtype, box,
+                                           src_shape, lo, None, replica_id=0)
+        jobs.append((st, name, need, lo))
+    loaded = mcore.dist_checkpointing.load(requests, str(src_dir))
+    read = sum(t.numel() * t.element_size() for t in loaded.values())
+    written = 0
+    with torch.no_grad():
+        for st, name, need, lo in jobs:
+            piece = rules.take(loaded[name], [n - l for n, l in zip(need, lo)])
+            st.data.copy_(piece.to(st.data.dtype))
+            written += st.data.numel() * st.data.element_size()
+    return {"bytes_read": read, "bytes_filled": written}
+
+
+def global_param_count(model, par) -> int:
+    """Parameters of the whole model (all stages, TP shards once; TP-replicated tensors
+    such as norms counted once): comparable to model.count_parameters. Collective."""
+    import torch.distributed as dist
+
+    seen, n = set(), 0
+    for prm in model.parameters():
+        if id(prm) in seen:
+            continue
+        seen.add(id(prm))
+        if getattr(prm, "tensor_model_parallel", False) or par.tp_rank == 0:
+            n += prm.numel()
+    t = torch.tensor([n], dtype=torch.long)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t) // par.dp
+
+
+def _wait_for_journal(dst: Path, timeout: float = 120.0) -> None:
+    """Other ranks: wait until rank 0's recover() has cleared a stale journal (before the
+    process group exists, so no barrier is available yet)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return
+    j, t0 = _paths(dst)["journal"], time.time()
+    while j.exists() and time.time() - t0 < timeout:
+        time.sleep(0.2)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def run_prune(cfg: PruneConfig) -> dict:
+    from .. import dist as D
+    from ..compat import mcore
+    from ..model import build_model
+    from ..train import checkpoint as ckpt
+
+    t0 = time.time()
+    # ---- validation before any work
+    cfg.parallel.validate()
+    in_place = cfg.output == "" or _same_path(cfg.output, cfg.checkpoint)
+    dst = Path(cfg.checkpoint if in_place else cfg.output).resolve()
+    if int(os.environ.get("RANK", "0")) == 0:
+        recover(dst, print)  # finish / roll back an interrupted prune into dst first
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _wait_for_journal(dst)
+    src_it = ckpt.require(cfg.checkpoint)
+    plan = Plan.load(cfg.plan)
+    src_cfg = ckpt.read_model_config(src_it)
+    if src_cfg.to_dict() != plan.source.to_dict():
+        diff = {k: (v, plan.source.to_dict()[k]) for k, v in src_cfg.to_dict().items()
+                if plan.source.to_dict()[k] != v}
+        raise ConfigError(f"plan {cfg.plan} was made for another model than checkpoint {src_it}: "
+                          f"(checkpoint, plan) differ in {diff}; re-run `plan` on this checkpoint's stats")
+    plan.target.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp, prefix="plan target")
+    p = _paths(dst)
+    if not in_place and _same_path(str(dst), str(src_it)):
+        in_place = True
+    if not in_place and Path(src_it).resolve().is_relative_to(dst):
+        in_place = True  # the output is the run dir holding the source
+    if cfg.verify_tokens < 1:
+        raise ConfigError(f"verify_tokens={cfg.verify_tokens} must be >= 1")
+
+    par = D.init(cfg.parallel)
+    rank0 = D.is_rank0()
+    log = D.print0
+    err = None
+    if rank0:
+        try:
+            if dst.exists() and not in_place and not cfg.overwrite:
+                raise ConfigError(f"output={dst} exists; choose another output, set overwrite=true, "
+                                  "or prune in place with output=<checkpoint>")
+            if dst.exists() and cfg.keep_backup and p["orig"].exists():
+                raise ConfigError(f"backup {p['orig']} already exists; move it away or set keep_backup=false")
+            if in_place and not dst.exists():
+                raise ConfigError(f"in-place source {dst} does not exist")
+        except ConfigError as e:
+            err = str(e)
+    err = D.broadcast_object(err)
+    if err:
+        D.shutdown()
+        raise ConfigError(err)
+
+    prune_id = D.broadcast_object(uuid.uuid4().hex)
+    partial = p["partial"]
+    if rank0:
+        ckpt._write_json_atomic(p["journal"], {"id": prune_id, "dst": str(dst), "dst_existed": dst.exists(),
+                                               "keep_backup": cfg.keep_backup, "in_place": in_place})
+        partial.mkdir(parents=True)
+        _fault("staged")
+    D.barrier()
+
+    # ---- build the pruned model at the requested layout and fill it from the source
+    t = time.time()
+    model = build_model(plan.target, par)
+    io = fill_from_source(model, plan, src_it)
+    t_fill = time.time() - t
+    log(f"prune: filled the pruned model ({plan.params_after['total']:,} params) from {src_it} "
+        f"in {t_fill:.1f}s")
+    if rank0:
+        _fault("loaded")
+
+    # ---- save into <dst>.partial
+    t = time.time()
+    mcore.dist_checkpointing.save({"model": model.sharded_state_dict()}, str(partial))
+    D.barrier()
+    if rank0:
+        _fault("written")
+        ckpt._write_json_atomic(partial / "pruning_plan.json", plan.to_dict())
+        ckpt._write_json_atomic(partial / ckpt.CONFIG_FILE, plan.target.to_dict())
+        ckpt._write_json_atomic(partial / ckpt.META_FILE, {
+            "iteration": 0, "prune_id": prune_id, "pruned_from": str(src_it), "plan": str(cfg.plan),
+            "written_at": {"tp": par.tp, "pp": par.pp}, "megatron_core": mcore.MCORE_VERSION})
+    D.barrier()
+    t_save = time.time() - t
+
+    # ---- verify: reload into a fresh model, exact equality, finite forward
+    t = time.time()
+    verified = None
+    if cfg.verify:
+        model2 = build_model(plan.target, par)
+        ckpt.load_model_weights(partial, model2)
+        mismatch = [n for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters())
+                    if a.shape != b.shape or not torch.equal(a, b)]
+        g = torch.Generator().manual_seed(0)
+        toks = torch.randint(0, plan.target.vocab_size, (1, cfg.verify_tokens), generator=g)
+        logits = forward_logits(model2, par, toks)
+        finite = True if logits is None else bool(torch.isfinite(logits).all())
+        bad = torch.tensor([len(mismatch) + (0 if finite else 1)], dtype=torch.long)
+        import torch.distributed as dist
+        dist.all_reduce(bad)
+        if int(bad):
+            if rank0:
+                shutil.rmtree(partial, ignore_errors=True)
+                p["journal"].unlink(missing_ok=True)
+            D.shutdown()
+            raise RuntimeError(f"verification of {partial} failed (tensors differ: {mismatch[:5]}, "
+                               f"finite logits: {finite}); the original is untouched")
+        verified = {"tensors_equal": True, "finite_logits": True, "tokens": cfg.verify_tokens}
+        del model2
+    t_verify = time.time() - t
+    built = global_param_count(model, par)
+
+    # ---- summary (inside the new checkpoint) and the swap
+    summary = {
+        "source": str(src_it), "output": str(dst), "in_place": in_place, "plan": str(cfg.plan),
+        "source_model": plan.source.to_dict(), "pruned_model": plan.target.to_dict(),
+        "params_before": plan.params_before["total"], "params_after": plan.params_after["total"],
+        "params_built": built, "written_at": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+        "bytes_read_rank0": io["bytes_read"], "bytes_filled_rank0": io["bytes_filled"],
+        "seconds": {"fill": t_fill, "save": t_save, "verify": t_verify}, "verified": verified,
+        "backup": str(p["orig"]) if cfg.keep_backup else None,
+    }
+    if rank0:
+        (partial / "summary.json").write_text(json.dumps(summary, indent=2))
+        _fault("verified")
+        if dst.exists():
+            if _exchange(partial, dst):  # dst = new, partial = old: one atomic step
+                _fault("exchanged")
+                if cfg.keep_backup:
+                    os.replace(partial, p["orig"])
+                else:
+                    shutil.rmtree(partial)
+                _fault("backed_up")
+            else:  # fallback: two renames (recover() repairs a kill in between)
+                os.replace(dst, p["orig"])
+                os.replace(partial, dst)
+                if not cfg.keep_backup:
+                    shutil.rmtree(p["orig"])
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, dst)
+        p["journal"].unlink(missing_ok=True)
+        summary["seconds"]["total"] = time.time() - t0
+        (dst / "summary.json").write_text(json.dumps(summary, indent=2))
+        s, g = plan.source, plan.target
+        log(f"prune: {s.pattern} -> {g.pattern}; params {plan.params_before['total']:,} -> "
+            f"{plan.params_after['total']:,} ({plan.params_after['total'] / plan.params_before['total']:.1%}); "
+            f"built {built:,}; written at TP={par.tp} PP={par.pp} to {dst}"
+            + (f" (original kept at {p['orig']})" if dst.exists() and cfg.keep_backup and p['orig'].exists() else "")
+            + f"; verified={bool(verified)}; {summary['seconds']['total']:.1f}s")
+    D.barrier()
+    D.shutdown()
+    return summary

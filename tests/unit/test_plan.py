@@ -1,0 +1,181 @@
+"""plan: targets validation, group-aware keep sets, plan.json, parameter counts, rules."""
+
+import json
+
+import pytest
+import torch
+
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_minitron.importance.io import ImportanceFile
+from megatron_minitron.plan.stage import PlanConfig, run_plan
+from megatron_minitron.plan.targets import (Plan, TargetConfig, assemble_plan, identity_plan,
+                                            make_plan, validate_targets)
+from megatron_minitron.rewrite import rules
+
+SRC = ModelConfig(pattern="M-*-M-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=8,
+                  mamba_head_dim=16, mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16,
+                  num_attention_heads=4, num_query_groups=2, kv_channels=16, vocab_size=512,
+                  seq_length=32)
+HALF = TargetConfig(hidden_size=48, ffn_hidden_size=64, mamba_num_heads=4, mamba_head_dim=8,
+                    num_attention_heads=2, num_layers=4, depth_layer_type="-")
+
+
+def importance(cfg=SRC, seed=0) -> ImportanceFile:
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for i, t in enumerate(cfg.pattern):
+        if t == "M":
+            layers[i] = {"mamba": {k: torch.rand(cfg.mamba_num_heads, cfg.mamba_head_dim, generator=g)
+                                   for k in "xzy"},
+                         "flap": torch.rand(cfg.mamba_d_inner, generator=g)}
+        elif t == "-":
+            layers[i] = {"ffn": torch.rand(cfg.ffn_hidden_size, generator=g)}
+        else:
+            layers[i] = {"attn": torch.rand(cfg.num_attention_heads, generator=g)}
+    return ImportanceFile(model=cfg, layers=layers, hidden=torch.rand(cfg.hidden_size, generator=g),
+                          depth={"kl": torch.rand(cfg.num_layers, generator=g),
+                                 "cosine": torch.rand(cfg.num_layers, generator=g)})
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("order", ["sorted", "ranked"])
+@pytest.mark.parametrize("metric,source", [("l2", "x"), ("l2", "z"), ("l2", "y"), ("flap", "x")])
+def test_keep_sets_respect_group_rule(order, metric, source):
+    imp = importance()
+    p = make_plan(imp, HALF, mamba_source=source, mamba_metric=metric, order=order)
+    per = SRC.mamba_num_heads // SRC.mamba_num_groups
+    for i in p.kept_layers:
+        if SRC.pattern[i] == "M":
+            heads = p.layers[i]["mamba_heads"]
+            k = len(heads) // SRC.mamba_num_groups
+            assert len(heads) == 4 and len(set(heads)) == 4
+            for gi in range(SRC.mamba_num_groups):  # slot block g holds group g only
+                assert all(h // per == gi for h in heads[gi * k:(gi + 1) * k])
+            if order == "sorted":
+                assert heads == sorted(heads)
+            if metric == "l2":  # kept heads are the top-2 of each group on the kept channels
+                a = imp.layers[i]["mamba"][source][:, p.layers[i]["mamba_channels"]].norm(dim=1)
+                for gi in range(SRC.mamba_num_groups):
+                    grp = a[gi * per:(gi + 1) * per]
+                    assert sorted(heads[gi * k:(gi + 1) * k]) == sorted(
+                        (gi * per + grp.topk(k).indices).tolist())
+    assert p.target.pattern.count("-") == 1 and len(p.target.pattern) == 4
+    assert p.target.mamba_num_heads == 4 and p.target.mamba_num_groups == 2
+
+
+def test_plan_json_roundtrip_and_identity(tmp_path):
+    p = make_plan(importance(), HALF)
+    p.save(tmp_path / "plan.json")
+    q = Plan.load(tmp_path / "plan.json")
+    assert q.to_dict() == p.to_dict()
+    ident = identity_plan(SRC)
+    assert ident.target == SRC and ident.params_after == ident.params_before
+
+
+def test_cross_group_heads_refused():
+    layers = identity_plan(SRC).layers
+    layers[0]["mamba_heads"] = [0, 1, 2, 4, 3, 5, 6, 7]  # head 4 (group 1) in group 0's slots
+    with pytest.raises(ConfigError, match="only within their group"):
+        assemble_plan(SRC, list(range(64)), layers)
+    layers[0]["mamba_heads"] = [3, 2, 1, 0, 7, 6, 5, 4]  # within-group permutation: fine
+    assemble_plan(SRC, list(range(64)), layers)
+
+
+def test_plan_param_count_equals_built_model():
+    from megatron_minitron import dist as D
+    from megatron_minitron.model import build_model
+    from megatron_minitron.rewrite.stage import global_param_count
+
+    p = make_plan(importance(), HALF)
+    par = D.init(ParallelConfig())
+    try:
+        for cfg, want in ((p.target, p.params_after["total"]), (p.source, p.params_before["total"])):
+            assert global_param_count(build_model(cfg, par), par) == want
+    finally:
+        D.shutdown()
+    assert p.params_after["total"] < p.params_before["total"]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("target,tp,pp,match", [
+    (TargetConfig(hidden_size=96), 1, 1, r"hidden_size=96 is larger than the source \(64\).*<= 64"),
+    (TargetConfig(ffn_hidden_size=200), 1, 1, r"ffn_hidden_size=200 is larger"),
+    (TargetConfig(mamba_num_heads=16), 1, 1, r"mamba_num_heads=16 is larger"),
+    (TargetConfig(mamba_head_dim=17), 1, 1, r"mamba_head_dim=17 is larger"),
+    (TargetConfig(num_attention_heads=8), 1, 1, r"num_attention_heads=8 is larger"),
+    (TargetConfig(mamba_num_heads=5), 1, 1, r"mamba_num_heads=5 is not divisible by model.mamba_num_groups=2; use e.g. 4 or 6"),
+    (TargetConfig(num_attention_heads=3), 1, 1, r"num_attention_heads=3 is not divisible by model.num_query_groups=2"),
+    (TargetConfig(mamba_num_heads=6), 4, 1, r"mamba_num_heads=6 is not divisible by parallel.tp=4; use e.g. 4 or 8"),
+    (TargetConfig(ffn_hidden_size=90), 4, 1, r"ffn_hidden_size=90 is not divisible by parallel.tp=4; use e.g. 88 or 92"),
+    (TargetConfig(num_layers=5), 1, 2, r"num_layers=5 .* not divisible by parallel.pp=2; use one of \[2, 4, 6\]"),
+    (TargetConfig(drop_layers=[1, 2, 3, 4, 5, 0]), 1, 1, r"drop_layers.*cannot drop all"),
+    (TargetConfig(drop_layers=[9]), 1, 1, r"drop_layers=\[9\].*out of range"),
+    (TargetConfig(drop_layers=[0], depth_layer_type="-"), 1, 1, r"not of type '-'"),
+    (TargetConfig(num_layers=1, depth_layer_type="-"), 1, 1, r"only 3 are of type '-'; use num_layers >= 3"),
+    (TargetConfig(num_layers=4, drop_layers=[1, 3]), 1, 1, r"not both"),
+    (TargetConfig(depth_metric="l1"), 1, 1, r"depth_metric='l1'"),
+])
+def test_validation_errors(target, tp, pp, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_targets(SRC, target, tp, pp)
+
+
+def test_pruned_config_validated_at_layout():
+    # hidden 48 is fine; the pruned model at tp=4 needs mamba heads % 4 and groups % 4
+    with pytest.raises(ConfigError, match="mamba_num_groups=2 is not divisible by parallel.tp=4"):
+        make_plan(importance(), TargetConfig(mamba_num_heads=8, ffn_hidden_size=64), tp=4)
+
+
+def test_missing_scores_named():
+    imp = importance()
+    del imp.layers[0]["flap"]
+    with pytest.raises(ConfigError, match="layer 0 has no 'flap'"):
+        make_plan(imp, HALF, mamba_metric="flap")
+    imp = importance()
+    imp.depth["kl"] = torch.full((6,), float("nan"))
+    with pytest.raises(ConfigError, match="depth scores"):
+        make_plan(imp, HALF)
+
+
+def test_rules_cover_every_checkpoint_key_and_shapes():
+    """Every key of the built pruned model has a rule; rule dims = pruned global shape."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from megatron_minitron import dist as D
+    from megatron_minitron.model import build_model
+
+    p = make_plan(importance(), HALF, order="ranked")
+    par = D.init(ParallelConfig())
+    try:
+        sd = build_model(p.target, par).sharded_state_dict()
+        apply_factories(sd)
+        src_sd = build_model(p.source, par).sharded_state_dict()
+        apply_factories(src_sd)
+    finally:
+        D.shutdown()
+    src_shapes = {st.key: st.global_shape for st in nested_values(src_sd) if isinstance(st, ShardedTensor)}
+    n = 0
+    for st in nested_values(sd):
+        if not isinstance(st, ShardedTensor):
+            continue
+        key, idxs = rules.rule(st.key, p)
+        out = rules.take(torch.empty(src_shapes[key]), idxs)
+        assert tuple(out.shape) == tuple(st.global_shape), st.key
+        n += 1
+    assert n > 30
+    with pytest.raises(rules.RuleError):
+        rules.rule("decoder.layers.0.mixer.mystery", p)
+
+
+def test_run_plan_writes_files(tmp_path):
+    imp = importance()
+    imp.save(tmp_path / "importance.pt")
+    cfg = PlanConfig(importance=str(tmp_path / "importance.pt"), output_dir=str(tmp_path / "plan"),
+                     target=HALF)
+    s = run_plan(cfg)
+    assert (tmp_path / "plan" / "plan.json").is_file()
+    txt = (tmp_path / "plan" / "plan_summary.txt").read_text()
+    assert "mamba_num_heads" in txt and "heads per group" in txt
+    j = json.loads((tmp_path / "plan" / "summary.json").read_text())
+    assert j["params_after"]["total"] == s["params_after"]["total"] < j["params_before"]["total"]
