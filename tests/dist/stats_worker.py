@@ -60,7 +60,9 @@ def main():
     phase, workdir = sys.argv[1], Path(sys.argv[2])
     out = {}
     par = D.init(ParallelConfig(), seed=1234)  # keeps the process group across stage runs
-    if phase == "ref":
+    if phase == "ckpt_only":
+        make_checkpoint(workdir, par, ParallelConfig())
+    elif phase == "ref":
         make_checkpoint(workdir, par, ParallelConfig())
         out["ref"] = stats(workdir, "ref", ParallelConfig())
         # interrupted after 2 of 5 steps, then resumed (a fresh StatsCollector from the file)
