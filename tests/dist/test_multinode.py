@@ -40,14 +40,17 @@ def test_two_node_rendezvous_equals_one_launch(tmp_path, real_data):
                          + _cli(wd, "one"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-4000:]
     port = str(free_port())
+    # logs go to files: a node blocked on a full pipe would stall the other's collectives
+    logs = [open(wd / f"node{r}.log", "w") for r in (0, 1)]
     nodes = [subprocess.Popen(run + ["--nnodes", "2", "--node_rank", str(r), "--nproc_per_node", "1",
                                      "--master_addr", "127.0.0.1", "--master_port", port]
                               + _cli(wd, "two"), cwd=REPO, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=logs[r], stderr=subprocess.STDOUT)
              for r in (0, 1)]
-    outs = [p.communicate(timeout=600) for p in nodes]
-    for p, (o, e) in zip(nodes, outs):
-        assert p.returncode == 0, e[-4000:]
+    for r, p in enumerate(nodes):
+        p.wait(timeout=600)
+        logs[r].close()
+        assert p.returncode == 0, (wd / f"node{r}.log").read_text()[-4000:]
     from megatron_minitron.importance.io import ImportanceFile
 
     a = _flat(ImportanceFile.load(wd / "one" / "importance.pt"))
