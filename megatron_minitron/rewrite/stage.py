@@ -206,7 +206,9 @@ def fill_from_source(model, plan: Plan, src_dir: Path) -> dict:
                                            src_shape, lo, None, replica_id=0)
         jobs.append((st, name, need, lo))
     loaded = mcore.dist_checkpointing.load(requests, str(src_dir))
-    read = sum(t.numel() * t.element_size() for t in loaded.values())
+    # the loader also returns the checkpoint's common (non-tensor) state, e.g. a trained
+    # checkpoint's optimizer / scheduler: count only the tensors we asked for
+    read = sum(loaded[n].numel() * loaded[n].element_size() for n in requests)
     written = 0
     with torch.no_grad():
         for st, name, need, lo in jobs:

@@ -1,0 +1,525 @@
+"""`search` stage: architecture search under a parameter budget (paper sec. 3.5, table 1).
+
+  1. enumerate candidates (search/space.py: analytic counts, divisibility, budget);
+  2. zero-shot score EVERY candidate without writing checkpoints: the teacher's weights are
+     loaded once (TP=1, in memory); per candidate the plan is made in memory
+     (plan.targets.make_plan), the pruned weights are derived with rewrite/rules.py
+     (`rule` + `take`, the full-tensor reference path of the `prune` stage) into a freshly
+     built pruned model, and its LM loss is measured on the fixed validation set;
+  3. the top_k by zero-shot loss each get a plan.json, a pruned checkpoint (`prune`), a short
+     distillation from the teacher (`distill`, short_kd_steps steps), a validation loss on
+     the same fixed set and a forward-throughput measurement on this machine;
+  4. rank by distilled loss; losses within tie_tolerance (relative) of the best of their
+     group are ordered by throughput (the paper picks #1 over #2, equal losses, for speed).
+
+Output (output_dir): candidates.json, table.md / table.json (like the paper's table 1),
+loss_vs_throughput.png, chosen_plan.json (ready for `prune`), summary.json, and
+search_state.json: every finished zero-shot score and short-KD result, so an interrupted
+search re-run with the same config skips finished candidates.
+
+The search runs in ONE process (CPU or one GPU): zero-shot scoring needs the teacher's full
+tensors, and the short KD runs are small. `parallel` is the layout the CHOSEN model must
+run at: every candidate's sizes divide by its tp / pp (search/space.py); the final long KD
+runs there (torchrun + `distill`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, DataConfig, ParallelConfig, TrainConfig
+from ..distill.stage import LossConfig
+from .space import AXES, Candidate, SearchSpace, enumerate_candidates
+
+STATE_FILE = "search_state.json"
+STATE_VERSION = 1
+
+
+def _default_kd() -> TrainConfig:
+    return TrainConfig(steps=20, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4,
+                       warmup_steps=2, log_interval=5, eval_interval=1000, eval_iters=4,
+                       save_interval=1000)
+
+
+@dataclass
+class SearchConfig:
+    teacher: str = "runs/default/teacher"  # teacher checkpoint (run dir or iteration dir)
+    importance: str = "runs/default/stats/importance.pt"  # `stats` output for that teacher
+    output_dir: str = "runs/default/search"
+    space: SearchSpace = field(default_factory=SearchSpace)
+    budget: int = 2_065_000  # target parameter count (analytic, model.count_parameters)
+    tolerance: float = 0.05  # candidates within budget * (1 +- tolerance)
+    depth_metric: str = "kl"  # kl | cosine: which depth scores decide the layers dropped
+    mamba_source: str = "x"  # as the plan stage
+    mamba_metric: str = "l2"  # l2 | flap
+    max_candidates: int = 0  # zero-shot score only the N closest to the budget; 0 = all
+    top_k: int = 3  # candidates that get the short KD (paper: 22)
+    short_kd_steps: int = 20  # steps of each short KD (tokens = steps x batch x seq)
+    tie_tolerance: float = 0.005  # relative loss difference treated as a tie -> throughput
+    data: DataConfig = field(default_factory=DataConfig)
+    seq_length: int = 0  # evaluation / KD sequence length; 0 = the teacher's
+    eval_iters: int = 4  # fixed validation set: eval_iters x micro_batch_size sequences
+    micro_batch_size: int = 8
+    throughput_iters: int = 4
+    kd: TrainConfig = field(default_factory=_default_kd)  # short-KD recipe (steps = short_kd_steps)
+    kd_loss: LossConfig = field(default_factory=LossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the CHOSEN model's layout
+    keep_checkpoints: bool = True  # keep each top-k candidate's pruned / distilled checkpoints
+    resume: bool = True  # reuse search_state.json results of the same config
+    stop_after: int = 0  # stop after N candidate results (zero-shot or KD) in this run; 0 = all
+
+    def kd_train(self) -> TrainConfig:
+        return dataclasses.replace(self.kd, steps=self.short_kd_steps,
+                                   eval_interval=max(self.short_kd_steps, 1),
+                                   save_interval=max(self.short_kd_steps, 1),
+                                   eval_iters=self.eval_iters)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: SearchConfig):
+    """Every user error, before any model is built. Returns (teacher cfg, importance file,
+    candidates, enumeration info, drop order)."""
+    from ..importance.io import ImportanceFile
+    from ..plan import keep as K
+    from ..train import checkpoint as ckpt
+    from ..train.pretrain import check_data
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("search runs in one process (launch it with python, not torchrun); "
+                          "parallel.tp / parallel.pp only constrain the candidates' sizes")
+    cfg.parallel.validate()
+    cfg.data.validate()
+    if not cfg.output_dir:
+        raise ConfigError("output_dir is empty; give a directory for the search results")
+    for key in ("top_k", "short_kd_steps", "eval_iters", "micro_batch_size", "throughput_iters"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")
+    for key in ("max_candidates", "stop_after", "seq_length"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
+    if not 0 <= cfg.tie_tolerance < 1:
+        raise ConfigError(f"tie_tolerance={cfg.tie_tolerance} must be in [0, 1) (relative loss difference)")
+    if cfg.depth_metric not in ("kl", "cosine"):
+        raise ConfigError(f"depth_metric={cfg.depth_metric!r}: use kl or cosine")
+    if cfg.budget <= 0:
+        raise ConfigError(f"budget={cfg.budget} must be > 0 (a parameter count, e.g. 2065000)")
+    if not 0 <= cfg.tolerance < 1:
+        raise ConfigError(f"tolerance={cfg.tolerance} must be in [0, 1) (relative to the budget)")
+    if cfg.kd.warmup_steps >= cfg.short_kd_steps:
+        raise ConfigError(f"kd.warmup_steps={cfg.kd.warmup_steps} must be < short_kd_steps="
+                          f"{cfg.short_kd_steps}; lower kd.warmup_steps")
+    cfg.kd_train().validate(1, prefix="kd")
+    cfg.kd_loss.validate("kd_loss")
+
+    if ckpt.resolve(cfg.teacher) is None:
+        raise ConfigError(f"teacher={cfg.teacher!r}: no checkpoint there; pretrain or import a teacher "
+                          "first (e.g. `pretrain -c configs/pretrain_default.yaml`)")
+    t_cfg = ckpt.read_model_config(cfg.teacher)
+    imp = ImportanceFile.load(cfg.importance)  # ConfigError if missing / not ours
+    if imp.model.to_dict() != t_cfg.to_dict():
+        diff = {k: (v, imp.model.to_dict().get(k)) for k, v in t_cfg.to_dict().items()
+                if imp.model.to_dict().get(k) != v}
+        raise ConfigError(f"importance={cfg.importance!r} was collected on another model than "
+                          f"teacher={cfg.teacher!r}: (teacher, importance) differ in {diff}; run `stats` "
+                          "on this teacher")
+    check_data(cfg.data, t_cfg)
+    it_imp, it_t = imp.meta.get("checkpoint_iteration"), ckpt.read_meta(cfg.teacher).get("iteration")
+    if it_imp is not None and it_t is not None and it_imp != it_t:  # same architecture, other weights
+        print(f"[search] warning: importance={cfg.importance!r} was collected at iteration {it_imp} but "
+              f"teacher={cfg.teacher!r} is at iteration {it_t}; re-run `stats` on this checkpoint "
+              "for keep sets that match its weights", flush=True)
+
+    # depth ranking: every layer, lowest importance first (paper sec. 3.4)
+    types = K.pattern_layers(t_cfg.pattern)
+    sc = imp.depth.get(cfg.depth_metric) if isinstance(imp.depth, dict) else None
+    needs_depth = any(v < len(types) for v in cfg.space.values("num_layers", len(types)))
+    if sc is not None and not torch.isnan(torch.as_tensor(sc, dtype=torch.float64)).any():
+        drop_order = K.layers_to_drop(sc, t_cfg.pattern, len(types) - 1)
+        drop_order += [i for i in range(len(types)) if i not in drop_order]
+    elif needs_depth:
+        raise ConfigError(f"the importance file has no complete depth scores for depth_metric="
+                          f"{cfg.depth_metric!r}, but space.num_layers asks for fewer layers; re-run "
+                          "`stats` with depth scoring, use the other metric, or search width only")
+    else:
+        drop_order = list(range(len(types)))  # unused: no candidate drops a layer
+    cands, info = enumerate_candidates(t_cfg, cfg.space, cfg.budget, cfg.tolerance, drop_order,
+                                       tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    if not cands:
+        rej = ", ".join(f"{n} {why}" for why, n in info["rejected"].items() if n) or "none"
+        lo, hi = int(cfg.budget * (1 - cfg.tolerance)), int(cfg.budget * (1 + cfg.tolerance))
+        raise ConfigError(
+            f"no candidate architecture: all {info['combinations']} combinations of the search space "
+            f"were rejected ({rej}); the budget window is [{lo:,}, {hi:,}] parameters (budget={cfg.budget:,}, "
+            f"tolerance={cfg.tolerance}). Widen `tolerance`, change `budget`, or widen the space "
+            f"(space.* axes; grid {info['grid']})")
+    if cfg.max_candidates:
+        cands = cands[:cfg.max_candidates]
+    return t_cfg, imp, cands, info, drop_order
+
+
+def _fingerprint(cfg: SearchConfig, teacher_it: Path) -> str:
+    """What ONE candidate's results depend on. The candidate name fixes its sizes, so the
+    space, budget, tolerance, max_candidates, top_k and tie_tolerance are left out: widening
+    a search or raising top_k reuses every finished result."""
+    d = dataclasses.asdict(cfg)
+    for k in ("output_dir", "resume", "stop_after", "keep_checkpoints", "throughput_iters", "space",
+              "budget", "tolerance", "max_candidates", "top_k", "tie_tolerance"):
+        d.pop(k)
+    d["teacher"] = str(Path(teacher_it).resolve())
+    d["importance_mtime"] = os.path.getmtime(cfg.importance)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class State:
+    """search_state.json: finished zero-shot and KD results, written atomically after each."""
+
+    def __init__(self, path: Path, fingerprint: str, resume: bool):
+        self.path = path
+        self.data = {"version": STATE_VERSION, "fingerprint": fingerprint, "zero_shot": {}, "kd": {}}
+        if path.is_file() and resume:
+            old = json.loads(path.read_text())
+            if old.get("fingerprint") != fingerprint or old.get("version") != STATE_VERSION:
+                raise ConfigError(
+                    f"{path} holds a search with a different configuration (teacher, importance, data, "
+                    "evaluation or KD settings changed); use another output_dir, or resume=false to "
+                    "start over")
+            self.data = old
+        self.resumed = {"zero_shot": len(self.data["zero_shot"]), "kd": len(self.data["kd"])}
+
+    def put(self, section: str, name: str, rec: dict) -> None:
+        self.data[section][name] = dict(rec, id=uuid.uuid4().hex, finished_at=time.time())
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+class _Stop(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+
+def _sharded_tensors(model) -> list:
+    """The model's ShardedTensors with the Mamba in_proj / conv1d factories expanded into the
+    per-part keys (in_proj.weight.{z,x,B,C,dt}, ...); each is a view of its parameter."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    out = []
+    for st in nested_values(sd):
+        if not isinstance(st, ShardedTensor):
+            continue  # _extra_state objects
+        if st.prepend_axis_num or st.flattened_range is not None or \
+                tuple(st.local_shape) != tuple(st.global_shape):
+            raise NotImplementedError(f"{st.key}: expected a full tensor (TP=1, PP=1)")
+        out.append(st)
+    return out
+
+
+@torch.no_grad()
+def fill_pruned(model, plan, source: dict[str, torch.Tensor]) -> int:
+    """Fill a pruned model (TP=1) from the teacher's full tensors `source` (checkpoint key ->
+    tensor) by the prune rules. Returns the number of tensors filled."""
+    from ..rewrite import rules
+
+    n = 0
+    for st in _sharded_tensors(model):
+        src_key, idxs = rules.rule(st.key, plan)
+        st.data.copy_(rules.take(source[src_key], idxs).to(st.data.dtype))
+        n += 1
+    return n
+
+
+def _plan_for(imp, c: Candidate, cfg: SearchConfig, teacher_layers: int):
+    from ..plan.targets import TargetConfig, make_plan
+
+    t = TargetConfig(hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size,
+                     mamba_num_heads=c.mamba_num_heads, mamba_head_dim=c.mamba_head_dim,
+                     num_layers=c.num_layers if c.num_layers < teacher_layers else 0,
+                     depth_metric=cfg.depth_metric)
+    plan = make_plan(imp, t, mamba_source=cfg.mamba_source, mamba_metric=cfg.mamba_metric,
+                     tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    if plan.target.pattern != c.pattern or plan.params_after["total"] != c.params:
+        raise RuntimeError(f"{c.name}: the plan ({plan.target.pattern}, {plan.params_after['total']:,}) "
+                           f"disagrees with the enumerated candidate ({c.pattern}, {c.params:,})")
+    return plan
+
+
+def _eval(model, ds, cfg: SearchConfig, par, seq: int) -> float:
+    from ..train.engine import evaluate, lm_forward_step
+    from ..train.pretrain import valid_batches
+
+    return evaluate(model, valid_batches(ds, cfg.micro_batch_size, cfg.eval_iters, par),
+                    lm_forward_step, cfg.eval_iters, par, seq, cfg.micro_batch_size)
+
+
+def _progress(total: int, done: int, desc: str):
+    from ..train.engine import Progress
+
+    return Progress(total, done, True, desc)
+
+
+# ----------------------------------------------------------------------------- ranking
+
+
+def rank(results: list[dict], tie_tolerance: float) -> list[dict]:
+    """Sort by distilled loss; a run of candidates within tie_tolerance (relative) of the best
+    remaining one is ordered by throughput, higher first (paper: #1 over #2 for speed)."""
+    rest = sorted(results, key=lambda r: (r["distilled_loss"], -r["tokens_per_s"], r["name"]))
+    out = []
+    while rest:
+        best = rest[0]["distilled_loss"]
+        tie = [r for r in rest if r["distilled_loss"] <= best + tie_tolerance * abs(best)]
+        tie.sort(key=lambda r: (-r["tokens_per_s"], r["distilled_loss"], r["name"]))
+        out += tie
+        rest = [r for r in rest if r not in tie]
+    return [dict(r, rank=i + 1) for i, r in enumerate(out)]
+
+
+COLUMNS = [("rank", "#"), ("num_layers", "layers"), ("hidden_size", "hidden"), ("ffn_hidden_size", "FFN"),
+           ("mamba_num_heads", "Mamba heads"), ("mamba_head_dim", "head dim"), ("params", "params"),
+           ("zero_shot_loss", "zero-shot loss"), ("distilled_loss", "distilled loss"),
+           ("tokens_per_s", "tokens/s")]
+
+
+def table_markdown(rows: list[dict], teacher: dict | None = None) -> str:
+    def fmt(k, v):
+        if v is None:
+            return "-"
+        if k in ("zero_shot_loss", "distilled_loss"):
+            return f"{v:.4f}"
+        if k == "params":
+            return f"{v / 1e6:.3f}M" if v < 1e9 else f"{v / 1e9:.2f}B"
+        if k == "tokens_per_s":
+            return f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
+             "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    for r in ([teacher] if teacher else []) + rows:
+        lines.append("| " + " | ".join(fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], teacher: dict | None, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["tokens_per_s"] for r in rows], [r["distilled_loss"] for r in rows], c="C0",
+               label="candidates after short KD")
+    for r in rows:
+        ax.annotate(f"#{r['rank']} {r['name']}", (r["tokens_per_s"], r["distilled_loss"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if teacher and teacher.get("tokens_per_s"):
+        ax.scatter([teacher["tokens_per_s"]], [teacher["zero_shot_loss"]], c="C3", marker="*", s=120,
+                   label="teacher")
+    ax.set_xlabel("forward throughput (tokens/s, this machine)")
+    ax.set_ylabel("validation LM loss")
+    ax.set_title("search: loss vs throughput")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_search(cfg: SearchConfig) -> dict:
+    from .. import dist as D
+    from ..distill.stage import DistillConfig, run_distill
+    from ..model import build_model
+    from ..report.stage import forward_throughput
+    from ..rewrite.stage import PruneConfig, run_prune
+    from ..train import checkpoint as ckpt
+    from ..train.pretrain import datasets
+
+    t_start = time.time()
+    t_cfg, imp, cands, info, drop_order = validate(cfg)
+    teacher_it = ckpt.require(cfg.teacher)
+    seq = cfg.seq_length or t_cfg.seq_length
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = State(out / STATE_FILE, _fingerprint(cfg, teacher_it), cfg.resume)
+    n_layers = t_cfg.num_layers
+    print(f"[search] {len(cands)} candidates within {cfg.budget:,} +- {cfg.tolerance:.0%} parameters "
+          f"(of {info['combinations']} combinations; rejected {info['rejected']}); teacher "
+          f"{t_cfg.pattern} {_params(t_cfg):,} params; depth order ({cfg.depth_metric}) {drop_order}"
+          + (f"; resuming: {state.resumed['zero_shot']} zero-shot and {state.resumed['kd']} KD results "
+             "already done" if any(state.resumed.values()) else ""), flush=True)
+    budget_left = [cfg.stop_after or math.inf]
+
+    def finished_one() -> None:
+        budget_left[0] -= 1
+        if budget_left[0] <= 0:
+            raise _Stop()
+
+    stopped = False
+    try:
+        # ---- 1. zero-shot scores (one process, teacher loaded once)
+        todo = [c for c in cands if c.name not in state.data["zero_shot"]] + \
+            ([None] if "__teacher__" not in state.data["zero_shot"] else [])
+        if todo:
+            par = D.init(ParallelConfig(tp=1, pp=1), seed=cfg.kd.seed)
+            try:
+                _, valid_ds, _ = datasets(cfg.data, seq, 1, cfg.eval_iters * cfg.micro_batch_size)
+                teacher = build_model(dataclasses.replace(t_cfg, seq_length=seq), par)
+                ckpt.load_model_weights(teacher_it, teacher)
+                source = {st.key: st.data.detach().clone() for st in _sharded_tensors(teacher)}
+                if None in todo:  # the teacher's own loss: the reference row of the table
+                    state.put("zero_shot", "__teacher__", {
+                        "name": "teacher", "params": _params(t_cfg), "zero_shot_loss": _eval(teacher, valid_ds, cfg, par, seq),
+                        "distilled_loss": None,
+                        "tokens_per_s": max(forward_throughput(teacher_it, par, cfg.micro_batch_size,
+                                                               cfg.throughput_iters) for _ in range(2)),
+                        **{a: (n_layers if a == "num_layers" else getattr(t_cfg, a)) for a in AXES}})
+                del teacher
+                todo = [c for c in todo if c is not None]
+                prog = _progress(len(cands), len(cands) - len(todo), "search zero-shot")
+                for c in todo:
+                    t0 = time.time()
+                    plan = _plan_for(imp, c, cfg, n_layers)
+                    model = build_model(dataclasses.replace(plan.target, seq_length=seq), par)
+                    fill_pruned(model, plan, source)
+                    loss = _eval(model, valid_ds, cfg, par, seq)
+                    del model
+                    state.put("zero_shot", c.name, dict(c.to_dict(), zero_shot_loss=loss,
+                                                          seconds=time.time() - t0))
+                    prog.update(0, {"cand": c.name, "loss": loss})
+                    prog.write(f"[search] zero-shot {c.name}: {c.params:,} params, loss {loss:.4f}")
+                    finished_one()
+                prog.close()
+            finally:
+                D.shutdown()
+        zs = [state.data["zero_shot"][c.name] for c in cands]
+        zs.sort(key=lambda r: (r["zero_shot_loss"], r["name"]))
+        top = zs[:cfg.top_k]
+
+        # ---- 2. short KD of the top_k, evaluation on the same set, throughput
+        prog = _progress(len(top), sum(r["name"] in state.data["kd"] for r in top), "search short KD")
+        for r in top:
+            name = r["name"]
+            if name in state.data["kd"]:
+                continue
+            t0 = time.time()
+            c = next(c for c in cands if c.name == name)
+            cdir = out / "candidates" / name
+            # leftovers of an interrupted KD resume only if they belong to this configuration
+            marker = cdir / "fingerprint.txt"
+            if cdir.exists() and (not cfg.resume or not marker.is_file()
+                                  or marker.read_text() != state.data["fingerprint"]):
+                shutil.rmtree(cdir)
+            cdir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(state.data["fingerprint"])
+            plan = _plan_for(imp, c, cfg, n_layers)
+            plan.save(cdir / "plan.json")
+            run_prune(PruneConfig(checkpoint=str(teacher_it), plan=str(cdir / "plan.json"),
+                                  output=str(cdir / "pruned"), keep_backup=False, overwrite=True,
+                                  verify=True))
+            kd = run_distill(DistillConfig(
+                student=str(cdir / "pruned"), teacher=str(teacher_it), output_dir=str(cdir / "distilled"),
+                seq_length=seq, loss=cfg.kd_loss, data=cfg.data, train=cfg.kd_train(), resume=True))
+            par = D.init(ParallelConfig(tp=1, pp=1), seed=cfg.kd.seed)
+            try:
+                _, valid_ds, _ = datasets(cfg.data, seq, 1, cfg.eval_iters * cfg.micro_batch_size)
+                model = build_model(dataclasses.replace(plan.target, seq_length=seq), par)
+                ckpt.load_model_weights(cdir / "distilled", model)
+                loss = _eval(model, valid_ds, cfg, par, seq)
+                del model
+                # best of two timings: less sensitive to other work on a shared machine
+                tps = max(forward_throughput(cdir / "distilled", par, cfg.micro_batch_size, cfg.throughput_iters)
+                          for _ in range(2))
+            finally:
+                D.shutdown()
+            if not cfg.keep_checkpoints:  # plan.json and the KD summary stay
+                shutil.rmtree(cdir / "pruned", ignore_errors=True)
+                shutil.rmtree(cdir / "distilled" / "checkpoints", ignore_errors=True)
+            state.put("kd", name, {"distilled_loss": loss, "tokens_per_s": tps,
+                                   "kd_train_loss_last": kd["history"][-1]["loss"] if kd.get("history") else None,
+                                   "kd_steps": cfg.short_kd_steps,
+                                   "kd_tokens": cfg.short_kd_steps * cfg.kd.global_batch_size * seq,
+                                   "plan": str(cdir / "plan.json"), "seconds": time.time() - t0})
+            prog.update(0, {"cand": name, "loss": loss})
+            prog.write(f"[search] short KD {name}: distilled loss {loss:.4f} (zero-shot "
+                       f"{r['zero_shot_loss']:.4f}), {tps:,.0f} tokens/s")
+            finished_one()
+        prog.close()
+    except _Stop:
+        stopped = True
+
+    # ---- 3. outputs (also after a stop: what is finished so far)
+    zs_all = sorted((v for k, v in state.data["zero_shot"].items() if k != "__teacher__"),
+                    key=lambda r: (r["zero_shot_loss"], r["name"]))
+    (out / "candidates.json").write_text(json.dumps({
+        "budget": cfg.budget, "tolerance": cfg.tolerance, "enumerated": len(cands),
+        "combinations": info["combinations"], "rejected": info["rejected"], "grid": info["grid"],
+        "drop_order": drop_order, "candidates": zs_all}, indent=1))
+    if stopped:
+        summary = {"stage": "search", "stopped": True, "zero_shot_done": len(zs_all),
+                   "kd_done": len(state.data["kd"]), "output_dir": str(out)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[search] stopped after stop_after={cfg.stop_after} results; re-run the same command "
+              "to continue", flush=True)
+        return summary
+    kd_rows = [dict(r, **state.data["kd"][r["name"]]) for r in top]
+    rows = rank(kd_rows, cfg.tie_tolerance)
+    teacher_row = dict(state.data["zero_shot"]["__teacher__"], rank="teacher")
+    tcols = [k for k, _ in COLUMNS]
+    table = {"columns": tcols, "teacher": {k: teacher_row.get(k) for k in tcols},
+             "rows": [{**{k: r.get(k) for k in tcols}, "name": r["name"], "pattern": r["pattern"]} for r in rows]}
+    (out / "table.json").write_text(json.dumps(table, indent=1))
+    md = table_markdown(rows, teacher_row)
+    (out / "table.md").write_text(
+        f"# Architecture search (paper table 1)\n\nBudget {cfg.budget:,} +- {cfg.tolerance:.0%} parameters; "
+        f"{len(cands)} candidates scored zero-shot; top {len(top)} after {cfg.short_kd_steps} KD steps; "
+        f"ties within {cfg.tie_tolerance:.1%} broken by throughput.\n\n" + md)
+    plot = _plot(rows, teacher_row, out / "loss_vs_throughput.png")
+    chosen = rows[0]
+    shutil.copyfile(chosen["plan"], out / "chosen_plan.json")
+    summary = {
+        "stage": "search", "stopped": False, "teacher": str(teacher_it), "importance": cfg.importance,
+        "budget": cfg.budget, "tolerance": cfg.tolerance, "candidates": len(cands),
+        "combinations": info["combinations"], "rejected": info["rejected"], "top_k": len(top),
+        "short_kd_steps": cfg.short_kd_steps, "chosen": {k: chosen[k] for k in
+                                                          ["name", "pattern", "params", *AXES,
+                                                           "zero_shot_loss", "distilled_loss", "tokens_per_s"]},
+        "chosen_plan": str(out / "chosen_plan.json"), "table": rows, "teacher_row": teacher_row,
+        "plot": plot, "resumed": state.resumed, "elapsed_seconds": time.time() - t_start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n" + md, flush=True)
+    print(f"[search] chosen #1 {chosen['name']} ({chosen['params']:,} params, distilled loss "
+          f"{chosen['distilled_loss']:.4f}); plan for `prune`: {out / 'chosen_plan.json'}; "
+          f"{summary['elapsed_seconds']:.0f}s", flush=True)
+    return summary
+
+
+def _params(cfg) -> int:
+    from ..model import count_parameters
+
+    return count_parameters(cfg)["total"]

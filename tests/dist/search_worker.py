@@ -1,0 +1,87 @@
+"""Worker for tests/dist/test_search_dist.py: the `search` stage end to end in ONE process
+(the search is single-process by design), on a tiny teacher trained a few steps and its
+real `stats` importance file.
+
+  1. teacher: 4 real training steps, saved as a checkpoint; `stats` on it;
+  2. `full`: an uninterrupted search (3 candidates, top_k 2, 2 KD steps each);
+  3. `res`: the same search stopped after 4 results (3 zero-shot + 1 KD), the state file
+     snapshotted, then re-run with the same config (resume);
+  4. `prune` of full/chosen_plan.json from the teacher (the plan is ready for `prune`).
+
+Writes <workdir>/result.json; each search writes its own output_dir.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from megatron_minitron import dist as D
+from megatron_minitron.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_minitron.distill.stage import LossConfig
+from megatron_minitron.importance.stage import StatsConfig, run_stats
+from megatron_minitron.rewrite.stage import PruneConfig, run_prune
+from megatron_minitron.search.space import SearchSpace
+from megatron_minitron.search.stage import STATE_FILE, SearchConfig, run_search
+from megatron_minitron.train.engine import MicroBatches, build_trainable, lm_forward_step, save_trainable, train_step
+from megatron_minitron.train.pretrain import datasets
+
+TEACHER = ModelConfig(
+    pattern="M-*-M-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=4,
+    mamba_head_dim=16, mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16,
+    num_attention_heads=4, num_query_groups=2, kv_channels=16, vocab_size=4096, seq_length=64,
+)
+SPACE = SearchSpace(num_layers=[5, 6], hidden_size=[48, 64], ffn_hidden_size=[64, 128],
+                    mamba_num_heads=[2, 4], mamba_head_dim=[8, 16])
+BUDGET, TOL = 440_000, 0.03
+
+
+def data_cfg(work: Path) -> DataConfig:
+    info = json.loads((work / "data.json").read_text())
+    return DataConfig(prefix=info["prefix"], tokenizer=info["tokenizer"], split="90,10,0")
+
+
+def make_teacher(work: Path) -> None:
+    pc = ParallelConfig()
+    par = D.init(pc, seed=3)
+    train = TrainConfig(steps=10, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
+                        warmup_steps=1)
+    t = build_trainable(TEACHER, par, train, pc)
+    ds, _, _ = datasets(data_cfg(work), TEACHER.seq_length, 40, 4)
+    data = MicroBatches(ds, 2, 4, par.dp, par.dp_rank)
+    for _ in range(4):
+        train_step(t, data, lm_forward_step, 2, TEACHER.seq_length, 2)
+    save_trainable(t, work / "teacher")
+    D.shutdown()
+    run_stats(StatsConfig(checkpoint=str(work / "teacher"), output_dir=str(work / "stats"),
+                          data=data_cfg(work), samples=8, micro_batch_size=2, depth_samples=4,
+                          save_interval=0))
+
+
+def search_cfg(work: Path, name: str, **kw) -> SearchConfig:
+    base = dict(teacher=str(work / "teacher"), importance=str(work / "stats" / "importance.pt"),
+                output_dir=str(work / name), space=SPACE, budget=BUDGET, tolerance=TOL,
+                max_candidates=3, top_k=2, short_kd_steps=2, tie_tolerance=0.0,
+                data=data_cfg(work), eval_iters=2, micro_batch_size=2, throughput_iters=1,
+                kd=TrainConfig(steps=2, global_batch_size=2, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
+                               warmup_steps=1, log_interval=1),
+                kd_loss=LossConfig(chunk_size=48))
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def main():
+    work = Path(sys.argv[1])
+    make_teacher(work)
+    res = {"full": run_search(search_cfg(work, "full"))}
+    res["stopped"] = run_search(search_cfg(work, "res", stop_after=4))
+    res["state_after_stop"] = json.loads((work / "res" / STATE_FILE).read_text())
+    res["resumed"] = run_search(search_cfg(work, "res"))
+    res["state_after_resume"] = json.loads((work / "res" / STATE_FILE).read_text())
+    res["prune_chosen"] = run_prune(PruneConfig(checkpoint=str(work / "teacher"),
+                                                plan=str(work / "full" / "chosen_plan.json"),
+                                                output=str(work / "chosen_pruned")))
+    (work / "result.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
