@@ -231,7 +231,8 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
             f"{cfg.data.prefix} (split {cfg.data.split!r}); use samples <= {have}, a shorter "
             "seq_length, or a larger corpus")
     model = build_model(model_cfg, par)
-    meta_ckpt = ckpt.load_model_weights(cfg.checkpoint, model)
+    ckpt_dir = ckpt.require(cfg.checkpoint)  # the iteration folder actually loaded
+    meta_ckpt = ckpt.load_model_weights(ckpt_dir, model)
     model.eval()
 
     offset = _layer_offset(model_cfg, par.pp, par.pp_rank)
@@ -306,7 +307,7 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
         meta = {
             "samples": done, "seq_length": seq,
             "depth_samples": cfg.depth_samples if want_kl else 0,
-            "sources": sources, "checkpoint": str(ckpt.require(cfg.checkpoint)),
+            "sources": sources, "checkpoint": str(ckpt_dir),
             "checkpoint_iteration": meta_ckpt.get("iteration"),
             "megatron_core": mcore.MCORE_VERSION,
             "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
