@@ -35,7 +35,7 @@ def test_readme_dry_runs_match_launchers():
 
 
 def test_every_stage_has_an_sbatch_file_that_dry_runs():
-    for stage in ("pretrain", "stats", "prune", "distill", "eval", "search"):
+    for stage in ("pretrain", "stats", "prune", "distill", "eval"):
         f = REPO / "slurm" / f"{stage}.sbatch"
         assert "#SBATCH --gpus-per-node=8" in f.read_text()
         env = dict(_clean_env(), DRY_RUN="1", SLURM_NNODES="4", SLURM_JOB_ID="7")
