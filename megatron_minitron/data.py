@@ -299,7 +299,7 @@ def write_indexed_dataset(
     {documents, tokens, dtype, unigram_entropy (nats/token over the written stream, EODs
     included), max_document_tokens, mean_document_tokens}.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from .compat.mcore import DType, IndexedDatasetBuilder
 
     docs = split_documents(read_corpus(corpus), doc_sep)
     if not docs:
@@ -332,7 +332,7 @@ def write_indexed_dataset(
 
 def read_indexed_dataset(prefix: Union[str, Path], mmap: bool = True):
     """megatron's `IndexedDataset` for `prefix` (item i is document i's tokens, EOD last)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from .compat.mcore import IndexedDataset
 
     if not IndexedDataset.exists(str(prefix)):
         raise DataError(f"no indexed dataset at {prefix}.bin/.idx; run the prepare-data stage first")
@@ -377,10 +377,7 @@ def build_gpt_datasets(
       is called on every rank, then the other ranks build (they load rank 0's cache).
     """
     import torch
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from .compat.mcore import BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig
 
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer(tokenizer)

@@ -13,7 +13,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def activation_fn(name: str):
-    from megatron.core.activations import squared_relu
+    from .compat.mcore import squared_relu
 
     return {
         "squared_relu": squared_relu,

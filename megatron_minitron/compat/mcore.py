@@ -56,6 +56,19 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from megatron.core.activations import squared_relu  # noqa: F401
+from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: F401
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: F401
+from megatron.core.datasets.indexed_dataset import (  # noqa: F401
+    DType,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+)
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 HAVE_MAMBA_SSM = bool(getattr(mamba_mixer_module, "HAVE_MAMBA_SSM", False))
 STACK_MODULE = _stack_module
@@ -141,3 +154,12 @@ def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int) -> ModuleSpec:
             mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer
         ),
     )
+
+
+def sharded_tensors(model) -> list:
+    """The model's ShardedTensors, with factories expanded (Mamba in_proj -> the stored
+    `in_proj.weight.{z,x,B,C,dt}` parts, conv1d -> `{x,B,C}`); each is a view of its
+    parameter. ShardedObjects (`_extra_state`) are left out."""
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    return [st for st in nested_values(sd) if isinstance(st, ShardedTensor)]

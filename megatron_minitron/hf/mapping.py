@@ -118,7 +118,7 @@ def model_config_from_hf(hf: dict, params_dtype: str = "fp32",
         refuse("time_step_min", tmin,
                "transformers clamps dt=softplus(dt+dt_bias) from below at time_step_min, "
                "megatron-core's Mamba mixer never clamps, so the two differ wherever dt < "
-               f"time_step_min. Models trained with megatron (Nemotron-H) never saw the clamp: "
+               "time_step_min. Models trained with megatron (Nemotron-H) never saw the clamp: "
                "set ignore_time_step_min=true to import anyway (our model then computes the "
                "unclamped, megatron-trained function)")
     hd = g("head_dim") or (g("hidden_size") // g("num_attention_heads"))

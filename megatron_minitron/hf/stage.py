@@ -336,7 +336,7 @@ class CheckpointReader:
         self.meta = self.dc.load_tensors_metadata(str(it))
 
     def load(self, keys: list[str]) -> dict:
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from ..compat.mcore import ShardedTensor
 
         missing = [k for k in keys if k not in self.meta]
         if missing:

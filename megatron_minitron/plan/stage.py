@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, ParallelConfig
+from ..config import ParallelConfig
 from .targets import TargetConfig, make_plan, summary_lines
 
 

@@ -5,7 +5,6 @@ count, validation loss / perplexity, forward throughput; plus plots. Markdown + 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

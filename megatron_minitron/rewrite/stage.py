@@ -174,18 +174,12 @@ def forward_logits(model, par, tokens: torch.Tensor) -> torch.Tensor | None:
 def fill_from_source(model, plan: Plan, src_dir: Path) -> dict:
     """Fill every parameter shard of `model` (the pruned model) from the source checkpoint
     (collective). Returns byte counts: what was read (bounding boxes) and written."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
     from ..compat import mcore
 
-    sd = model.sharded_state_dict()
-    apply_factories(sd)  # in_proj / conv1d factories -> per-part ShardedTensors (views)
     meta = mcore.dist_checkpointing.load_tensors_metadata(str(src_dir))
     requests, jobs, boxes = {}, [], {}
-    for st in nested_values(sd):
-        if not isinstance(st, ShardedTensor):
-            continue  # ShardedObjects (_extra_state) are re-created by the pruned model
+    # per-part views (in_proj z/x/B/C/dt, ...); _extra_state is re-created by the pruned model
+    for st in mcore.sharded_tensors(model):
         if st.prepend_axis_num or st.flattened_range is not None:
             raise NotImplementedError(f"{st.key}: prepended axes / flattened shards are not supported")
         src_key, idxs = rules.rule(st.key, plan)
@@ -202,7 +196,7 @@ def fill_from_source(model, plan: Plan, src_dir: Path) -> dict:
             name = f"r{len(requests)}"
             boxes[(src_key, lo, box)] = name
             dtype = meta[src_key].dtype
-            requests[name] = ShardedTensor(src_key, torch.empty(box, dtype=dtype), dtype, box,
+            requests[name] = mcore.ShardedTensor(src_key, torch.empty(box, dtype=dtype), dtype, box,
                                            src_shape, lo, None, replica_id=0)
         jobs.append((st, name, need, lo))
     loaded = mcore.dist_checkpointing.load(requests, str(src_dir))

@@ -219,15 +219,10 @@ class _Stop(Exception):
 def _sharded_tensors(model) -> list:
     """The model's ShardedTensors with the Mamba in_proj / conv1d factories expanded into the
     per-part keys (in_proj.weight.{z,x,B,C,dt}, ...); each is a view of its parameter."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from ..compat import mcore
 
-    sd = model.sharded_state_dict()
-    apply_factories(sd)
     out = []
-    for st in nested_values(sd):
-        if not isinstance(st, ShardedTensor):
-            continue  # _extra_state objects
+    for st in mcore.sharded_tensors(model):
         if st.prepend_axis_num or st.flattened_range is not None or \
                 tuple(st.local_shape) != tuple(st.global_shape):
             raise NotImplementedError(f"{st.key}: expected a full tensor (TP=1, PP=1)")

@@ -8,7 +8,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 
 from .. import dist as D
 from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, dump_json  # noqa: F401

@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 from megatron_minitron import dist as D
 from megatron_minitron.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig

@@ -1,6 +1,5 @@
 """Recipes, overrides and validation: errors name the key and the fix, before any model."""
 
-import textwrap
 
 import pytest
 

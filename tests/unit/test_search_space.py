@@ -6,7 +6,7 @@ import pytest
 
 from megatron_minitron.config import ConfigError, ModelConfig
 from megatron_minitron.model import count_parameters
-from megatron_minitron.search.space import (Candidate, SearchSpace, drop_pattern,
+from megatron_minitron.search.space import (SearchSpace, drop_pattern,
                                             enumerate_candidates, parse_axis)
 
 TEACHER = ModelConfig(pattern="M-M*-M-", hidden_size=64, ffn_hidden_size=192,
