@@ -50,17 +50,7 @@ def main() -> None:
     model = build_model(cfg, par)
     src = ckpt.save(wd / "src", 0, cfg, {"model": model.sharded_state_dict()}, {"kind": "bench"})
     del model
-    g = torch.Generator().manual_seed(0)
-    layers = {}
-    for i, t in enumerate(cfg.pattern.replace("|", "")):
-        if t == "M":
-            layers[i] = {"mamba": {"x": torch.rand(cfg.mamba_num_heads, cfg.mamba_head_dim, generator=g)}}
-        elif t == "-":
-            layers[i] = {"ffn": torch.rand(cfg.ffn_hidden_size, generator=g)}
-        else:
-            layers[i] = {"attn": torch.rand(cfg.num_attention_heads, generator=g)}
-    imp = ImportanceFile(model=cfg, layers=layers, hidden=torch.rand(cfg.hidden_size, generator=g),
-                         depth={})
+    imp = ImportanceFile.random(cfg, torch.Generator().manual_seed(0))
     grp = cfg.mamba_num_groups
     tgt = TargetConfig(hidden_size=cfg.hidden_size * 3 // 4 // 8 * 8,
                        ffn_hidden_size=cfg.ffn_hidden_size // 2,

@@ -92,20 +92,17 @@ class HFFolder:
         self._open: dict = {}
 
     def get(self, name: str) -> Optional[torch.Tensor]:
-        fname = self.weight_map.get(name)
-        if fname is None and name.startswith("backbone."):  # in-memory naming
-            name = "model." + name[len("backbone."):]
-            fname = self.weight_map.get(name)
-        if fname is None:
-            return None
-        if fname not in self._open:
-            from safetensors import safe_open
-
-            self._open[fname] = safe_open(str(self.path / fname), "pt")
-        return self._open[fname].get_tensor(name)
+        found = self._locate(name)
+        return None if found is None else found[0].get_tensor(found[1])
 
     def shape(self, name: str) -> Optional[tuple]:
         """Shape from the safetensors header (no tensor data is read)."""
+        found = self._locate(name)
+        return None if found is None else tuple(found[0].get_slice(found[1]).get_shape())
+
+    def _locate(self, name: str):
+        """(open safetensors shard, stored name) holding `name`, or None. NVIDIA's and
+        transformers' files store `backbone.*`; `model.*` is the in-memory naming."""
         fname = self.weight_map.get(name)
         if fname is None and name.startswith("backbone."):
             name = "model." + name[len("backbone."):]
@@ -116,7 +113,7 @@ class HFFolder:
             from safetensors import safe_open
 
             self._open[fname] = safe_open(str(self.path / fname), "pt")
-        return tuple(self._open[fname].get_slice(name).get_shape())
+        return self._open[fname], name
 
     def check_shapes(self, mcfg: ModelConfig) -> None:
         """Every tensor the model needs is present with the shape config.json implies."""

@@ -60,6 +60,25 @@ class ImportanceFile:
                                     "model": self.model.to_dict(), "meta": self.meta}, indent=2))
 
     @classmethod
+    def random(cls, model: ModelConfig, generator: torch.Generator) -> "ImportanceFile":
+        """Uniform random scores of the right shapes, for tests and benchmarks: the planner's
+        logic does not depend on where scores come from."""
+        def r(*shape):
+            return torch.rand(*shape, generator=generator)
+
+        layers: dict[int, dict[str, Any]] = {}
+        for i, t in enumerate(model.pattern.replace("|", "")):
+            if t == "M":
+                layers[i] = {"mamba": {k: r(model.mamba_num_heads, model.mamba_head_dim) for k in "xzy"},
+                             "flap": r(model.mamba_d_inner)}
+            elif t == "-":
+                layers[i] = {"ffn": r(model.ffn_hidden_size)}
+            else:
+                layers[i] = {"attn": r(model.num_attention_heads)}
+        return cls(model=model, layers=layers, hidden=r(model.hidden_size),
+                   depth={"kl": r(model.num_layers), "cosine": r(model.num_layers)})
+
+    @classmethod
     def load(cls, path: str | Path) -> "ImportanceFile":
         path = Path(path)
         if not path.is_file():

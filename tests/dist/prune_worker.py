@@ -73,19 +73,7 @@ def keepall_layers(cfg: ModelConfig, g, cross: bool = False) -> dict:
 
 
 def random_importance(cfg: ModelConfig, g) -> ImportanceFile:
-    layers = {}
-    for i, t in enumerate(cfg.pattern):
-        if t == "M":
-            shape = (cfg.mamba_num_heads, cfg.mamba_head_dim)
-            layers[i] = {"mamba": {k: torch.rand(shape, generator=g) for k in "xzy"},
-                         "flap": torch.rand(cfg.mamba_d_inner, generator=g)}
-        elif t == "-":
-            layers[i] = {"ffn": torch.rand(cfg.ffn_hidden_size, generator=g)}
-        else:
-            layers[i] = {"attn": torch.rand(cfg.num_attention_heads, generator=g)}
-    return ImportanceFile(model=cfg, layers=layers, hidden=torch.rand(cfg.hidden_size, generator=g),
-                          depth={"kl": torch.rand(cfg.num_layers, generator=g),
-                                 "cosine": torch.rand(cfg.num_layers, generator=g)})
+    return ImportanceFile.random(cfg, g)
 
 
 def full_state(model) -> dict:

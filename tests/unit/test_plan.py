@@ -21,20 +21,7 @@ HALF = TargetConfig(hidden_size=48, ffn_hidden_size=64, mamba_num_heads=4, mamba
 
 
 def importance(cfg=SRC, seed=0) -> ImportanceFile:
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for i, t in enumerate(cfg.pattern):
-        if t == "M":
-            layers[i] = {"mamba": {k: torch.rand(cfg.mamba_num_heads, cfg.mamba_head_dim, generator=g)
-                                   for k in "xzy"},
-                         "flap": torch.rand(cfg.mamba_d_inner, generator=g)}
-        elif t == "-":
-            layers[i] = {"ffn": torch.rand(cfg.ffn_hidden_size, generator=g)}
-        else:
-            layers[i] = {"attn": torch.rand(cfg.num_attention_heads, generator=g)}
-    return ImportanceFile(model=cfg, layers=layers, hidden=torch.rand(cfg.hidden_size, generator=g),
-                          depth={"kl": torch.rand(cfg.num_layers, generator=g),
-                                 "cosine": torch.rand(cfg.num_layers, generator=g)})
+    return ImportanceFile.random(cfg, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.smoke
