@@ -23,8 +23,10 @@ def activation_fn(name: str):
     }[name]
 
 
-def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_parallel=False):
-    """The megatron TransformerConfig for `cfg` at a (tp, pp) layout."""
+def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_parallel=False,
+                       initialize: bool = True):
+    """The megatron TransformerConfig for `cfg` at a (tp, pp) layout. initialize=False
+    leaves the weights uninitialized (they are about to be overwritten)."""
     from .compat import mcore
 
     dtype = DTYPES[cfg.params_dtype]
@@ -60,7 +62,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_para
         bf16=dtype == torch.bfloat16,
         # CPU init builds the full master weight then slices it: TP-invariant init.
         use_cpu_initialization=True,
-        perform_initialization=True,
+        perform_initialization=initialize,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -70,15 +72,16 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_para
     )
 
 
-def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None):
+def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None, initialize: bool = True):
     """Build this rank's stage of the hybrid model (embedding on the first PP stage, output
-    layer on the last). `parallel` is a dist.Parallel."""
+    layer on the last). `parallel` is a dist.Parallel; initialize=False: weights left
+    uninitialized, for a model about to be filled from a checkpoint."""
     from .compat import mcore, setup_runtime
 
     setup_runtime()
     cfg.validate(tp=parallel.tp, pp=parallel.pp)
     pattern = cfg.pattern.replace("|", "")
-    tcfg = transformer_config(cfg, parallel.tp, parallel.pp)
+    tcfg = transformer_config(cfg, parallel.tp, parallel.pp, initialize=initialize)
     spec = mcore.hybrid_stack_spec(mcore.te_usable(), cfg.mamba_conv_kernel, cfg.mamba_chunk_size)
     model = mcore.make_hybrid_model(
         spec,

@@ -67,7 +67,7 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: F401
     IndexedDatasetBuilder,
 )
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 HAVE_MAMBA_SSM = bool(getattr(mamba_mixer_module, "HAVE_MAMBA_SSM", False))
@@ -156,10 +156,24 @@ def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int) -> ModuleSpec:
     )
 
 
-def sharded_tensors(model) -> list:
+def sharded_parts(model) -> tuple[list, list]:
     """The model's ShardedTensors, with factories expanded (Mamba in_proj -> the stored
-    `in_proj.weight.{z,x,B,C,dt}` parts, conv1d -> `{x,B,C}`); each is a view of its
-    parameter. ShardedObjects (`_extra_state`) are left out."""
+    `in_proj.weight.{z,x,B,C,dt}` parts, conv1d -> `{x,B,C}`), each a view of its
+    parameter; and its ShardedObjects (`_extra_state`)."""
     sd = model.sharded_state_dict()
     apply_factories(sd)
-    return [st for st in nested_values(sd) if isinstance(st, ShardedTensor)]
+    vals = list(nested_values(sd))
+    return ([v for v in vals if isinstance(v, ShardedTensor)],
+            [v for v in vals if isinstance(v, ShardedObject)])
+
+
+def sharded_tensors(model) -> list:
+    """sharded_parts' tensors only."""
+    return sharded_parts(model)[0]
+
+
+def save_checkpointing_config(folder: str) -> None:
+    """megatron's metadata.json marking `folder` as a torch_dist distributed checkpoint."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    save_config(CheckpointingConfig(sharded_backend="torch_dist"), folder)

@@ -47,76 +47,100 @@ def _t(v) -> Tensor:
     return torch.as_tensor(v, dtype=torch.long)
 
 
+class Rules:
+    """`rule` for one plan, each index tensor built once (a rewrite asks for every key)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._memo: dict = {}
+
+    def _m(self, name, fn) -> Tensor:
+        if name not in self._memo:
+            self._memo[name] = fn()
+        return self._memo[name]
+
+    def __call__(self, key: str) -> tuple[str, list[Idx]]:
+        plan, m_ = self.plan, self._m
+        hid = m_("hidden", lambda: _t(plan.hidden))
+        if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            return key, [None, hid]
+        if key == "decoder.final_norm.weight":
+            return key, [hid]
+        m = _LAYER.match(key)
+        if not m:
+            raise RuleError(f"no pruning rule for checkpoint key {key!r}")
+        j, rest = int(m.group(1)), m.group(2)
+        if j >= len(plan.kept_layers):
+            raise RuleError(f"{key!r}: pruned layer {j} does not exist (plan keeps {len(plan.kept_layers)})")
+        i = plan.kept_layers[j]
+        src_key = f"decoder.layers.{i}.{rest}"
+        e = plan.layers.get(i, {})
+        s = plan.source
+
+        # every norm in front of a mixer / MLP / attention (fused-name or plain-name layout)
+        if rest.endswith("layer_norm_weight") or rest in (
+                "norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight"):
+            return src_key, [hid]
+        if rest.startswith("mixer."):
+            heads = m_(("heads", i), lambda: _t(e["mamba_heads"]))
+            flat = m_(("flat", i), lambda: plan.mamba_flat(i))
+            part = rest[len("mixer."):]
+            table: dict[str, list[Idx]] = {
+                "in_proj.weight.z": [flat, hid], "in_proj.weight.x": [flat, hid],
+                "in_proj.weight.B": [None, hid], "in_proj.weight.C": [None, hid],
+                "in_proj.weight.dt": [heads, hid],
+                "conv1d.weight.x": [flat, None, None], "conv1d.bias.x": [flat],
+                "conv1d.weight.B": [None, None, None], "conv1d.weight.C": [None, None, None],
+                "conv1d.bias.B": [None], "conv1d.bias.C": [None],
+                "A_log": [heads], "D": [heads], "dt_bias": [heads],
+                "norm.weight": [flat],
+                "out_proj.weight": [hid, flat],
+            }
+            if part not in table:
+                raise RuleError(f"no pruning rule for Mamba key {key!r}")
+            return src_key, table[part]
+        if rest.startswith("mlp."):
+            ffn = m_(("ffn", i), lambda: _t(e["ffn"]))
+            # swiglu: the global fc1 is [W; V] (2F rows): keep the same neurons in both halves
+            rows = m_(("ffn_rows", i), lambda: torch.cat([ffn, ffn + s.ffn_hidden_size])
+                      if s.activation == "swiglu" else ffn)
+            table = {"linear_fc1.weight": [rows, hid], "linear_fc1.bias": [rows],
+                     "linear_fc2.weight": [hid, ffn], "linear_fc2.bias": [hid]}
+            if rest[4:] not in table:
+                raise RuleError(f"no pruning rule for MLP key {key!r}")
+            return src_key, table[rest[4:]]
+        if rest.startswith("self_attention."):
+            heads = m_(("attn", i), lambda: _t(e["attention_heads"]))
+            qkv = m_(("qkv", i), lambda: K.attention_qkv_rows(
+                heads, s.num_attention_heads, s.num_query_groups, s.kv_channels))
+            cols = m_(("proj", i), lambda: K.attention_flat_indices(heads, s.kv_channels))
+            table = {"linear_qkv.weight": [qkv, hid], "linear_qkv.bias": [qkv],
+                     "linear_proj.weight": [hid, cols], "linear_proj.bias": [hid]}
+            part = rest[len("self_attention."):]
+            if part not in table:
+                raise RuleError(f"no pruning rule for attention key {key!r}")
+            return src_key, table[part]
+        raise RuleError(f"no pruning rule for checkpoint key {key!r}")
+
+
 def rule(key: str, plan: Plan) -> tuple[str, list[Idx]]:
     """(source key, per-dim source indices) for a pruned-model checkpoint key."""
-    hid = _t(plan.hidden)
-    if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        return key, [None, hid]
-    if key == "decoder.final_norm.weight":
-        return key, [hid]
-    m = _LAYER.match(key)
-    if not m:
-        raise RuleError(f"no pruning rule for checkpoint key {key!r}")
-    j, rest = int(m.group(1)), m.group(2)
-    if j >= len(plan.kept_layers):
-        raise RuleError(f"{key!r}: pruned layer {j} does not exist (plan keeps {len(plan.kept_layers)})")
-    i = plan.kept_layers[j]
-    src_key = f"decoder.layers.{i}.{rest}"
-    e = plan.layers.get(i, {})
-    s = plan.source
-
-    # every norm in front of a mixer / MLP / attention (fused-name or plain-name layout)
-    if rest.endswith("layer_norm_weight") or rest in (
-            "norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight"):
-        return src_key, [hid]
-    if rest.startswith("mixer."):
-        heads = _t(e["mamba_heads"])
-        flat = plan.mamba_flat(i)
-        part = rest[len("mixer."):]
-        table: dict[str, list[Idx]] = {
-            "in_proj.weight.z": [flat, hid], "in_proj.weight.x": [flat, hid],
-            "in_proj.weight.B": [None, hid], "in_proj.weight.C": [None, hid],
-            "in_proj.weight.dt": [heads, hid],
-            "conv1d.weight.x": [flat, None, None], "conv1d.bias.x": [flat],
-            "conv1d.weight.B": [None, None, None], "conv1d.weight.C": [None, None, None],
-            "conv1d.bias.B": [None], "conv1d.bias.C": [None],
-            "A_log": [heads], "D": [heads], "dt_bias": [heads],
-            "norm.weight": [flat],
-            "out_proj.weight": [hid, flat],
-        }
-        if part not in table:
-            raise RuleError(f"no pruning rule for Mamba key {key!r}")
-        return src_key, table[part]
-    if rest.startswith("mlp."):
-        ffn = _t(e["ffn"])
-        # swiglu: the global fc1 is [W; V] (2F rows): keep the same neurons in both halves
-        rows = torch.cat([ffn, ffn + s.ffn_hidden_size]) if s.activation == "swiglu" else ffn
-        table = {"linear_fc1.weight": [rows, hid], "linear_fc1.bias": [rows],
-                 "linear_fc2.weight": [hid, ffn], "linear_fc2.bias": [hid]}
-        if rest[4:] not in table:
-            raise RuleError(f"no pruning rule for MLP key {key!r}")
-        return src_key, table[rest[4:]]
-    if rest.startswith("self_attention."):
-        heads = _t(e["attention_heads"])
-        qkv = K.attention_qkv_rows(heads, s.num_attention_heads, s.num_query_groups, s.kv_channels)
-        cols = K.attention_flat_indices(heads, s.kv_channels)
-        table = {"linear_qkv.weight": [qkv, hid], "linear_qkv.bias": [qkv],
-                 "linear_proj.weight": [hid, cols], "linear_proj.bias": [hid]}
-        part = rest[len("self_attention."):]
-        if part not in table:
-            raise RuleError(f"no pruning rule for attention key {key!r}")
-        return src_key, table[part]
-    raise RuleError(f"no pruning rule for checkpoint key {key!r}")
+    return Rules(plan)(key)
 
 
-def take(t: Tensor, idxs: list[Idx]) -> Tensor:
-    """Apply per-dimension source indices to a full (global) tensor."""
+def take(t: Tensor, idxs: list[Idx], out: Optional[Tensor] = None) -> Tensor:
+    """Apply per-dimension source indices to a full (global) tensor; the result is written
+    into `out` when given (same shape and dtype as the result)."""
     if len(idxs) != t.dim():
         raise ValueError(f"{len(idxs)} index dims for a {t.dim()}-D tensor {tuple(t.shape)}")
-    for d, ix in enumerate(idxs):
-        if ix is not None:
-            t = t.index_select(d, ix.to(t.device))
-    return t
+    dims = [d for d, ix in enumerate(idxs) if ix is not None]
+    for d in dims[:-1]:
+        t = t.index_select(d, idxs[d].to(t.device))
+    if out is None:
+        return t.index_select(dims[-1], idxs[dims[-1]].to(t.device)) if dims else t
+    if dims and out.dtype == t.dtype:
+        return torch.index_select(t, dims[-1], idxs[dims[-1]].to(t.device), out=out)
+    return out.copy_(t.index_select(dims[-1], idxs[dims[-1]].to(t.device)) if dims else t)
 
 
 def shard_indices(idxs: list[Idx], global_offset, local_shape, src_shape) -> list[Tensor]:

@@ -66,6 +66,7 @@ class PruneConfig:
     overwrite: bool = False  # allow replacing an existing output that is not the source
     verify: bool = True
     verify_tokens: int = 16
+    fsync: bool = True  # flush the new files to disk before the swap (survives power loss)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -171,63 +172,55 @@ def forward_logits(model, par, tokens: torch.Tensor) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- the rewrite
 
 
-def fill_from_source(model, plan: Plan, src_dir: Path) -> dict:
-    """Fill every parameter shard of `model` (the pruned model) from the source checkpoint
-    (collective). Returns byte counts: what was read (bounding boxes) and written."""
-    from ..compat import mcore
+def fill_from_source(model, tensors: list, plan: Plan, src_dir: Path) -> dict:
+    """Fill every parameter shard of `model` (the pruned model; `tensors` = its expanded
+    ShardedTensors, views of its parameters) from the source checkpoint. No collectives:
+    each rank reads only the source chunks overlapping the bounding box of the rows/cols
+    its shards keep. Returns byte counts: what was read (boxes) and written."""
+    from ..compat import torch_dist
 
-    meta = mcore.dist_checkpointing.load_tensors_metadata(str(src_dir))
-    requests, jobs, boxes = {}, [], {}
-    # per-part views (in_proj z/x/B/C/dt, ...); _extra_state is re-created by the pruned model
-    for st in mcore.sharded_tensors(model):
-        if st.prepend_axis_num or st.flattened_range is not None:
-            raise NotImplementedError(f"{st.key}: prepended axes / flattened shards are not supported")
-        src_key, idxs = rules.rule(st.key, plan)
-        if src_key not in meta:
-            raise ConfigError(f"source checkpoint {src_dir} has no tensor {src_key!r} (needed for {st.key})")
-        src_shape = tuple(meta[src_key].global_shape)
-        if len(src_shape) != len(idxs):
-            raise ConfigError(f"{src_key}: source is {len(src_shape)}-D, rule has {len(idxs)} dims")
-        need = rules.shard_indices(idxs, st.global_offset, st.local_shape, src_shape)
-        lo = tuple(int(n.min()) for n in need)
-        box = tuple(int(n.max()) - l + 1 for n, l in zip(need, lo))
-        name = boxes.get((src_key, lo, box))
-        if name is None:
-            name = f"r{len(requests)}"
-            boxes[(src_key, lo, box)] = name
-            dtype = meta[src_key].dtype
-            requests[name] = mcore.ShardedTensor(src_key, torch.empty(box, dtype=dtype), dtype, box,
-                                           src_shape, lo, None, replica_id=0)
-        jobs.append((st, name, need, lo))
-    loaded = mcore.dist_checkpointing.load(requests, str(src_dir))
-    # the loader also returns the checkpoint's common (non-tensor) state, e.g. a trained
-    # checkpoint's optimizer / scheduler: count only the tensors we asked for
-    read = sum(loaded[n].numel() * loaded[n].element_size() for n in requests)
-    written = 0
-    with torch.no_grad():
-        for st, name, need, lo in jobs:
-            piece = rules.take(loaded[name], [n - l for n, l in zip(need, lo)])
-            st.data.copy_(piece.to(st.data.dtype))
+    read = written = 0
+    filled = {}  # parameter storage -> elements filled: every element must be, exactly once
+    rule = rules.Rules(plan)
+    with torch_dist.Reader(src_dir) as src, torch.no_grad():
+        for st in tensors:
+            if st.prepend_axis_num or st.flattened_range is not None:
+                raise NotImplementedError(f"{st.key}: prepended axes / flattened shards are not supported")
+            src_key, idxs = rule(st.key)
+            if src_key not in src:
+                raise ConfigError(f"source checkpoint {src_dir} has no tensor {src_key!r} (needed for {st.key})")
+            src_shape = src.shape(src_key)
+            if len(src_shape) != len(idxs):
+                raise ConfigError(f"{src_key}: source is {len(src_shape)}-D, rule has {len(idxs)} dims")
+            need = rules.shard_indices(idxs, st.global_offset, st.local_shape, src_shape)
+            lo = tuple(int(n.min()) for n in need)
+            box = tuple(int(n.max()) - lo_ + 1 for n, lo_ in zip(need, lo))
+            region = src.read_box(src_key, lo, box, reuse=True)  # consumed before the next read
+            read += region.numel() * region.element_size()
+            rules.take(region, [n - lo_ for n, lo_ in zip(need, lo)], out=st.data)
             written += st.data.numel() * st.data.element_size()
+            ptr = st.data.untyped_storage().data_ptr()
+            filled[ptr] = filled.get(ptr, 0) + st.data.numel()
+    short = [n for n, prm in model.named_parameters() if filled.get(prm.untyped_storage().data_ptr()) != prm.numel()]
+    if short:
+        raise RuntimeError(f"the pruned model's parameters {short[:5]} are not exactly covered by its "
+                           "sharded state dict; refusing to write a partly filled checkpoint")
     return {"bytes_read": read, "bytes_filled": written}
 
 
-def global_param_count(model, par) -> int:
-    """Parameters of the whole model (all stages, TP shards once; TP-replicated tensors
-    such as norms counted once): comparable to model.count_parameters. Collective."""
+def global_param_count(tensors: list) -> int:
+    """Parameters of the whole model, from its sharded tensors: every main-replica shard
+    once (TP-replicated norms, DP replicas and a tied output layer are replicas), summed
+    over all ranks; comparable to model.count_parameters. Collective."""
     import torch.distributed as dist
 
-    seen, n = set(), 0
-    for prm in model.parameters():
-        if id(prm) in seen:
-            continue
-        seen.add(id(prm))
-        if getattr(prm, "tensor_model_parallel", False) or par.tp_rank == 0:
-            n += prm.numel()
-    t = torch.tensor([n], dtype=torch.long)
+    from ..compat.torch_dist import is_main_replica
+
+    t = torch.tensor([sum(st.data.numel() for st in tensors if is_main_replica(st.replica_id))],
+                     dtype=torch.long)
     if dist.is_initialized():
         dist.all_reduce(t)
-    return int(t) // par.dp
+    return int(t)
 
 
 def _wait_for_journal(dst: Path, timeout: float = 120.0) -> None:
@@ -305,19 +298,23 @@ def run_prune(cfg: PruneConfig) -> dict:
         _fault("staged")
     D.barrier()
 
-    # ---- build the pruned model at the requested layout and fill it from the source
+    # ---- build the pruned model at the requested layout (no init: every element is filled)
     t = time.time()
-    model = build_model(plan.target, par)
-    io = fill_from_source(model, plan, src_it)
+    model = build_model(plan.target, par, initialize=False)
+    tensors, objects = mcore.sharded_parts(model)
+    t_build = time.time() - t
+    t = time.time()
+    io = fill_from_source(model, tensors, plan, src_it)
     t_fill = time.time() - t
     log(f"prune: filled the pruned model ({plan.params_after['total']:,} params) from {src_it} "
-        f"in {t_fill:.1f}s")
+        f"in {t_fill:.2f}s")
     if rank0:
         _fault("loaded")
 
-    # ---- save into <dst>.partial
+    # ---- save into <dst>.partial (one file per rank, fsync'ed, then .metadata on rank 0)
     t = time.time()
-    mcore.dist_checkpointing.save({"model": model.sharded_state_dict()}, str(partial))
+    from ..compat import torch_dist
+    torch_dist.save(tensors, objects, partial, rank=par.rank, group=None, fsync=cfg.fsync)
     D.barrier()
     if rank0:
         _fault("written")
@@ -333,7 +330,10 @@ def run_prune(cfg: PruneConfig) -> dict:
     t = time.time()
     verified = None
     if cfg.verify:
-        model2 = build_model(plan.target, par)
+        model2 = build_model(plan.target, par, initialize=False)
+        with torch.no_grad():  # anything the loader misses stays NaN and fails the check
+            for prm in model2.parameters():
+                prm.fill_(float("nan"))
         ckpt.load_model_weights(partial, model2)
         mismatch = [n for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters())
                     if a.shape != b.shape or not torch.equal(a, b)]
@@ -354,7 +354,7 @@ def run_prune(cfg: PruneConfig) -> dict:
         verified = {"tensors_equal": True, "finite_logits": True, "tokens": cfg.verify_tokens}
         del model2
     t_verify = time.time() - t
-    built = global_param_count(model, par)
+    built = global_param_count(tensors)
 
     # ---- summary (inside the new checkpoint) and the swap
     summary = {
@@ -363,7 +363,7 @@ def run_prune(cfg: PruneConfig) -> dict:
         "params_before": plan.params_before["total"], "params_after": plan.params_after["total"],
         "params_built": built, "written_at": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
         "bytes_read_rank0": io["bytes_read"], "bytes_filled_rank0": io["bytes_filled"],
-        "seconds": {"fill": t_fill, "save": t_save, "verify": t_verify}, "verified": verified,
+        "seconds": {"build": t_build, "fill": t_fill, "save": t_save, "verify": t_verify}, "verified": verified,
         "backup": str(p["orig"]) if cfg.keep_backup else None,
     }
     if rank0:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_minitron import dist as D
+from megatron_minitron.compat import mcore
 from megatron_minitron.config import ModelConfig, ParallelConfig
 from megatron_minitron.importance.io import ImportanceFile
 from megatron_minitron.model import build_model
@@ -136,7 +137,7 @@ def main():
             cfg = ckpt.read_model_config(path)
             model = build_model(cfg, par)
             ckpt.load_model_weights(path, model)
-            n = global_param_count(model, par)
+            n = global_param_count(mcore.sharded_tensors(model))
             logits = forward_logits(model, par, toks)
             tag = f"{name}_tp{tp}pp{pp}"
             if par.is_last_stage and par.tp_rank == 0 and par.dp_rank == 0:
