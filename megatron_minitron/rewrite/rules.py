@@ -143,13 +143,19 @@ def take(t: Tensor, idxs: list[Idx], out: Optional[Tensor] = None) -> Tensor:
     return out.copy_(t.index_select(dims[-1], idxs[dims[-1]].to(t.device)) if dims else t)
 
 
-def shard_indices(idxs: list[Idx], global_offset, local_shape, src_shape) -> list[Tensor]:
-    """The source indices one shard of the pruned tensor needs, per dimension:
-    idx[off : off + n] (or the identity range off..off+n for an unpruned dimension)."""
-    out = []
+def shard_box(idxs: list[Idx], global_offset, local_shape, src_shape) -> tuple[tuple, tuple, list[Idx]]:
+    """What one shard of the pruned tensor needs from the source: the region [lo, lo+box)
+    (the bounding box of its source indices) and, within that region, the indices to take
+    per dimension (None: the dimension is unpruned and the region is exactly the shard's)."""
+    lo, box, local = [], [], []
     for d, (ix, off, n) in enumerate(zip(idxs, global_offset, local_shape)):
-        out.append(torch.arange(off, off + n) if ix is None else ix[off:off + n])
-        if out[-1].numel() != n or (n and int(out[-1].max()) >= src_shape[d]):
+        sel = None if ix is None else ix[off:off + n]
+        first, last = (off, off + n - 1) if sel is None else (
+            (int(sel.min()), int(sel.max())) if sel.numel() == n and n else (0, -1))
+        if n < 1 or last >= src_shape[d] or (sel is not None and sel.numel() != n):
             raise ValueError(f"dimension {d}: shard [{off}, {off + n}) does not fit the keep set / "
                              f"source size {src_shape[d]}")
-    return out
+        lo.append(first)
+        box.append(last - first + 1)
+        local.append(None if sel is None else sel - first)
+    return tuple(lo), tuple(box), local

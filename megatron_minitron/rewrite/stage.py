@@ -192,12 +192,10 @@ def fill_from_source(model, tensors: list, plan: Plan, src_dir: Path) -> dict:
             src_shape = src.shape(src_key)
             if len(src_shape) != len(idxs):
                 raise ConfigError(f"{src_key}: source is {len(src_shape)}-D, rule has {len(idxs)} dims")
-            need = rules.shard_indices(idxs, st.global_offset, st.local_shape, src_shape)
-            lo = tuple(int(n.min()) for n in need)
-            box = tuple(int(n.max()) - lo_ + 1 for n, lo_ in zip(need, lo))
+            lo, box, local = rules.shard_box(idxs, st.global_offset, st.local_shape, src_shape)
             region = src.read_box(src_key, lo, box, reuse=True)  # consumed before the next read
             read += region.numel() * region.element_size()
-            rules.take(region, [n - lo_ for n, lo_ in zip(need, lo)], out=st.data)
+            rules.take(region, local, out=st.data)
             written += st.data.numel() * st.data.element_size()
             ptr = st.data.untyped_storage().data_ptr()
             filled[ptr] = filled.get(ptr, 0) + st.data.numel()
