@@ -1,18 +1,22 @@
 """`prune` stage: rewrite a megatron distributed checkpoint to a plan, at any TP/PP.
 
 How (every rank, under torchrun):
-  1. build the PRUNED model at the requested TP/PP; expand its sharded state dict (the
-     Mamba in_proj / conv1d factories become the separate global keys in_proj.weight.{z,x,
-     B,C,dt}, conv1d.{weight,bias}.{x,B,C}); each ShardedTensor is a view of this rank's
-     parameter slice;
-  2. for each, rules.rule() gives the source key and, per dimension, the SOURCE indices
-     that fill this shard (keep[off:off+n]); the rank asks dist_checkpointing for the
-     bounding box of those indices only (one collective load for the rank's whole share),
-     then gathers the exact rows/cols locally and copies them into the parameter;
-  3. dist_checkpointing.save of the pruned model into <dst>.partial (+ model_config.json =
-     the pruned config, meta.json, pruning_plan.json, summary.json);
-  4. verify: a fresh pruned model loads <dst>.partial, every tensor equals the written
-     one exactly and a forward pass on a few tokens is finite;
+  1. build the PRUNED model at the requested TP/PP, uninitialized; expand its sharded
+     state dict (the Mamba in_proj / conv1d factories become the separate global keys
+     in_proj.weight.{z,x,B,C,dt}, conv1d.{weight,bias}.{x,B,C}); each ShardedTensor is a
+     view of this rank's parameter slice;
+  2. for each, rules.Rules gives the source key and, per dimension, the SOURCE indices
+     that fill this shard (keep[off:off+n]); the rank reads the source chunks overlapping
+     the bounding box of those indices (compat/torch_dist.Reader, no collectives), takes
+     the exact rows/cols into the parameter, and checks that every parameter element was
+     filled exactly once;
+  3. compat/torch_dist.save of the pruned model into <dst>.partial (each rank one file of
+     its main-replica shards, fsync'ed; rank 0 checks the shards tile every tensor and
+     writes .metadata), + model_config.json = the pruned config, meta.json,
+     pruning_plan.json, summary.json;
+  4. verify: a fresh pruned model (NaN-filled) loads <dst>.partial through megatron's own
+     dist_checkpointing loader, every tensor equals the written one exactly and a forward
+     pass on a few tokens is finite;
   5. swap (rank 0): an atomic exchange of <dst>.partial and <dst> (Linux renameat2
      RENAME_EXCHANGE), then the old folder becomes <dst>.orig (or is deleted if
      keep_backup=false).
