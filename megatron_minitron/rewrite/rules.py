@@ -130,7 +130,7 @@ def rule(key: str, plan: Plan) -> tuple[str, list[Idx]]:
 
 def take(t: Tensor, idxs: list[Idx], out: Optional[Tensor] = None) -> Tensor:
     """Apply per-dimension source indices to a full (global) tensor; the result is written
-    into `out` when given (same shape and dtype as the result)."""
+    into `out` when given (its shape; any dtype / device: then it is converted)."""
     if len(idxs) != t.dim():
         raise ValueError(f"{len(idxs)} index dims for a {t.dim()}-D tensor {tuple(t.shape)}")
     dims = [d for d, ix in enumerate(idxs) if ix is not None]
@@ -138,7 +138,7 @@ def take(t: Tensor, idxs: list[Idx], out: Optional[Tensor] = None) -> Tensor:
         t = t.index_select(d, idxs[d].to(t.device))
     if out is None:
         return t.index_select(dims[-1], idxs[dims[-1]].to(t.device)) if dims else t
-    if dims and out.dtype == t.dtype:
+    if dims and out.dtype == t.dtype and out.device == t.device:
         return torch.index_select(t, dims[-1], idxs[dims[-1]].to(t.device), out=out)
     return out.copy_(t.index_select(dims[-1], idxs[dims[-1]].to(t.device)) if dims else t)
 

@@ -167,3 +167,20 @@ def test_run_plan_writes_files(tmp_path):
     assert "mamba_num_heads" in txt and "heads per group" in txt
     j = json.loads((tmp_path / "plan" / "summary.json").read_text())
     assert j["params_after"]["total"] == s["params_after"]["total"] < j["params_before"]["total"]
+
+
+def test_take_into_out_and_shard_box():
+    t = torch.arange(20.0).reshape(4, 5)
+    out = torch.empty(2, 5, dtype=torch.bfloat16)  # another dtype: converted on the way
+    rules.take(t, [torch.tensor([3, 1]), None], out=out)
+    assert torch.equal(out, t[[3, 1]].bfloat16())
+    out = torch.empty(2, 2)
+    rules.take(t, [torch.tensor([3, 1]), torch.tensor([4, 0])], out=out)
+    assert torch.equal(out, t[[3, 1]][:, [4, 0]])
+    # shard rows [1, 3) of keep [4, 0, 2] and cols [2, 5) of an unpruned dim
+    lo, box, local = rules.shard_box([torch.tensor([4, 0, 2]), None], (1, 2), (2, 3), (6, 8))
+    assert lo == (0, 2) and box == (3, 3) and local[0].tolist() == [0, 2] and local[1] is None
+    with pytest.raises(ValueError, match="does not fit"):
+        rules.shard_box([torch.tensor([9])], (0,), (1,), (6,))
+    with pytest.raises(ValueError, match="does not fit"):
+        rules.shard_box([None], (4,), (3,), (6,))
