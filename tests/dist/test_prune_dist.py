@@ -75,6 +75,7 @@ def L(wd, name):
 @pytest.mark.smoke  # also on megatron-core 0.19: its loader reads what compat/torch_dist writes
 def test_keepall_with_within_group_permutations_is_identity(wd):
     d = (L(wd, "keep_tp1pp1") - L(wd, "src")).abs().max().item()
+    print(f"keep-all prune (permuted within groups): max |logits - source logits| = {d:.2e}")
     assert d < KEEPALL_ATOL, d
     plan = json.loads((wd / "plan_keepall.json").read_text())
     heads = plan["layers"]["0"]["mamba_heads"]
@@ -94,6 +95,7 @@ def test_tp2_written_checkpoint_loads_at_other_layouts(wd, layout):
     ref = L(wd, "real_tp2pp1")
     got = L(wd, f"real_{layout}")
     assert got.shape == ref.shape == (2, 32, 4096)
+    print(f"TP=2-written pruned checkpoint at {layout}: max |dlogits| = {(got - ref).abs().max().item():.2e}")
     assert (got - ref).abs().max().item() < LAYOUT_ATOL
 
 
