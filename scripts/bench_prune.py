@@ -38,6 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from megatron_minitron import dist as D
+    from megatron_minitron.compat.torch_dist import fsync_path
     from megatron_minitron.config import ModelConfig, ParallelConfig, build, load_yaml
     from megatron_minitron.importance.io import ImportanceFile
     from megatron_minitron.model import build_model
@@ -72,10 +73,8 @@ def main() -> None:
         t = time.perf_counter()
         shutil.copytree(src, dst)
         if durable:
-            for f in dst.rglob("*"):
-                fd = os.open(f, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
+            for f in (dst, *dst.rglob("*")):
+                fsync_path(f)
         return time.perf_counter() - t
 
     def rewrite(dst: Path, durable: bool) -> dict:

@@ -32,12 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(**extra) -> dict:
+    """The environment for a launched child: an in-process dist.init (unit tests) exported
+    its rendezvous (MASTER_PORT may still be held by this process); the child needs its own."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return dict(env, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **extra)
+
+
 def launch(script: Path, args: list, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a worker under torchrun (nproc > 1) or plain python; fail with its output."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    # an in-process dist.init (unit tests) exported its rendezvous; the child needs its own
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
+    env = child_env()
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), str(script), *map(str, args)]

@@ -67,7 +67,13 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: F401
     IndexedDatasetBuilder,
 )
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+from megatron.core.dist_checkpointing.mapping import (  # noqa: F401
+    ShardedObject,
+    ShardedTensor,
+    apply_factories,
+    is_main_replica,
+)
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 HAVE_MAMBA_SSM = bool(getattr(mamba_mixer_module, "HAVE_MAMBA_SSM", False))
@@ -174,6 +180,4 @@ def sharded_tensors(model) -> list:
 
 def save_checkpointing_config(folder: str) -> None:
     """megatron's metadata.json marking `folder` as a torch_dist distributed checkpoint."""
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), folder)

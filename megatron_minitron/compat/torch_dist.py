@@ -351,10 +351,6 @@ def _no_crc32():
         torch.serialization.set_crc32_options(prev)
 
 
-def is_main_replica(replica_id) -> bool:
-    return all(r == 0 for r in replica_id) if isinstance(replica_id, tuple) else replica_id == 0
-
-
 def _exact(t: torch.Tensor) -> torch.Tensor:
     """torch.save writes a tensor's whole storage: clone views into their own storage."""
     t = t.detach().cpu()
@@ -364,7 +360,8 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -379,6 +376,8 @@ def save(tensors, objects, folder: str | Path, rank: int, group=None, fsync: boo
     into `folder` (which must exist) as a torch_dist checkpoint that megatron's
     dist_checkpointing.load reads at any layout. Returns this rank's byte count."""
     import torch.distributed as dist
+
+    from .mcore import is_main_replica
 
     folder = Path(folder)
     records, path = [], f"__{rank}_0.distcp"
@@ -409,13 +408,12 @@ def save(tensors, objects, folder: str | Path, rank: int, group=None, fsync: boo
             if fsync:
                 os.fsync(f.fileno())
     nbytes = sum(r[-1] for r in records)
-    gathered = [None] * dist.get_world_size(group) if dist.is_initialized() else [None]
+    gathered, is_root = [(path, records)], True
     if dist.is_initialized():
-        dist.gather_object((path, records), gathered if dist.get_rank(group) == 0 else None,
-                           dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         is_root = dist.get_rank(group) == 0
-    else:
-        gathered, is_root = [(path, records)], True
+        gathered = [None] * dist.get_world_size(group) if is_root else None
+        root = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.gather_object((path, records), gathered, dst=root, group=group)
     if is_root:
         _write_metadata(folder, gathered, common or {}, fsync)
     return {"bytes_written": nbytes, "file": path if records else None}
@@ -463,8 +461,8 @@ def _write_metadata(folder: Path, gathered, common: dict, fsync: bool) -> None:
     mcore.save_checkpointing_config(str(folder))
     if fsync:
         for name in ("common.pt", "metadata.json"):
-            _fsync_path(folder / name)
-        _fsync_path(folder)
+            fsync_path(folder / name)
+        fsync_path(folder)
 
 
 def _check_tiling(key: str, m) -> None:

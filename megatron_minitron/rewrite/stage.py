@@ -216,7 +216,7 @@ def global_param_count(tensors: list) -> int:
     over all ranks; comparable to model.count_parameters. Collective."""
     import torch.distributed as dist
 
-    from ..compat.torch_dist import is_main_replica
+    from ..compat.mcore import is_main_replica
 
     t = torch.tensor([sum(st.data.numel() for st in tensors if is_main_replica(st.replica_id))],
                      dtype=torch.long)
@@ -241,7 +241,7 @@ def _same_path(a: str, b: str) -> bool:
 
 def run_prune(cfg: PruneConfig) -> dict:
     from .. import dist as D
-    from ..compat import mcore
+    from ..compat import mcore, torch_dist
     from ..model import build_model
     from ..train import checkpoint as ckpt
 
@@ -315,7 +315,6 @@ def run_prune(cfg: PruneConfig) -> dict:
 
     # ---- save into <dst>.partial (one file per rank, fsync'ed, then .metadata on rank 0)
     t = time.time()
-    from ..compat import torch_dist
     torch_dist.save(tensors, objects, partial, rank=par.rank, group=None, fsync=cfg.fsync)
     D.barrier()
     if rank0:

@@ -236,10 +236,10 @@ def fill_pruned(model, plan, source: dict[str, torch.Tensor]) -> int:
     tensor) by the prune rules. Returns the number of tensors filled."""
     from ..rewrite import rules
 
-    n = 0
+    n, rule = 0, rules.Rules(plan)
     for st in _sharded_tensors(model):
-        src_key, idxs = rules.rule(st.key, plan)
-        st.data.copy_(rules.take(source[src_key], idxs).to(st.data.dtype))
+        src_key, idxs = rule(st.key)
+        rules.take(source[src_key], idxs, out=st.data)
         n += 1
     return n
 

@@ -3,14 +3,13 @@ static rendezvous on node 0) produce the same importance file as one launch of t
 processes. Both run the CLI exactly as users and the Slurm launcher do."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO, free_port, launch, write_data_json
+from tests.conftest import REPO, child_env, free_port, launch, write_data_json
 from tests.dist.test_stats_dist import _flat
 
 STATS_WORKER = Path(__file__).with_name("stats_worker.py")
@@ -24,12 +23,6 @@ def _cli(wd: Path, out: str) -> list[str]:
             "micro_batch_size=2", "depth_samples=4"]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return dict(env, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-
-
 def test_two_node_rendezvous_equals_one_launch(tmp_path, real_data):
     wd = tmp_path
     write_data_json(wd, real_data)
@@ -37,14 +30,14 @@ def test_two_node_rendezvous_equals_one_launch(tmp_path, real_data):
     launch(STATS_WORKER, ["ckpt_only", wd])
     run = [sys.executable, "-m", "torch.distributed.run"]
     one = subprocess.run(run + ["--nproc_per_node", "2", "--master_port", str(free_port())]
-                         + _cli(wd, "one"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+                         + _cli(wd, "one"), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-4000:]
     port = str(free_port())
     # logs go to files: a node blocked on a full pipe would stall the other's collectives
     logs = [open(wd / f"node{r}.log", "w") for r in (0, 1)]
     nodes = [subprocess.Popen(run + ["--nnodes", "2", "--node_rank", str(r), "--nproc_per_node", "1",
                                      "--master_addr", "127.0.0.1", "--master_port", port]
-                              + _cli(wd, "two"), cwd=REPO, env=_env(),
+                              + _cli(wd, "two"), cwd=REPO, env=child_env(),
                               stdout=logs[r], stderr=subprocess.STDOUT)
              for r in (0, 1)]
     for r, p in enumerate(nodes):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, launch, write_data_json
+from tests.conftest import REPO, child_env, free_port, launch, write_data_json
 
 WORKER = Path(__file__).with_name("prune_worker.py")
 
@@ -30,7 +30,7 @@ CROSS_MIN = 1e-2
 def cli(args, nproc=1, env=None, check=True):
     """Run the CLI in its own process group, output to files (not pipes): a SIGKILLed
     prune leaves megatron's async-writer helpers orphaned; they are killed with the group."""
-    e = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
+    e = child_env(**(env or {}))
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), "-m", "megatron_minitron", *args]

@@ -17,7 +17,9 @@ SHAPES = [(), (7,), (3, 5), (2, 3, 4)]
 
 @pytest.fixture(scope="module")
 def world1():
-    return D.init(ParallelConfig(), seed=3)
+    par = D.init(ParallelConfig(), seed=3)
+    yield par
+    D.shutdown()  # frees the rendezvous port that later subprocess launches may be given
 
 
 def _tensor(dtype, shape, seed=0):
