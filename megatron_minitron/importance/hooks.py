@@ -11,7 +11,10 @@ Keys (``L`` = GLOBAL layer id; local = this TP rank's slice, contiguous in globa
   L{L}.x, L{L}.z       [d_inner_local] fp32  in_proj output parts      (Mamba, eq. 19-24)
   L{L}.y               [d_inner_local] fp32  out_proj input            (Mamba)
   L{L}.flap_n/_s1/_s2  [], [d_inner_local] x2 fp64  moments of out_proj input  (FLAP 3.3)
-  L{L}.ffn             [ffn_local]     fp32  linear_fc2 input (after activation) (eq. 26)
+  L{L}.ffn             [ffn_local]     fp32  linear_fc2 input, AFTER the activation
+                                             (Model Optimizer's FFN score; plan ffn_source=post)
+  L{L}.ffn_pre         [ffn_local]     fp32  linear_fc1 output, BEFORE the activation
+                                             (paper eq. 26; plan ffn_source=pre)
   L{L}.attn            [heads_local*kv] fp32 core-attention output = linear_proj input
   L{L}.hidden          [hidden]        fp32  this layer's input-norm output (eq. 27)
   final_norm           [hidden]        fp32  final norm output (last PP stage only)
@@ -33,11 +36,11 @@ from . import scores as S
 
 MAMBA_SOURCES = ("x", "z", "y")
 # every source name the collector understands; `kl` (depth) lives in depth.py
-SOURCES = ("x", "z", "y", "flap", "ffn", "attn", "hidden", "cosine")
+SOURCES = ("x", "z", "y", "flap", "ffn", "ffn_pre", "attn", "hidden", "cosine")
 
 # keys that are TP-sliced along their last dim (gather by concatenation); the rest are
 # replicated over TP
-TP_SLICED = ("x", "z", "y", "flap_s1", "flap_s2", "ffn", "attn", "flap_wcol")
+TP_SLICED = ("x", "z", "y", "flap_s1", "flap_s2", "ffn", "ffn_pre", "attn", "flap_wcol")
 
 
 def key_kind(key: str) -> str:
@@ -123,8 +126,10 @@ class StatsCollector:
                     self._zeros(p + "flap_n", dtype=torch.float64)
                     self._zeros(p + "flap_s1", (di,), torch.float64)
                     self._zeros(p + "flap_s2", (di,), torch.float64)
-            elif kind == "-" and "ffn" in self.sources:
-                self._zeros(p + "ffn", (c.ffn_hidden_size // tp,))
+            elif kind == "-":
+                for s in ("ffn", "ffn_pre"):
+                    if s in self.sources:
+                        self._zeros(p + s, (c.ffn_hidden_size // tp,))
             elif kind == "*" and "attn" in self.sources:
                 self._zeros(p + "attn", (c.num_attention_heads // tp * c.kv_channels,))
         if "hidden" in self.sources and self._final_norm() is not None:
@@ -212,6 +217,16 @@ class StatsCollector:
                     self._add(p + "flap_s2", s2)
             self._pre(mixer.out_proj, on_out_proj_input)
 
+    def _ffn_pre_hook(self, fc1, key: str) -> None:
+        width = self.cfg.ffn_hidden_size // self.tp
+
+        def on_fc1(out):
+            if out.shape[-1] != width:  # gated MLPs emit [gate | up]: 2x the FFN size
+                raise RuntimeError(f"{key}: linear_fc1 output width {out.shape[-1]} != FFN size "
+                                   f"{width}; the pre-activation FFN score needs a non-gated MLP")
+            self._add(key, S.aggregate_batch(out))
+        self._fwd(fc1, on_fc1)
+
     def _cosine_hook(self, layer, p: str) -> None:
         def hook(mod, args, kwargs, out):
             if not self.enabled:
@@ -234,8 +249,11 @@ class StatsCollector:
                 self._cosine_hook(layer, p)
             if kind == "M":
                 self._mamba_hooks(layer.mixer, p)
-            elif kind == "-" and "ffn" in self.sources:
-                self._pre(layer.mlp.linear_fc2, self._agg(p + "ffn"))
+            elif kind == "-":
+                if "ffn" in self.sources:  # after the activation
+                    self._pre(layer.mlp.linear_fc2, self._agg(p + "ffn"))
+                if "ffn_pre" in self.sources:  # before it (eq. 26)
+                    self._ffn_pre_hook(layer.mlp.linear_fc1, p + "ffn_pre")
             elif kind == "*" and "attn" in self.sources:
                 self._pre(layer.self_attention.linear_proj, self._agg(p + "attn"))
         fn = self._final_norm()

@@ -285,11 +285,15 @@ def _flap_matrix(col_scores: Tensor, nheads: int, headdim: int) -> Tensor:
 
 
 def ffn_neuron_scores(finalized: Tensor) -> Tensor:
-    """FFN neuron scores (paper eq. 26).
+    """FFN neuron scores.
 
     Args:
-        finalized: `finalize`-d aggregate of the first FFN projection's activations
-            ``[ffn_hidden]`` (mean over sequence, L2 over batch already applied).
+        finalized: `finalize`-d aggregate ``[ffn_hidden]`` (mean |a| over the sequence,
+            L2 over the batch already applied) of either FFN activation:
+            - the first projection's output, BEFORE the activation (paper eq. 26;
+              stats source ``ffn_pre``, plan ``ffn_source=pre``), or
+            - ``linear_fc2``'s input, AFTER the activation (what Model Optimizer scores;
+              stats source ``ffn``, plan ``ffn_source=post``).
     Returns:
         ``[ffn_hidden]`` fp32 (the aggregate is the score).
     """

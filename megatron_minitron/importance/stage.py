@@ -44,7 +44,8 @@ class StatsConfig:
     seq_length: int = 0  # 0 = the model's seq_length
     micro_batch_size: int = 4
     depth_samples: int = 32  # the first N samples also get the depth KL forwards (paper: 256)
-    # what to collect: Mamba x / z / y, flap, ffn, attn, hidden, cosine, kl (depth)
+    # what to collect: Mamba x / z / y, flap, ffn (after the activation), ffn_pre (before it,
+    # eq. 26), attn, hidden, cosine, kl (depth)
     sources: list[str] = field(default_factory=lambda: list(ALL_SOURCES))
     save_interval: int = 16  # calibration steps between partial-state saves (0 = never)
     resume: bool = True  # continue from <output_dir>/partial when it matches this run
@@ -87,6 +88,9 @@ def validate(cfg: StatsConfig) -> ModelConfig:
             f"checkpoint={cfg.checkpoint!r} is not a hybrid Mamba model (pattern "
             f"{model_cfg.pattern!r} has no 'M' layer); the stats stage needs a Mamba2 hybrid")
     model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="checkpoint model")
+    if "ffn_pre" in cfg.sources and model_cfg.activation == "swiglu":
+        raise ConfigError("sources contains ffn_pre (FFN score before the activation), which is "
+                          "undefined for a gated MLP (activation=swiglu); use ffn instead")
     from ..train.pretrain import check_data
 
     check_data(cfg.data, model_cfg)
@@ -176,8 +180,10 @@ def build_importance(red: dict[str, torch.Tensor], model_cfg: ModelConfig, sourc
             if "flap" in sources:
                 entry["flap"] = S.flap_column_scores_from_norms(
                     red[p + "flap_wcol"], red[p + "flap_n"], red[p + "flap_s1"], red[p + "flap_s2"])
-        elif kind == "-" and "ffn" in sources:
-            entry["ffn"] = S.ffn_neuron_scores(S.finalize(red[p + "ffn"]))
+        elif kind == "-":
+            for src in ("ffn", "ffn_pre"):  # after / before the activation (hooks.py)
+                if src in sources:
+                    entry[src] = S.ffn_neuron_scores(S.finalize(red[p + src]))
         elif kind == "*" and "attn" in sources:
             entry["attn"] = S.attention_head_scores(S.finalize(red[p + "attn"]),
                                                     model_cfg.num_attention_heads)

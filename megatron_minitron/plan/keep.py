@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "topk_indices",
     "mamba_keep_sets",
+    "mamba_heads_group_unaware",
     "mamba_flat_indices",
     "ffn_keep",
     "hidden_keep",
@@ -124,6 +125,27 @@ def mamba_keep_sets(
     heads = _grouped_topk(head_scores, ngroups, keep_heads, "keep_heads", "Mamba heads")
     channels = topk_indices(channel_scores, keep_channels)
     return heads, channels
+
+
+def mamba_heads_group_unaware(head_scores: Tensor, ngroups: int, keep_heads: int) -> Tensor:
+    """The ABLATION baseline that eq. 17 forbids (a transformer-style head pruner): rank
+    heads over the whole layer, keep the top ``keep_heads``, and force them into the pruned
+    layer's ``ngroups`` groups in index order (slot block g = the g-th run of
+    ``keep_heads // ngroups`` kept heads, ascending). Whenever the global top-k is not
+    balanced over the groups, some heads land in another group's slots and read that
+    group's B/C: the function changes. Returns LongTensor[keep_heads], ascending; the
+    plan must be checked with ``group_rule=False``. Use `mamba_keep_sets` for real pruning.
+    """
+    if head_scores.dim() != 1:
+        raise ValueError(f"Mamba heads scores must be 1-D, got shape {tuple(head_scores.shape)}")
+    n = head_scores.numel()
+    if not isinstance(ngroups, int) or ngroups < 1 or n % ngroups:
+        raise ValueError(f"number of Mamba heads={n} is not divisible by ngroups={ngroups!r}")
+    if not isinstance(keep_heads, int) or isinstance(keep_heads, bool) or \
+            not ngroups <= keep_heads <= n or keep_heads % ngroups:
+        raise ValueError(f"keep_heads={keep_heads!r} must be a multiple of ngroups={ngroups} "
+                         f"between {ngroups} and {n} (the pruned layer keeps {ngroups} equal groups)")
+    return topk_indices(head_scores, keep_heads).sort().values
 
 
 def mamba_flat_indices(heads: Tensor, channels: Tensor, headdim: int) -> Tensor:

@@ -20,6 +20,12 @@ class PlanConfig:
     mamba_source: str = "x"  # x | z | y: which activation scores Mamba heads/channels
     mamba_metric: str = "l2"  # l2 (paper eq. 19-24) | flap (sec. 3.3)
     order: str = "sorted"  # sorted | ranked (functionally identical; see targets.make_plan)
+    # FFN neuron score: post = linear_fc2 input, after the activation (Model Optimizer's);
+    # pre = first projection output, before it (paper eq. 26)
+    ffn_source: str = "post"
+    # aware (eq. 17: heads ranked within their group) | unaware (ablation baseline: ranked
+    # over the layer, then forced into groups; changes the function, never use it for real)
+    mamba_grouping: str = "aware"
     # The layout the PRUNED model will run at: sizes must divide by it.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -32,7 +38,8 @@ def run_plan(cfg: PlanConfig) -> dict:
     cfg.parallel.validate()
     imp = ImportanceFile.load(cfg.importance)
     plan = make_plan(imp, cfg.target, mamba_source=cfg.mamba_source, mamba_metric=cfg.mamba_metric,
-                     order=cfg.order, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+                     order=cfg.order, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                     ffn_source=cfg.ffn_source, mamba_grouping=cfg.mamba_grouping)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")

@@ -28,6 +28,8 @@ from ..model import count_parameters
 from . import keep as K
 
 FORMAT = "megatron-minitron-plan"
+# plan ffn_source -> importance-file key: after the activation (linear_fc2 input) / before it
+FFN_SOURCES = {"post": "ffn", "pre": "ffn_pre"}
 VERSION = 1
 
 
@@ -104,7 +106,7 @@ class Plan:
                         for k, e in d["layers"].items()},
                 params_before=d.get("params_before", {}), params_after=d.get("params_after", {}),
                 settings=d.get("settings", {}))
-        check_plan(p)
+        check_plan(p, group_rule=p.settings.get("mamba_grouping", "aware") != "unaware")
         return p
 
     @classmethod
@@ -302,13 +304,19 @@ def validate_targets(src: ModelConfig, t: TargetConfig, tp: int = 1, pp: int = 1
 
 
 def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: str = "l2",
-              order: str = "sorted", tp: int = 1, pp: int = 1) -> Plan:
+              order: str = "sorted", tp: int = 1, pp: int = 1, ffn_source: str = "post",
+              mamba_grouping: str = "aware") -> Plan:
     """Keep sets from an ImportanceFile and a target (paper sec. 3.1-3.4).
 
     order="sorted": every keep set sorted ascending (Mamba / attention heads stay within
     their groups, so this is still the group-order concatenation of eq. 17); any order is
     functionally identical, and sorted sets let each rank of the rewrite read a compact
     slice of the source. order="ranked": most important first (within groups).
+
+    ffn_source="post" scores FFN neurons by linear_fc2's input (after the activation; Model
+    Optimizer's choice), "pre" by the first projection's output (before it; paper eq. 26).
+    mamba_grouping="unaware" is an ablation baseline only (keep.mamba_heads_group_unaware:
+    heads ranked over the whole layer, then forced into groups; changes the function).
     """
     from ..importance import scores as S
 
@@ -320,6 +328,12 @@ def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: st
         raise ConfigError(f"mamba_metric={mamba_metric!r}: use l2 or flap")
     if order not in ("sorted", "ranked"):
         raise ConfigError(f"order={order!r}: use sorted or ranked")
+    if ffn_source not in FFN_SOURCES:
+        raise ConfigError(f"ffn_source={ffn_source!r}: use post (linear_fc2 input, after the "
+                          "activation) or pre (first projection output, paper eq. 26)")
+    if mamba_grouping not in ("aware", "unaware"):
+        raise ConfigError(f"mamba_grouping={mamba_grouping!r}: use aware (eq. 17) or unaware "
+                          "(ablation baseline only)")
     types = K.pattern_layers(src.pattern)
 
     def fin(v: torch.Tensor) -> torch.Tensor:
@@ -363,11 +377,15 @@ def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: st
                 ch = K.topk_indices(ch_scores, kc)
                 head_scores = S.mamba_head_scores(a, ch)
             heads, ch = K.mamba_keep_sets(head_scores, ch_scores, src.mamba_num_groups, kh, kc)
+            if mamba_grouping == "unaware":
+                heads = K.mamba_heads_group_unaware(head_scores, src.mamba_num_groups, kh)
             layers[i] = {"mamba_heads": fin(heads), "mamba_channels": fin(ch)}
         elif typ == "-":
-            if "ffn" not in e:
-                raise ConfigError(f"importance layer {i} has no 'ffn' scores")
-            layers[i] = {"ffn": fin(K.ffn_keep(e["ffn"].float(), t.ffn_hidden_size or src.ffn_hidden_size))}
+            key = FFN_SOURCES[ffn_source]
+            if key not in e:
+                raise ConfigError(f"importance layer {i} has no {key!r} scores (ffn_source={ffn_source}); "
+                                  f"re-run `stats` with {key} in sources or use the other ffn_source")
+            layers[i] = {"ffn": fin(K.ffn_keep(e[key].float(), t.ffn_hidden_size or src.ffn_hidden_size))}
         else:
             na = t.num_attention_heads or src.num_attention_heads
             sc = e.get("attn")
@@ -378,11 +396,13 @@ def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: st
                 sc = torch.zeros(src.num_attention_heads)
             layers[i] = {"attention_heads": fin(K.attention_keep(sc.float(), src.num_query_groups, na))}
     settings = {"mamba_source": mamba_source, "mamba_metric": mamba_metric, "order": order,
+                "ffn_source": ffn_source, "mamba_grouping": mamba_grouping,
                 "target": dataclasses.asdict(t), "tp": tp, "pp": pp,
                 "importance_meta": {k: v for k, v in (imp.meta or {}).items()
                                     if isinstance(v, (int, float, str, bool))}}
     try:
-        plan = assemble_plan(src, hidden, layers, dropped, settings)
+        plan = assemble_plan(src, hidden, layers, dropped, settings,
+                             group_rule=mamba_grouping == "aware")
         plan.target.validate(tp=tp, pp=pp, prefix="pruned model")
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -65,6 +65,7 @@ def test_accumulators_match_direct_computation(par, batch):
     hs = [layers[0].mixer.in_proj.register_forward_hook(keep("in_proj")),
           layers[0].mixer.out_proj.register_forward_pre_hook(keep("y", pre=True)),
           layers[1].mlp.linear_fc2.register_forward_pre_hook(keep("ffn", pre=True)),
+          layers[1].mlp.linear_fc1.register_forward_hook(keep("fc1")),
           layers[2].self_attention.linear_proj.register_forward_pre_hook(keep("attn", pre=True)),
           layers[2].input_layernorm.register_forward_hook(keep("norm2")),
           layers[3].register_forward_pre_hook(
@@ -84,6 +85,10 @@ def test_accumulators_match_direct_computation(par, batch):
     torch.testing.assert_close(acc["L0.x"], direct(raw["in_proj"][..., di:2 * di]), **close)
     torch.testing.assert_close(acc["L0.y"], direct(raw["y"]), **close)
     torch.testing.assert_close(acc["L1.ffn"], direct(raw["ffn"]), **close)
+    # ffn_pre = first projection's output (eq. 26), ffn = after the activation (fc2 input)
+    torch.testing.assert_close(acc["L1.ffn_pre"], direct(raw["fc1"]), **close)
+    torch.testing.assert_close(torch.relu(raw["fc1"]) ** 2, raw["ffn"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(acc["L1.ffn_pre"], acc["L1.ffn"])
     torch.testing.assert_close(acc["L2.attn"], direct(raw["attn"]), **close)
     torch.testing.assert_close(acc["L2.hidden"], direct(raw["norm2"]), **close)
     torch.testing.assert_close(acc["final_norm"], direct(raw["final"]), **close)

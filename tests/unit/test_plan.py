@@ -184,3 +184,59 @@ def test_take_into_out_and_shard_box():
         rules.shard_box([torch.tensor([9])], (0,), (1,), (6,))
     with pytest.raises(ValueError, match="does not fit"):
         rules.shard_box([None], (4,), (3,), (6,))
+
+
+def test_group_unaware_ablation_ranks_over_the_layer_and_forces_groups(tmp_path):
+    """mamba_grouping=unaware (ablation baseline): the global top-k by head score, ascending,
+    cut into equal group slots; with every top head in group 0 it breaks eq. 17 (the aware
+    plan keeps 2 per group), and the plan.json still round-trips through Plan.load."""
+    imp = importance()
+    t = TargetConfig(mamba_num_heads=4)
+    for i, e in imp.layers.items():
+        if "mamba" in e:  # group 0 (heads 0-3) dominates every source
+            for a in e["mamba"].values():
+                a[:4] += 10.0
+    p = make_plan(imp, t, mamba_grouping="unaware")
+    aware = make_plan(imp, t)
+    for i in p.kept_layers:
+        if SRC.pattern[i] == "M":
+            a = imp.layers[i]["mamba"]["x"][:, p.layers[i]["mamba_channels"]].norm(dim=1)
+            brute = sorted(sorted(range(8), key=lambda h: -float(a[h]))[:4])  # top-4 of all heads
+            assert p.layers[i]["mamba_heads"] == brute == [0, 1, 2, 3]
+            assert aware.layers[i]["mamba_heads"] != brute  # 2 per group there
+            assert p.layers[i]["mamba_channels"] == aware.layers[i]["mamba_channels"]
+    assert p.settings["mamba_grouping"] == "unaware"
+    with pytest.raises(ConfigError, match="only within their group"):  # the rule it breaks
+        assemble_plan(SRC, p.hidden, p.layers)
+    p.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json").to_dict() == p.to_dict()
+    # balanced scores: the global top-k is 2 per group, so unaware == aware (sorted)
+    for i, e in imp.layers.items():
+        if "mamba" in e:
+            for a in e["mamba"].values():
+                a[:4] -= 10.0
+                a[[0, 1, 4, 5]] += 10.0
+    assert make_plan(imp, t, mamba_grouping="unaware").layers == make_plan(imp, t).layers
+    with pytest.raises(ConfigError, match="mamba_grouping='any'"):
+        make_plan(imp, t, mamba_grouping="any")
+
+
+def test_ffn_source_selects_pre_or_post_activation_scores():
+    imp = importance()
+    for e in imp.layers.values():
+        if "ffn" in e:
+            e["ffn_pre"] = -e["ffn"]  # opposite ranking: the two settings must keep disjoint sets
+    t = TargetConfig(ffn_hidden_size=64)
+    post, pre = make_plan(imp, t), make_plan(imp, t, ffn_source="pre")
+    for i, e in imp.layers.items():
+        if "ffn" in e:
+            assert post.layers[i]["ffn"] == sorted(e["ffn"].topk(64).indices.tolist())
+            assert pre.layers[i]["ffn"] == sorted(e["ffn_pre"].topk(64).indices.tolist())
+            assert not set(post.layers[i]["ffn"]) & set(pre.layers[i]["ffn"])
+    assert (post.settings["ffn_source"], pre.settings["ffn_source"]) == ("post", "pre")
+    with pytest.raises(ConfigError, match="ffn_source='mid'"):
+        make_plan(imp, t, ffn_source="mid")
+    for e in imp.layers.values():
+        e.pop("ffn_pre", None)
+    with pytest.raises(ConfigError, match="no 'ffn_pre' scores"):
+        make_plan(imp, t, ffn_source="pre")
