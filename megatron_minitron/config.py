@@ -227,6 +227,10 @@ class TrainConfig:
             raise ConfigError(
                 f"{prefix}.warmup_steps={self.warmup_steps} must be < {prefix}.steps={self.steps}"
             )
+        if not self.lr > 0:  # also NaN
+            raise ConfigError(f"{prefix}.lr={self.lr} must be a positive learning rate, e.g. 3e-4")
+        if not self.min_lr >= 0:
+            raise ConfigError(f"{prefix}.min_lr={self.min_lr} must be >= 0 (0 decays to zero)")
         if self.min_lr > self.lr:
             raise ConfigError(f"{prefix}.min_lr={self.min_lr} exceeds {prefix}.lr={self.lr}")
 
@@ -270,8 +274,16 @@ def load_yaml(path: str | Path, _seen: Optional[set] = None) -> dict:
     seen = seen | {path}
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:  # one line: where and what, no parser traceback
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path} cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
     includes = data.pop("include", []) or []
@@ -300,7 +312,11 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not a valid YAML scalar; "
+                              "quote it, e.g. key='text'") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

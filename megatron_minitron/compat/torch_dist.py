@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
+
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
     "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
@@ -52,8 +54,81 @@ _IO_PIECE = 1 << 18
 _LOCAL, _CENTRAL, _EOCD = b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06"
 
 
-class FormatError(RuntimeError):
-    """The folder is not a readable torch_dist checkpoint (message names file and key)."""
+class FormatError(ConfigError, RuntimeError):
+    """The folder is not a readable torch_dist checkpoint (message names file and key).
+    A ConfigError, so the CLI reports it in one line (exit 2), not as a traceback."""
+
+
+def read_metadata(folder: str | Path):
+    """The torch DCP Metadata of a megatron torch_dist checkpoint folder, or FormatError
+    naming the file and what is wrong (missing, truncated, not a pickle of Metadata)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    folder = Path(folder)
+    try:
+        backend = json.loads((folder / "metadata.json").read_text()).get("sharded_backend")
+    except (OSError, ValueError, AttributeError) as e:
+        raise FormatError(f"{folder}: no readable metadata.json ({e}); not a megatron "
+                          "distributed checkpoint") from None
+    if backend != "torch_dist":
+        raise FormatError(f"{folder}: sharded_backend is {backend!r}; only 'torch_dist' "
+                          "is supported (re-save the checkpoint with megatron's torch_dist backend)")
+    path = folder / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise FormatError(f"{path} is missing: the checkpoint is incomplete") from None
+    except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, ... from a damaged file
+        raise FormatError(f"{path} is truncated or corrupt ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(md, Metadata) or not isinstance(getattr(md, "storage_data", None), dict):
+        raise FormatError(f"{path} does not hold torch.distributed.checkpoint Metadata")
+    return md
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """.metadata holds only torch.distributed.checkpoint / torch classes and builtins: a
+    foreign pickle cannot run code here."""
+
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("torch", "collections", "builtins", "enum") or module == "_codecs":
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unexpected class {module}.{name}")
+
+
+def check_files(folder: str | Path):
+    """Cheap integrity check of a torch_dist checkpoint before any model is built: the
+    .metadata parses, every shard file it names exists and is long enough for its items,
+    common.pt is a complete zip. FormatError (one line, names the file) otherwise.
+    Returns the Metadata. Byte flips inside tensor data cannot be seen: the format has
+    no checksums."""
+    import zipfile
+
+    folder = Path(folder)
+    md = read_metadata(folder)
+    need: dict[str, int] = {}
+    for idx, info in md.storage_data.items():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str):
+            raise FormatError(f"{folder}/.metadata: item {idx} has no shard file")
+        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, end in sorted(need.items()):
+        p = folder / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            raise FormatError(f"{p} is missing (.metadata lists items in it)") from None
+        if size < end:
+            raise FormatError(f"{p} is truncated: {size} bytes, .metadata needs {end}")
+    common = folder / "common.pt"
+    if common.exists():
+        try:
+            with zipfile.ZipFile(common) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise FormatError(f"{common} is truncated or corrupt ({e})") from None
+    return md
 
 
 # ----------------------------------------------------------------------------- reading
@@ -167,18 +242,8 @@ class Reader:
     no collectives). Use as a context manager or call close()."""
 
     def __init__(self, folder: str | Path):
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.folder = Path(folder)
-        try:
-            backend = json.loads((self.folder / "metadata.json").read_text()).get("sharded_backend")
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{self.folder}: no readable metadata.json ({e}); not a megatron "
-                              "distributed checkpoint") from None
-        if backend != "torch_dist":
-            raise FormatError(f"{self.folder}: sharded_backend is {backend!r}; only 'torch_dist' "
-                              "is supported (re-save the checkpoint with megatron's torch_dist backend)")
-        self.metadata = FileSystemReader(str(self.folder)).read_metadata()
+        self.metadata = check_files(self.folder)
         self._files: dict[str, object] = {}
         self._buf: torch.Tensor | None = None
 
@@ -236,7 +301,13 @@ class Reader:
                               f"{info.offset}+{info.length})")
         t = _parse_tensor(blob)
         if t is None:
-            t = torch.load(io.BytesIO(blob.numpy().tobytes()), map_location="cpu", weights_only=True)
+            try:
+                t = torch.load(io.BytesIO(blob.numpy().tobytes()), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a damaged item: name it
+                raise FormatError(f"{self.folder}/{info.relative_path}: item {key!r} at {info.offset} "
+                                  f"is corrupt ({type(e).__name__})") from None
+            if not isinstance(t, torch.Tensor):
+                raise FormatError(f"{self.folder}/{info.relative_path}: item {key!r} is not a tensor")
         return t
 
     def read_box(self, key: str, lo, box, reuse: bool = False) -> torch.Tensor:

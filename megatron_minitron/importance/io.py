@@ -83,12 +83,58 @@ class ImportanceFile:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"importance file {path} does not exist; run the `stats` stage first")
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # weights_only: a foreign pickle cannot run code; truncation fails here
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError / pickle / zip errors
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"importance file {path} cannot be read (truncated or not written by "
+                              f"`stats`: {msg[:200]}); re-run `stats`") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ConfigError(f"{path} is not a megatron-minitron importance file")
         if blob.get("version") != VERSION:
             raise ConfigError(f"{path} has importance format version {blob.get('version')}, "
                               f"this release reads version {VERSION}; re-run `stats`")
-        return cls(model=build(ModelConfig, blob["model"], "model."),
-                   layers={int(k): v for k, v in blob["layers"].items()},
-                   hidden=blob["hidden"], depth=blob["depth"], meta=blob.get("meta", {}))
+        try:
+            f = cls(model=build(ModelConfig, blob["model"], "model."),
+                    layers={int(k): v for k, v in blob["layers"].items()},
+                    hidden=blob["hidden"], depth=blob["depth"], meta=blob.get("meta", {}))
+            f.model.validate()
+            f.check()
+        except ConfigError as e:
+            raise ConfigError(f"importance file {path}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise ConfigError(f"importance file {path} is malformed ({what}); re-run `stats`") from None
+        return f
+
+    def check(self) -> None:
+        """Every score tensor the model's pattern calls for is present, fp, of the right
+        shape (a hand-edited or foreign file fails here, not deep inside `plan`)."""
+        m = self.model
+
+        def want(name: str, t: Any, shape: tuple) -> None:
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ConfigError(f"{name} should be a float tensor of shape {shape}, found {got}")
+
+        want("hidden", self.hidden, (m.hidden_size,))
+        for i, t in enumerate(m.pattern.replace("|", "")):
+            e = self.layers.get(i)
+            if not isinstance(e, dict):
+                raise ConfigError(f"layer {i} ({t!r}) has no scores")
+            if t == "M":
+                mamba = e.get("mamba", {})
+                if not isinstance(mamba, dict):
+                    raise ConfigError(f"layer {i} mamba scores must be a mapping {{x, z, y}}")
+                for k, v in mamba.items():
+                    want(f"layer {i} mamba.{k}", v, (m.mamba_num_heads, m.mamba_head_dim))
+                if "flap" in e:
+                    want(f"layer {i} flap", e["flap"], (m.mamba_d_inner,))
+            elif t == "-" and "ffn" in e:  # absent when stats ran without the ffn source
+                want(f"layer {i} ffn", e["ffn"], (m.ffn_hidden_size,))
+            elif "attn" in e:
+                want(f"layer {i} attn", e["attn"], (m.num_attention_heads,))
+        if not isinstance(self.depth, dict):
+            raise ConfigError("depth must be a mapping {kl, cosine}")
+        for k, v in self.depth.items():
+            want(f"depth.{k}", v, (m.num_layers,))

@@ -93,11 +93,25 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
-        if d.get("format") != FORMAT:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ConfigError(f"{where} is not a megatron-minitron plan (run the `plan` stage)")
         if d.get("version") != VERSION:
             raise ConfigError(f"{where} has plan version {d.get('version')}; this release reads {VERSION}")
-        p = cls(source=build(ModelConfig, d["source"], "source."),
+        try:  # a hand-edited plan: every field checked, the error names the file
+            p = cls._from_dict(d)
+            for name, m in (("source", p.source), ("target", p.target)):
+                m.validate(prefix=f"{name}")
+            check_plan(p, group_rule=p.settings.get("mamba_grouping", "aware") != "unaware")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise ConfigError(f"{where} is not a valid plan ({what}); re-run the `plan` stage") from None
+        return p
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "Plan":
+        return cls(source=build(ModelConfig, d["source"], "source."),
                 target=build(ModelConfig, d["target"], "target."),
                 kept_layers=[int(i) for i in d["kept_layers"]],
                 dropped_layers=[int(i) for i in d["dropped_layers"]],
@@ -106,8 +120,6 @@ class Plan:
                         for k, e in d["layers"].items()},
                 params_before=d.get("params_before", {}), params_after=d.get("params_after", {}),
                 settings=d.get("settings", {}))
-        check_plan(p, group_rule=p.settings.get("mamba_grouping", "aware") != "unaware")
-        return p
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -116,7 +128,11 @@ class Plan:
             path = path / "plan.json"
         if not path.is_file():
             raise ConfigError(f"plan {path} does not exist; run the `plan` stage first")
-        return cls.from_dict(json.loads(path.read_text()), str(path))
+        try:
+            d = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # truncated / not JSON
+            raise ConfigError(f"plan {path} is not valid JSON ({e}); re-run the `plan` stage") from None
+        return cls.from_dict(d, str(path))
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -146,10 +162,18 @@ def _check_grouped(name: str, idx: list[int], n: int, groups: int) -> None:
                 "group (a cross-group move changes which B/C or K/V a head reads)")
 
 
+_PRUNED_FIELDS = {"pattern", "hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim",
+                  "num_attention_heads"}
+
+
 def check_plan(p: Plan, group_rule: bool = True) -> None:
     """Internal consistency of a plan (sizes agree with the target config)."""
     src, tgt = p.source, p.target
     types = K.pattern_layers(src.pattern)
+    fixed = {k: (v, getattr(tgt, k)) for k, v in src.to_dict().items() if k not in _PRUNED_FIELDS
+             and getattr(tgt, k) != v}
+    if fixed:
+        raise ConfigError(f"target differs from source in fields pruning never changes: {fixed}")
     _check_index_list("hidden", p.hidden, src.hidden_size)
     if len(p.hidden) != tgt.hidden_size:
         raise ConfigError(f"plan keeps {len(p.hidden)} hidden channels but target.hidden_size={tgt.hidden_size}")
@@ -185,6 +209,8 @@ def check_plan(p: Plan, group_rule: bool = True) -> None:
             if group_rule:
                 _check_grouped(f"layer {i} attention_heads", e["attention_heads"],
                                src.num_attention_heads, src.num_query_groups)
+            else:
+                _check_index_list(f"layer {i} attention_heads", e["attention_heads"], src.num_attention_heads)
             if len(e["attention_heads"]) != tgt.num_attention_heads:
                 raise ConfigError(f"plan layer {i} keeps {len(e['attention_heads'])} attention heads; "
                                   f"target {tgt.num_attention_heads}")

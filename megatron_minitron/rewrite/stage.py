@@ -263,6 +263,7 @@ def run_prune(cfg: PruneConfig) -> dict:
         raise ConfigError(f"plan {cfg.plan} was made for another model than checkpoint {src_it}: "
                           f"(checkpoint, plan) differ in {diff}; re-run `plan` on this checkpoint's stats")
     plan.target.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp, prefix="plan target")
+    torch_dist.check_files(src_it)  # a missing / truncated shard or .metadata: refused now
     p = _paths(dst)
     if not in_place and _same_path(str(dst), str(src_it)):
         in_place = True

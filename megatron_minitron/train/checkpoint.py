@@ -54,13 +54,28 @@ def require(path: str | Path) -> Path:
     return it
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # truncated / hand-broken: one line naming the file
+        raise ConfigError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+
+
 def read_model_config(path: str | Path) -> ModelConfig:
     it = require(path)
-    return build(ModelConfig, json.loads((it / CONFIG_FILE).read_text()), "model.")
+    try:
+        cfg = build(ModelConfig, _read_json(it / CONFIG_FILE), "model.")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{it / CONFIG_FILE}: {e}") from None
+    return cfg
 
 
 def read_meta(path: str | Path) -> dict:
-    return json.loads((require(path) / META_FILE).read_text())
+    meta = _read_json(require(path) / META_FILE)
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{require(path) / META_FILE} must hold a JSON object")
+    return meta
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -111,10 +126,25 @@ def _prune_old(ckpt_dir: Path, keep_last: int) -> None:
 
 def load(path: str | Path, sharded_state_dict: dict) -> dict:
     """Collective load of the tensors named by `sharded_state_dict` (any TP/PP layout)."""
-    from ..compat import mcore
+    from ..compat import mcore, torch_dist
 
     it = require(path)
-    return mcore.dist_checkpointing.load(sharded_state_dict, str(it))
+    torch_dist.check_files(it)  # missing / truncated shard or .metadata: one-line error first
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        return mcore.dist_checkpointing.load(sharded_state_dict, str(it))
+    except MemoryError:
+        raise
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged item / another model
+        inner = e
+        if isinstance(e, CheckpointException) and e.failures:  # rank -> (exception, trace)
+            inner = next(iter(e.failures.values()))[0]
+        if "out of memory" in str(inner).lower():
+            raise
+        first = (str(inner).strip().splitlines() or [""])[0][:200]
+        raise torch_dist.FormatError(f"{it}: megatron's loader failed ({type(inner).__name__}: {first}); "
+                                     "the checkpoint is damaged or was written for another model") from e
 
 
 def load_model_weights(path: str | Path, model) -> dict:
