@@ -219,11 +219,18 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 8
     save_interval: int = 100
+    # Save and stop (exit 0) once this many minutes have passed since the stage started;
+    # 0 = no limit. For clusters without a warning signal (preempt.py; Slurm jobs also
+    # stop on SIGUSR1 / SIGTERM). Re-running the same command resumes.
+    exit_duration_minutes: float = 0.0
 
     def validate(self, dp: int = 1, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval",
                      "eval_interval", "eval_iters", "save_interval"):
             _positive(self, name, prefix + ".")
+        if not self.exit_duration_minutes >= 0:  # also NaN
+            raise ConfigError(f"{prefix}.exit_duration_minutes={self.exit_duration_minutes} must be "
+                              ">= 0 minutes (0 = no limit), e.g. 230 for a 4-hour job")
         if self.global_batch_size % (self.micro_batch_size * dp):
             mb = self.micro_batch_size * dp
             raise ConfigError(

@@ -30,6 +30,7 @@ from ..train.engine import (MicroBatches, Progress, build_trainable, evaluate, f
                             lm_forward_step, reduce_reports, resume_trainable, save_trainable,
                             train_step)
 from ..train.pretrain import _tensorboard, check_data, datasets, valid_batches, world_size_from_env
+from ..preempt import StopRequest, clear_record
 from .loss import kd_loss
 from .teacher import checksum, distill_forward_step, load_teacher, pair_shapes_fn
 
@@ -210,6 +211,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     metrics = open(out / "metrics.jsonl", "a") if D.is_rank0() else None
     prog = Progress(tr.steps, t.iteration, D.is_rank0(), "distill")
     last_val, start_it, t_loop = None, t.iteration, time.time()
+    stop, interrupted = StopRequest(tr.exit_duration_minutes, t_start).start(), None
     while t.iteration < tr.steps:
         t0 = time.time()
         res = train_step(t, data, fwd, num_micro, seq, tr.micro_batch_size, schedule_kwargs=sched_kw)
@@ -242,11 +244,22 @@ def run_distill(cfg: DistillConfig) -> dict:
                 + (f" | student val loss {last_val:.4f}" if "val_loss" in rec else "")
             )
         stop_now = cfg.exit_after_steps and t.iteration - start_it >= cfg.exit_after_steps
-        if t.iteration % tr.save_interval == 0 or final or stop_now:
+        asked = stop.poll() and not final  # signal / exit_duration_minutes, agreed by all ranks
+        if t.iteration % tr.save_interval == 0 or final or stop_now or asked:
             save_trainable(t, out, dict(meta, val_loss=last_val))
+        if asked:
+            interrupted = stop.record(out, t.iteration, "checkpoint")
+            break
         if stop_now:
             break
+    stop.close()
     prog.close()
+    if interrupted is not None:  # no final evaluation: the job is about to be killed
+        if owns_pg:
+            D.shutdown()
+        return {"stage": "distill", "interrupted": interrupted, "iteration": t.iteration,
+                "steps": tr.steps, "checkpoint": str(ckpt.resolve(out))}
+    clear_record(out)
     if last_val is None:  # nothing left to train, or stopped between evaluations
         last_val = val_loss(t.model)
     teacher_sum_after = checksum(teacher)

@@ -15,6 +15,7 @@ Calibration step k covers global samples [k*mbs*dp, (k+1)*mbs*dp) of the train s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -44,12 +45,18 @@ class StatsConfig:
     seq_length: int = 0  # 0 = the model's seq_length
     micro_batch_size: int = 4
     depth_samples: int = 32  # the first N samples also get the depth KL forwards (paper: 256)
+    # depth KL logits are made this many tokens at a time (0 = the whole micro-batch at once):
+    # peak extra memory about 5 x chunk x vocab/tp x 4 bytes instead of that per token
+    depth_chunk_tokens: int = 1024
     # what to collect: Mamba x / z / y, flap, ffn (after the activation), ffn_pre (before it,
     # eq. 26), attn, hidden, cosine, kl (depth)
     sources: list[str] = field(default_factory=lambda: list(ALL_SOURCES))
     save_interval: int = 16  # calibration steps between partial-state saves (0 = never)
     resume: bool = True  # continue from <output_dir>/partial when it matches this run
     stop_after: int = 0  # stop (leaving the partial state) after N steps of this run; 0 = run all
+    # save the partial state and stop (exit 0) after this many minutes; 0 = no limit (the
+    # stage also stops on SIGUSR1 / SIGTERM: preempt.py). Re-run the same command to resume.
+    exit_duration_minutes: float = 0.0
     seed: int = 1234
 
 
@@ -64,9 +71,12 @@ def validate(cfg: StatsConfig) -> ModelConfig:
     for key in ("samples", "micro_batch_size"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
-    for key in ("depth_samples", "save_interval", "stop_after", "seq_length"):
+    for key in ("depth_samples", "save_interval", "stop_after", "seq_length", "depth_chunk_tokens"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
+    from ..preempt import check_minutes
+
+    check_minutes(cfg.exit_duration_minutes)
     bad = [s for s in cfg.sources if s not in ALL_SOURCES]
     if bad:
         raise ConfigError(f"sources={cfg.sources}: unknown source(s) {bad}; choose from {ALL_SOURCES} "
@@ -122,27 +132,72 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _save_partial(out: Path, step: int, fp: dict, col: StatsCollector) -> None:
-    """Each rank writes its accumulators under partial/step_K/; after a barrier rank 0 points
-    partial/latest at K (atomically) and removes older steps: a crash mid-save leaves the
-    previous complete state in charge."""
-    part = out / "partial"
-    d = part / f"step_{step:07d}"
-    if D.is_rank0():
-        d.mkdir(parents=True, exist_ok=True)
-    D.barrier()
-    tmp = d / f"rank_{_rank():05d}.pt.tmp"
-    torch.save({"step": step, "fingerprint": fp, "acc": col.state_dict()}, tmp)
-    tmp.replace(tmp.with_suffix(""))
-    D.barrier()
-    if D.is_rank0():
-        t = part / "latest.tmp"
-        t.write_text(d.name)
-        t.replace(part / "latest")
-        for old in part.glob("step_*"):
-            if old.name != d.name:
-                shutil.rmtree(old, ignore_errors=True)
-    D.barrier()
+class PartialWriter:
+    """Partial-state saves off the critical path. `save(K)` copies this rank's accumulators
+    (a few MB) and a background thread writes partial/step_K/rank_R.pt; the loop goes on.
+    The NEXT save point joins that thread (long done) and the ranks agree, with one tiny
+    all-reduce (MIN of the last step every rank has written), which step is complete on all
+    of them; rank 0 then points partial/latest at it (atomic rename) and removes older steps.
+    A crash at any moment leaves `latest` at a step every rank finished writing.
+    `save(K, sync=True)` (stop, stop_after) also waits and confirms K itself."""
+
+    def __init__(self, out: Path, fp: dict, device):
+        self.part = out / "partial"
+        self.fp = fp
+        self.device = device
+        self.thread = None
+        self.written = 0  # last step this rank finished writing
+        self.confirmed = 0  # last step `latest` points at
+        self.error = None
+
+    def _write(self, step: int, state: dict) -> None:
+        try:
+            d = self.part / f"step_{step:07d}"
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f"rank_{_rank():05d}.pt.tmp"
+            torch.save({"step": step, "fingerprint": self.fp, "acc": state}, tmp)
+            tmp.replace(tmp.with_suffix(""))
+            self.written = step
+        except BaseException as e:  # re-raised in the main thread at the next join
+            self.error = e
+
+    def _join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
+
+    def _confirm(self) -> None:
+        step = torch.tensor([self.written], dtype=torch.int64, device=self.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+        step = int(step.item())
+        if step > self.confirmed and D.is_rank0():
+            t = self.part / "latest.tmp"
+            t.write_text(f"step_{step:07d}")
+            t.replace(self.part / "latest")
+            for old in self.part.glob("step_*"):
+                if int(old.name[5:]) < step:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.confirmed = max(self.confirmed, step)
+
+    def save(self, step: int, col: StatsCollector, sync: bool = False) -> None:
+        """Collective (every rank, same steps)."""
+        import threading
+
+        self._join()
+        self._confirm()
+        self.thread = threading.Thread(target=self._write, args=(step, col.state_dict()),
+                                       name=f"stats-partial-{step}", daemon=False)
+        self.thread.start()
+        if sync:
+            self._join()
+            self._confirm()
+
+    def discard(self) -> None:
+        """The run completed: wait for a pending write (the folder is removed next)."""
+        self._join()
 
 
 def _load_partial(out: Path, fp: dict, col: StatsCollector) -> int:
@@ -228,7 +283,7 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
     from ..model import build_model
     from ..train.engine import Progress, collate, fmt_eta
     from ..train.pretrain import datasets
-    from .depth import accumulate_kl, pipeline_forward
+    from .depth import accumulate_kl, hidden_out, pipeline_forward
 
     out = _out_dir(cfg)
     # one epoch of the train split (None = no repetition), so "too many samples" is visible
@@ -239,7 +294,10 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
             f"samples={cfg.samples} exceeds the {have} distinct train samples of length {seq} in "
             f"{cfg.data.prefix} (split {cfg.data.split!r}); use samples <= {have}, a shorter "
             "seq_length, or a larger corpus")
-    model = build_model(model_cfg, par)
+    from ..train.engine import runtime_for
+
+    rt = runtime_for(cfg.parallel, training=False)  # sequence parallel; no fused Mamba path
+    model = build_model(model_cfg, par, initialize=False, runtime=rt)  # weights loaded next
     ckpt_dir = ckpt.require(cfg.checkpoint)  # the iteration folder actually loaded
     meta_ckpt = ckpt.load_model_weights(ckpt_dir, model)
     model.eval()
@@ -248,7 +306,7 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
     n_local = len(model.decoder.layers)
     sources = list(dict.fromkeys(cfg.sources))
     col = StatsCollector(model, model_cfg, par.tp, offset, [s for s in sources if s != "kl"],
-                         device=par.device)
+                         device=par.device, sp_group=par.pg.tp if rt.sequence_parallel else None)
     want_kl = "kl" in sources and cfg.depth_samples > 0
     L = model_cfg.num_layers
     if want_kl and par.is_last_stage:
@@ -264,6 +322,8 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
     start = _load_partial(out, fp, col) if cfg.resume else 0
     if not cfg.resume and D.is_rank0():
         shutil.rmtree(out / "partial", ignore_errors=True)
+    writer = PartialWriter(out, fp, par.device)
+    writer.written = writer.confirmed = start
     D.print0(f"[stats] {model_cfg.pattern!r} from {ckpt.require(cfg.checkpoint)}: {cfg.samples} samples "
              f"x {seq} tokens ({cfg.depth_samples if want_kl else 0} with depth KL, {L} extra "
              f"forwards each); tp={par.tp} pp={par.pp} dp={par.dp}; {steps} steps of {per_step}"
@@ -271,15 +331,22 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
 
     prog = Progress(steps, start, D.is_rank0(), "stats")
     end = steps if not cfg.stop_after else min(steps, start + cfg.stop_after)
-    t_loop = time.time()
-    with torch.no_grad(), col:
+    t_loop, c_loop, first_s = time.time(), time.process_time(), None
+    from ..preempt import StopRequest, clear_record
+
+    # lag=1: the stop flag's all-reduce overlaps the next step (no per-step wait between
+    # DP ranks, which otherwise share no collective until the end)
+    stop, interrupted = StopRequest(cfg.exit_duration_minutes, t_start, lag=1), None
+    with torch.no_grad(), col, stop:
         for k in range(start, end):
             base = k * per_step + par.dp_rank * cfg.micro_batch_size
             idx = [i for i in range(base, base + cfg.micro_batch_size) if i < cfg.samples]
             if idx:  # ranks of one pipeline / TP group share dp_rank: they agree on this
                 batch = collate([train_ds[i] for i in idx], par.device)
                 held: list = []
-                pipeline_forward(model, batch, held.append)
+                with (hidden_out(model) if want_kl else contextlib.nullcontext()):
+                    # with depth KL the last stage keeps hidden states, not logits
+                    pipeline_forward(model, batch, held.append)
                 col.count_samples(len(idx))
                 m = sum(i < cfg.depth_samples for i in idx) if want_kl else 0
                 if m:
@@ -287,21 +354,34 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
                     full = held[0][:m] if held else None
                     with col.paused():
                         accumulate_kl(model, sub, full, L, offset, n_local, par.is_last_stage,
-                                      par.pg.tp, col.acc.get("depth.kl_sum"))
+                                      par.pg.tp, col.acc.get("depth.kl_sum"),
+                                      chunk_tokens=cfg.depth_chunk_tokens)
                     if par.is_last_stage:
                         col.acc["depth.kl_n"] += m * seq
             prog.update(k + 1, {})
+            if first_s is None:
+                first_s = time.time() - t_loop  # warm-up step (allocations), kept apart
+            if k + 1 < end and stop.poll():
+                end = k + 1
+                writer.save(end, col, sync=True)
+                interrupted = stop.record(out, end, "partial state")
+                break
             if cfg.save_interval and (k + 1) % cfg.save_interval == 0 and k + 1 < end:
-                _save_partial(out, k + 1, fp, col)
+                writer.save(k + 1, col)
             if (k + 1) % max(1, steps // 10) == 0:
                 prog.write(f"[stats] step {k + 1}/{steps} ETA {fmt_eta(prog.eta(k + 1))}")
     prog.close()
-    loop_s = time.time() - t_loop
+    loop_s, loop_cpu = time.time() - t_loop, time.process_time() - c_loop
+    if interrupted is not None:
+        return {"stage": "stats", "complete": False, "steps_done": end, "steps": steps,
+                "interrupted": interrupted}
     if end < steps:
-        _save_partial(out, end, fp, col)
+        writer.save(end, col, sync=True)
         D.print0(f"[stats] stopped after step {end}/{steps} (stop_after={cfg.stop_after}); "
                  f"partial state in {out / 'partial'}; run again with resume=true to continue")
         return {"stage": "stats", "complete": False, "steps_done": end, "steps": steps}
+    writer.discard()
+    clear_record(out)
 
     from ..compat import mcore
     from .reduce import reduce_all
@@ -332,6 +412,11 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
                                      title=f"{model_cfg.pattern}  ({done} samples)")
         summary.update(_summary(imp, model_cfg, out, plot, loop_s, time.time() - t_start,
                                 steps - start, per_step))
+        # timing of this rank's loop: the first step (warm-up allocations) apart, and CPU time
+        steady = steps - start - 1
+        summary.update(collect_cpu_seconds_rank0=loop_cpu, first_step_seconds=first_s,
+                       samples_per_second_steady=(steady * per_step / (loop_s - first_s))
+                       if steady > 0 and first_s is not None and loop_s > first_s else None)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "config.json").write_text(dump_json(cfg))
         shutil.rmtree(out / "partial", ignore_errors=True)

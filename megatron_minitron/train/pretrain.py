@@ -101,6 +101,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     last_val = None
     t_loop = time.time()
     start_it = t.iteration
+    from ..preempt import StopRequest, clear_record
+
+    stop, interrupted = StopRequest(tr.exit_duration_minutes, t_start).start(), None
     while t.iteration < tr.steps:
         t0 = time.time()
         res = train_step(t, data, lm_forward_step, num_micro, seq, tr.micro_batch_size)
@@ -128,9 +131,21 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                 f"ETA {fmt_eta(prog.eta(t.iteration))}"
                 + (f" | val loss {last_val:.4f} ppl {math.exp(last_val):.2f}" if "val_loss" in rec else "")
             )
-        if t.iteration % tr.save_interval == 0 or t.iteration == tr.steps:
+        asked = stop.poll() and t.iteration < tr.steps  # signal / exit_duration_minutes
+        if t.iteration % tr.save_interval == 0 or t.iteration == tr.steps or asked:
             save_trainable(t, out, {"stage": "pretrain", "val_loss": last_val})
+        if asked:
+            interrupted = stop.record(out, t.iteration, "checkpoint")
+            break
+    stop.close()
     prog.close()
+    if interrupted is not None:  # no final evaluation: the job is about to be killed
+        if D.is_rank0():
+            metrics.close()
+        D.shutdown()
+        return {"stage": "pretrain", "interrupted": interrupted, "iteration": t.iteration,
+                "steps": tr.steps, "checkpoint": str(ckpt.resolve(out))}
+    clear_record(out)
     if last_val is None:  # nothing left to train (already at the last step)
         last_val = evaluate(t.model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
                             lm_forward_step, tr.eval_iters, par, seq, tr.micro_batch_size)
