@@ -46,6 +46,11 @@ class ModelConfig:
     mamba_state_dim: int = 16
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 64
+    # Mamba dt clamp: dt = softplus(dt_raw + dt_bias) clamped to [min, max] in the scan, as
+    # transformers' NemotronH does at time_step_min (import-hf keeps it); 0 = no bound.
+    # Megatron-trained models have none (compat/dt_limit.py applies it).
+    mamba_dt_clamp_min: float = 0.0
+    mamba_dt_clamp_max: float = 0.0
     num_attention_heads: int = 4
     num_query_groups: int = 2
     kv_channels: int = 64
@@ -102,6 +107,11 @@ class ModelConfig:
                 _positive(self, name, p)
             divisible("mamba_num_heads", self.mamba_num_heads, self.mamba_num_groups,
                       "model.mamba_num_groups")
+            lo, hi = self.mamba_dt_clamp_min, self.mamba_dt_clamp_max
+            if not (lo >= 0 and hi >= 0) or (hi and hi <= lo) or lo == float("inf"):
+                raise ConfigError(
+                    f"{p}mamba_dt_clamp_min={lo}, {p}mamba_dt_clamp_max={hi}: give 0 <= min < max "
+                    "(0 = no bound), e.g. mamba_dt_clamp_min=0.001 as transformers' time_step_min")
             divisible("mamba_num_heads", self.mamba_num_heads, tp, "parallel.tp")
             divisible("mamba_num_groups", self.mamba_num_groups, tp, "parallel.tp")
         if "*" in self.pattern:
@@ -158,14 +168,28 @@ class ParallelConfig:
     # "auto": Megatron's distributed optimizer on GPU; the plain fp32 optimizer on CPU,
     # where megatron-core's distributed optimizer refuses non-CUDA tensors.
     distributed_optimizer: str = "auto"  # auto | true | false
+    # how the distributed optimizer's state is saved: dp_sharded (each DP rank writes its
+    # slice; resumes at the same layout) | reshardable (gathered per parameter; any layout)
+    optimizer_checkpoint: str = "dp_sharded"
+    # mamba_ssm's fused conv+scan+norm kernel: auto = on for training on GPU with mamba_ssm,
+    # off elsewhere (the stats hooks read the unfused in_proj / out_proj tensors)
+    mamba_mem_eff_path: str = "auto"  # auto | true | false
+    fp8: str = ""  # '' | e4m3 | hybrid: Transformer Engine fp8 GEMMs (GPU with TE only)
+    overlap_grad_reduce: bool = False  # DDP: overlap DP gradient reduce with backward (GPU)
+    overlap_param_gather: bool = False  # distributed optimizer: overlap param all-gather (GPU)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
 
     def validate(self, prefix: str = "parallel") -> None:
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"{prefix}.tp={self.tp}, {prefix}.pp={self.pp}: both must be >= 1")
-        for key in ("distributed_optimizer",):
+        for key in ("distributed_optimizer", "mamba_mem_eff_path"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r}: use auto, true or false")
+        if self.fp8 not in ("", "e4m3", "hybrid"):
+            raise ConfigError(f"{prefix}.fp8={self.fp8!r}: use '' (off), e4m3 or hybrid")
+        if self.optimizer_checkpoint not in ("dp_sharded", "reshardable"):
+            raise ConfigError(f"{prefix}.optimizer_checkpoint={self.optimizer_checkpoint!r}: use "
+                              "dp_sharded or reshardable")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"{prefix}.backend={self.backend!r}: use auto, nccl or gloo")
 
@@ -219,6 +243,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 8
     save_interval: int = 100
+    # activation recompute: none | selective (attention core + MLP) | full (every layer)
+    recompute: str = "none"
     # Save and stop (exit 0) once this many minutes have passed since the stage started;
     # 0 = no limit. For clusters without a warning signal (preempt.py; Slurm jobs also
     # stop on SIGUSR1 / SIGTERM). Re-running the same command resumes.
@@ -238,6 +264,8 @@ class TrainConfig:
                 f"micro_batch_size x data-parallel size = {self.micro_batch_size} x {dp}; "
                 f"use e.g. {max(mb, self.global_batch_size - self.global_batch_size % mb)}"
             )
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"{prefix}.recompute={self.recompute!r}: use none, selective or full")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(f"{prefix}.lr_decay_style={self.lr_decay_style!r}: use cosine, linear or constant")
         if self.warmup_steps >= self.steps:

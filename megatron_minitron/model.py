@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +25,45 @@ def activation_fn(name: str):
     }[name]
 
 
+@dataclass
+class Runtime:
+    """How a model runs (not what it is): megatron settings a stage passes through.
+
+    sequence_parallel: activations outside the TP regions sharded along the sequence
+      (needs tp > 1; ignored at tp == 1 as megatron requires).
+    recompute: none | selective (attention core and MLP recomputed in backward) | full
+      (every layer's activations recomputed; megatron-core < 0.19 has no full recompute
+      for the hybrid stack, so compat.recompute wraps each layer).
+    mamba_mem_eff_path: mamba_ssm's fused conv+scan+norm kernel. Training on GPU only: it
+      needs the kernel, and it hides the in_proj x / out_proj input the stats hooks read.
+    fp8: '' | e4m3 | hybrid (Transformer Engine on GPU only).
+    """
+
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    mamba_mem_eff_path: bool = False
+    fp8: str = ""
+
+
 def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_parallel=False,
-                       initialize: bool = True):
+                       initialize: bool = True, runtime: Optional[Runtime] = None):
     """The megatron TransformerConfig for `cfg` at a (tp, pp) layout. initialize=False
     leaves the weights uninitialized (they are about to be overwritten)."""
     from .compat import mcore
 
+    rt = runtime or Runtime(sequence_parallel=sequence_parallel)
     dtype = DTYPES[cfg.params_dtype]
     cuda = torch.cuda.is_available()
+    fused = cuda and mcore.te_usable()  # fusions whose kernels exist (TE / apex on GPU)
+    recompute = {}
+    if rt.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"])
+    elif rt.recompute == "full" and mcore.STACK_HAS_FULL_RECOMPUTE:
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=1)
     return mcore.TransformerConfig(
+        **recompute,
+        **(dict(fp8=rt.fp8, fp8_recipe="delayed") if rt.fp8 else {}),
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -42,9 +74,8 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_para
         mamba_head_dim=cfg.mamba_head_dim,
         mamba_num_groups=cfg.mamba_num_groups,
         mamba_state_dim=cfg.mamba_state_dim,
-        # The memory-efficient path fuses conv+scan+norm in one mamba_ssm kernel; our
-        # hooks need the unfused path (in_proj output, out_proj input) anyway.
-        use_mamba_mem_eff_path=False,
+        # The memory-efficient path fuses conv+scan+norm in one mamba_ssm kernel (Runtime)
+        use_mamba_mem_eff_path=rt.mamba_mem_eff_path,
         is_hybrid_model=True,
         activation_func=activation_fn(cfg.activation),
         gated_linear_unit=cfg.activation == "swiglu",
@@ -56,23 +87,26 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_para
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=sequence_parallel and tp > 1,
+        sequence_parallel=rt.sequence_parallel and tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # CPU init builds the full master weight then slices it: TP-invariant init.
-        use_cpu_initialization=True,
+        # CPU init builds the full master weight then slices it (TP-invariant init); only
+        # when the weights are initialised here: before a checkpoint load each GPU rank
+        # allocates its own shard on the device, uninitialised.
+        use_cpu_initialization=initialize or not cuda,
         perform_initialization=initialize,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        apply_rope_fusion=fused,
+        gradient_accumulation_fusion=False,  # needs apex's fused weight-grad kernel
         deallocate_pipeline_outputs=cuda,
     )
 
 
-def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None, initialize: bool = True):
+def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None, initialize: bool = True,
+                runtime: Optional[Runtime] = None):
     """Build this rank's stage of the hybrid model (embedding on the first PP stage, output
     layer on the last). `parallel` is a dist.Parallel; initialize=False: weights left
     uninitialized, for a model about to be filled from a checkpoint."""
@@ -81,7 +115,8 @@ def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None,
     setup_runtime()
     cfg.validate(tp=parallel.tp, pp=parallel.pp)
     pattern = cfg.pattern.replace("|", "")
-    tcfg = transformer_config(cfg, parallel.tp, parallel.pp, initialize=initialize)
+    rt = runtime or Runtime()
+    tcfg = transformer_config(cfg, parallel.tp, parallel.pp, initialize=initialize, runtime=rt)
     spec = mcore.hybrid_stack_spec(mcore.te_usable(), cfg.mamba_conv_kernel, cfg.mamba_chunk_size)
     model = mcore.make_hybrid_model(
         spec,
@@ -99,6 +134,16 @@ def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None,
         pg_collection=parallel.pg,
     )
     model.to(parallel.device)
+    from .compat import dt_limit
+
+    dt_limit.apply(model, cfg)  # Mamba dt clamp of an imported model (none by default)
+    if rt.recompute == "full" and not mcore.STACK_HAS_FULL_RECOMPUTE:
+        mcore.checkpoint_each_layer(model.decoder.layers)
+    if tcfg.bf16:
+        # Every parameter in bf16, as megatron's Float16Module casts them (A_log, D and the
+        # torch norms are created fp32): its optimizers keep one fp32 main copy per 16-bit
+        # parameter and assume no fp32 parameter shares a param group with them.
+        model.bfloat16()
     return model
 
 

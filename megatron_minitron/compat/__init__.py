@@ -23,7 +23,7 @@ def setup_runtime() -> list[str]:
         FALLBACKS.append("ssd-scan+gated-rmsnorm(pure torch)")
     if not mcore.te_usable():
         # the hybrid stack hard-codes TENorm for its final norm
-        mcore.STACK_MODULE.TENorm = mcore.WrappedTorchNorm
+        mcore.STACK_MODULE.TENorm = mcore.LocalNorm
         FALLBACKS.append("local-specs(no TE)")
     if cpu.install():
         FALLBACKS.append("cpu-device-patches")

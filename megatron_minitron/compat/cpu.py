@@ -12,6 +12,7 @@ the CPU and whose `torch.cuda` answers the few calls megatron makes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import sys
@@ -188,6 +189,34 @@ def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled
         torch._foreach_mul_(grads, clip_coeff)
 
 
+_TENSOR_TYPE = torch.Tensor.type
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """Within the block, `tensor.type()` (no argument) of a CPU tensor answers the CUDA
+    name ('torch.BFloat16Tensor' -> 'torch.cuda.BFloat16Tensor'). megatron-core's
+    mixed-precision and distributed optimizers sort parameters into fp32 / 16-bit groups
+    by these names when they are built and refuse anything else; the rest of their code is
+    device-agnostic once the `device='cuda'` allocations are mapped (install()). Scoped to
+    optimizer construction; a no-op where CUDA exists."""
+    if cuda_available():
+        yield
+        return
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and not self.is_cuda:
+            name = _TENSOR_TYPE(self)
+            return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
+        return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = _TENSOR_TYPE
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -207,6 +236,12 @@ def install() -> bool:
             continue  # module belongs to another megatron-core release
         if getattr(mod, "torch", None) is torch:
             mod.torch = proxy
+    rnd = sys.modules.get("megatron.core.tensor_parallel.random")
+    if rnd is not None and hasattr(rnd, "_set_cuda_rng_state"):
+        # activation recompute saves and replays the RNG states; the CPU generator is
+        # handled by torch.get/set_rng_state beside these, so the "CUDA" one is a no-op
+        rnd._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+        rnd._set_cuda_rng_state = lambda *args, **kwargs: None
     opt = sys.modules.get("megatron.core.optimizer.optimizer")
     if opt is not None:
         opt.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32

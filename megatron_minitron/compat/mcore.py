@@ -77,8 +77,30 @@ from megatron.core.dist_checkpointing.mapping import (  # noqa: F401
 )
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+# megatron-core >= 0.19's hybrid stack recomputes whole layers itself
+# (recompute_granularity='full'); 0.16's MambaStack ignores the setting.
+STACK_HAS_FULL_RECOMPUTE = "recompute_granularity" in open(_stack_module.__file__).read()
 HAVE_MAMBA_SSM = bool(getattr(mamba_mixer_module, "HAVE_MAMBA_SSM", False))
 STACK_MODULE = _stack_module
+
+
+class LocalNorm:
+    """megatron's WrappedTorchNorm (torch RMSNorm / LayerNorm) that also runs under sequence
+    parallelism: each TP rank then normalises its own slice of the sequence, so the weight's
+    gradient is partial; marking it `sequence_parallel` makes megatron's
+    finalize_model_grads all-reduce it over the TP group (what TE's norms do)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm=False,
+                zero_centered_gamma=False, normalization="LayerNorm"):
+        import torch
+
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("zero-centered gamma needs Transformer Engine's norms")
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = bool(config.sequence_parallel)
+        return norm
 
 
 def te_usable() -> bool:
@@ -108,7 +130,7 @@ def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int) -> ModuleSpec:
         keymaps = dict(mamba={}, attn={}, mlp={})
     else:
         col_ln, row, attn = ColumnParallelLinear, RowParallelLinear, DotProductAttention
-        norms = dict(mamba=WrappedTorchNorm, attn=WrappedTorchNorm, mlp=WrappedTorchNorm)
+        norms = dict(mamba=LocalNorm, attn=LocalNorm, mlp=LocalNorm)
         keymaps = dict(
             mamba={"norm.": "mixer.in_proj.layer_norm_"},
             attn={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
@@ -182,3 +204,90 @@ def sharded_tensors(model) -> list:
 def save_checkpointing_config(folder: str) -> None:
     """megatron's metadata.json marking `folder` as a torch_dist distributed checkpoint."""
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), folder)
+
+
+def init_distributed_optimizer_state(optimizer) -> None:
+    """Allocate the Adam state of every DistributedOptimizer in `optimizer` (a chained or
+    single megatron optimizer) before its checkpoint is loaded: its state_dict() needs the
+    state to exist, and megatron fills it with one zero-gradient step (values overwritten
+    by the load)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def load_optimizer_state(optimizer, state) -> None:
+    """optimizer.load_state_dict(state), then the Adam step count of each distributed
+    optimizer set from the checkpoint's param groups. With torch's Adam (no TE / apex, as on
+    CPU) megatron 0.16 restores the step from the param groups and then overwrites it with
+    the per-parameter placeholder of its dp-sharded state (the bias correction would
+    restart)."""
+    import torch
+
+    opts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if len(opts) == 1:
+        states = [state]
+    elif isinstance(state, dict):
+        states = [v for _, v in sorted(state.items())]
+    else:
+        states = list(state)
+    steps = []
+    for opt, sd in zip(opts, states):
+        groups = sd.get("optimizer", {}).get("param_groups", []) if isinstance(sd, dict) else []
+        vals = {g["step"] for g in groups if isinstance(g, dict) and g.get("step") is not None}
+        distributed = hasattr(opt, "_init_optimizer_states_with_dummy_values")
+        steps.append(vals.pop() if distributed and len(vals) == 1 else None)
+    optimizer.load_state_dict(state)
+    for opt, step in zip(opts, steps):
+        if step is None:
+            continue
+        for st in opt.optimizer.state.values():
+            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def checkpoint_each_layer(layers) -> None:
+    """Full activation recompute for a stack that lacks it: each layer's forward runs under
+    torch.utils.checkpoint while training (only its input is kept; the layer is recomputed
+    in backward). The RNG state is replayed, so dropout (if any) matches."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, _layer=layer, **kwargs):
+            if _layer.training and torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        layer.forward = forward
+
+
+def _skip_step_in_reshardable_load() -> None:
+    """megatron-core's fully-reshardable loader copies every key of a parameter's optimizer
+    state from the checkpoint; torch's Adam (used where TE / apex's FusedAdam are absent,
+    e.g. on CPU) keeps a per-parameter 'step' that the checkpoint does not store (the step
+    lives in the param groups; load_optimizer_state sets it). Copy everything but 'step'."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
+
+    orig = DO._set_main_param_and_optimizer_states
+    if getattr(orig, "_minitron", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return orig(self, model_param, tensors)
+        gi, go = self.model_param_group_index_map[model_param]
+        st = self.optimizer.state[self.optimizer.param_groups[gi]["params"][go]]
+        step = st.pop("step", None)
+        try:
+            return orig(self, model_param, tensors)
+        finally:
+            if step is not None:
+                st["step"] = step
+
+    set_states._minitron = True
+    DO._set_main_param_and_optimizer_states = set_states
+
+
+_skip_step_in_reshardable_load()

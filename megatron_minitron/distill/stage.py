@@ -26,7 +26,7 @@ from .. import dist as D
 from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, dump_json
 from ..model import count_parameters
 from ..train import checkpoint as ckpt
-from ..train.engine import (MicroBatches, Progress, build_trainable, evaluate, fmt_eta,
+from ..train.engine import (MicroBatches, Progress, build_trainable, load_weights, runtime_for, evaluate, fmt_eta,
                             lm_forward_step, reduce_reports, resume_trainable, save_trainable,
                             train_step)
 from ..train.pretrain import _tensorboard, check_data, datasets, valid_batches, world_size_from_env
@@ -162,7 +162,7 @@ def run_distill(cfg: DistillConfig) -> dict:
                         lm_forward_step, tr.eval_iters, par, seq, tr.micro_batch_size)
 
     # ---- models: the trainable student (DDP + optimizer) and the frozen teacher
-    t = build_trainable(s_cfg, par, tr, cfg.parallel)
+    t = build_trainable(s_cfg, par, tr, cfg.parallel, initialize=False)  # loaded next
     resumed_from, prev_meta = None, {}
     if cfg.resume and ckpt.resolve(out) is not None:
         if ckpt.read_model_config(out) != s_cfg:
@@ -173,8 +173,9 @@ def run_distill(cfg: DistillConfig) -> dict:
         prev_meta = resume_trainable(t, out)
         resumed_from = t.iteration
     else:
-        ckpt.load_model_weights(cfg.student, t.model)
-    teacher, _, _ = load_teacher(cfg.teacher, par, t_cfg)
+        load_weights(t, cfg.student)  # + the optimizer's fp32 main params
+    teacher, _, _ = load_teacher(cfg.teacher, par, t_cfg,
+                                 runtime=runtime_for(cfg.parallel))  # no recompute: frozen
     teacher_sum = checksum(teacher)
     n_trainable = sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
 

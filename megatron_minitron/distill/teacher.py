@@ -27,12 +27,12 @@ from ..model import build_model, causal_mask
 from ..train import checkpoint as ckpt
 
 
-def load_teacher(path: str, par, model_cfg: Optional[ModelConfig] = None):
+def load_teacher(path: str, par, model_cfg: Optional[ModelConfig] = None, runtime=None):
     """Build this rank's stage of the teacher and load its checkpoint; frozen, eval mode.
 
     Returns (model, model_cfg, meta). Collective (every rank loads its shard)."""
     cfg = model_cfg if model_cfg is not None else ckpt.read_model_config(path)
-    model = build_model(cfg, par)
+    model = build_model(cfg, par, initialize=False, runtime=runtime)  # weights loaded next
     meta = ckpt.load_model_weights(path, model)
     model.eval()
     model.requires_grad_(False)

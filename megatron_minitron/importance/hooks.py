@@ -85,8 +85,11 @@ class StatsCollector:
     """
 
     def __init__(self, model, cfg: ModelConfig, tp: int, layer_offset: int,
-                 sources: Iterable[str] = SOURCES, device=None):
+                 sources: Iterable[str] = SOURCES, device=None, sp_group=None):
         self.model = model
+        # sequence parallel: the residual stream (norm outputs, layer inputs/outputs) is
+        # split along the sequence over this TP group; those hooks gather it back first
+        self.sp_group = sp_group
         self.cfg = cfg
         self.tp = tp
         self.offset = layer_offset
@@ -168,6 +171,18 @@ class StatsCollector:
     def _agg(self, key):
         return lambda a: self._add(key, S.aggregate_batch(a))
 
+    def _seq_full(self, t: torch.Tensor) -> torch.Tensor:
+        """[s/tp, b, ...] -> [s, b, ...] under sequence parallelism (else t itself)."""
+        g = self.sp_group
+        if g is None or torch.distributed.get_world_size(g) == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(g))]
+        torch.distributed.all_gather(parts, t.contiguous(), group=g)
+        return torch.cat(parts, dim=0)
+
+    def _agg_seq(self, key):
+        return lambda a: self._add(key, S.aggregate_batch(self._seq_full(a)))
+
     def _hidden_hooks(self, layer, kind: str, key: str) -> None:
         """The layer's input norm (reads the residual stream): its output; with TE specs the
         norm is fused into the first linear, so recompute it from that linear's input."""
@@ -178,7 +193,7 @@ class StatsCollector:
         }[kind]
         norm = getattr(layer, norm_name, None)
         if not _is_identity(norm):
-            self._fwd(norm, self._agg(key))
+            self._fwd(norm, self._agg_seq(key))
             return
         fused = layer.get_submodule(fused_name)
         w = getattr(fused, "layer_norm_weight", None)
@@ -187,7 +202,8 @@ class StatsCollector:
                                f"and {fused_name} has no fused layer_norm_weight)")
         eps = self.cfg.norm_epsilon
         zc = bool(getattr(fused, "zero_centered_gamma", False))
-        self._pre(fused, lambda x: self._add(key, S.aggregate_batch(rms_norm(x, w, eps, zc))))
+        self._pre(fused, lambda x: self._add(
+            key, S.aggregate_batch(rms_norm(self._seq_full(x), w, eps, zc))))
 
     def _mamba_hooks(self, mixer, p: str) -> None:
         c, tp = self.cfg, self.tp
@@ -234,6 +250,7 @@ class StatsCollector:
             h_in = kwargs.get("hidden_states", args[0] if args else None)
             h_out = _first(out)
             with torch.no_grad():
+                h_in, h_out = self._seq_full(h_in), self._seq_full(h_out)
                 self._add(p + "cos_sum", S.block_influence(h_in, h_out, reduction="sum"))
                 self._add(p + "cos_n", torch.tensor(float(h_out.shape[0] * h_out.shape[1])))
         self._handles.append(layer.register_forward_hook(hook, with_kwargs=True))
@@ -258,7 +275,7 @@ class StatsCollector:
                 self._pre(layer.self_attention.linear_proj, self._agg(p + "attn"))
         fn = self._final_norm()
         if fn is not None and "hidden" in self.sources:
-            self._fwd(fn, self._agg("final_norm"))
+            self._fwd(fn, self._agg_seq("final_norm"))
         return self
 
     def remove(self) -> None:

@@ -110,18 +110,46 @@ def reduce_reports(reports: list[dict], par: Parallel, key: str = "lm loss") -> 
 
 
 def use_distributed_optimizer(parallel: ParallelConfig) -> bool:
-    """Megatron's distributed optimizer (optimizer state sharded over DP) on GPU. On CPU
-    the plain megatron fp32 optimizer: megatron-core's distributed optimizer classifies
-    parameters by 'torch.cuda.*Tensor' type names and its checkpoint gather moves state to
-    CUDA, so it cannot run without a GPU."""
+    """Megatron's distributed optimizer (fp32 main params and Adam state sharded over DP):
+    the default on GPU; on CPU on request (`true`). "auto" keeps the plain optimizer on CPU,
+    where sharding buys nothing and the tiny test models train the same either way."""
     if parallel.distributed_optimizer == "auto":
         return torch.cuda.is_available()
-    if parallel.distributed_optimizer == "true" and not torch.cuda.is_available():
-        raise ConfigError(
-            "parallel.distributed_optimizer=true needs CUDA (megatron-core's distributed "
-            "optimizer is GPU-only); use parallel.distributed_optimizer=auto or false on CPU"
-        )
     return parallel.distributed_optimizer == "true"
+
+
+def runtime_for(parallel: ParallelConfig, train: Optional[TrainConfig] = None,
+                training: bool = True):
+    """The model Runtime a stage's settings ask for; GPU-only settings refused on CPU
+    (before any model is built)."""
+    from ..compat import mcore
+    from ..model import Runtime
+
+    cuda = torch.cuda.is_available()
+    kernels = cuda and mcore.HAVE_MAMBA_SSM
+    mem_eff = parallel.mamba_mem_eff_path
+    if mem_eff == "true" and not kernels:
+        raise ConfigError("parallel.mamba_mem_eff_path=true needs CUDA and mamba_ssm's fused "
+                          "kernel; use parallel.mamba_mem_eff_path=auto or false here")
+    if mem_eff == "true" and not training:
+        raise ConfigError("parallel.mamba_mem_eff_path=true: the stats hooks read the unfused "
+                          "in_proj / out_proj tensors; use auto or false for this stage")
+    if parallel.fp8 and not mcore.te_usable():
+        raise ConfigError(f"parallel.fp8={parallel.fp8} needs Transformer Engine on a GPU; "
+                          "use parallel.fp8='' here")
+    for key in ("overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(parallel, key) and not cuda:
+            raise ConfigError(f"parallel.{key}=true overlaps NCCL communication with compute "
+                              f"on GPU; set parallel.{key}=false on CPU")
+    if parallel.overlap_param_gather and not use_distributed_optimizer(parallel):
+        raise ConfigError("parallel.overlap_param_gather=true needs the distributed optimizer "
+                          "(parallel.distributed_optimizer=auto or true)")
+    return Runtime(
+        sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+        recompute=train.recompute if (train is not None and training) else "none",
+        mamba_mem_eff_path=training and kernels and mem_eff in ("auto", "true"),
+        fp8=parallel.fp8,
+    )
 
 
 def wrap_ddp(model, parallel: ParallelConfig):
@@ -129,7 +157,8 @@ def wrap_ddp(model, parallel: ParallelConfig):
 
     ddp_cfg = mcore.DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer(parallel),
         check_for_nan_in_grad=False,
     )
@@ -152,7 +181,10 @@ def build_optimizer(ddp_model, train: TrainConfig, parallel: ParallelConfig):
         params_dtype=tcfg.params_dtype,
         use_distributed_optimizer=use_distributed_optimizer(parallel),
     )
-    optimizer = mcore.get_megatron_optimizer(opt_cfg, [ddp_model])
+    from ..compat import cpu
+
+    with cpu.cuda_type_names():  # megatron sorts params by 'torch.cuda.*' names (CPU runs)
+        optimizer = mcore.get_megatron_optimizer(opt_cfg, [ddp_model])
     scheduler = mcore.OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -180,47 +212,108 @@ class Trainable:
     optimizer: object
     scheduler: object
     iteration: int = 0
+    distributed_optimizer: bool = False
+    optimizer_checkpoint: str = "dp_sharded"  # ParallelConfig.optimizer_checkpoint
 
 
 def build_trainable(model_cfg: ModelConfig, par: Parallel, train: TrainConfig,
-                    parallel: ParallelConfig) -> Trainable:
-    model = build_model(model_cfg, par)
+                    parallel: ParallelConfig, initialize: bool = True) -> Trainable:
+    """initialize=False: no random init (a checkpoint load follows)."""
+    model = build_model(model_cfg, par, initialize=initialize,
+                        runtime=runtime_for(parallel, train))
     ddp = wrap_ddp(model, parallel)
     opt, sched = build_optimizer(ddp, train, parallel)
-    return Trainable(model_cfg, par, ddp, opt, sched)
+    return Trainable(model_cfg, par, ddp, opt, sched,
+                     distributed_optimizer=use_distributed_optimizer(parallel),
+                     optimizer_checkpoint=parallel.optimizer_checkpoint)
 
 
-def sharded_state(t: Trainable, is_loading: bool = False) -> dict:
+# How the distributed optimizer's state is written (megatron's sharding types):
+# "dp_sharded": each DP rank writes its own slice of the flat buffers (no gather; loads
+# only at the same TP/PP/DP layout); "reshardable": gathered on DP rank 0 (through the
+# gloo DP group, in host memory) and stored per parameter, loadable at any layout.
+OPTIM_SHARDING = {"dp_sharded": "dp_reshardable", "reshardable": "fully_reshardable"}
+
+
+def sharded_state(t: Trainable, is_loading: bool = False, fmt: str = "dp_sharded") -> dict:
     model_sd = t.model.module.sharded_state_dict()
+    if is_loading and t.distributed_optimizer:
+        from ..compat import mcore
+
+        mcore.init_distributed_optimizer_state(t.optimizer)
     return {
         "model": model_sd,
-        # 'fully_reshardable': distributed-optimizer state saved at one DP/TP/PP layout
-        # loads at another (the plain optimizer ignores the key)
+        # (the plain optimizer ignores the metadata: it stores state per parameter)
         "optimizer": t.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"}),
+            metadata={"distrib_optim_sharding_type": OPTIM_SHARDING[fmt],
+                      "distrib_optim_fully_reshardable_mem_efficient": True}),
     }
 
 
 def save_trainable(t: Trainable, run_dir, extra_meta: Optional[dict] = None) -> None:
-    sd = sharded_state(t)
+    sd = sharded_state(t, fmt=t.optimizer_checkpoint)
     # plain (non-sharded) values are stored once, in the checkpoint's common state
     sd["scheduler"] = t.scheduler.state_dict()
     sd["iteration"] = t.iteration
-    meta = {"tp": t.par.tp, "pp": t.par.pp, "dp": t.par.dp, **(extra_meta or {})}
+    meta = {"tp": t.par.tp, "pp": t.par.pp, "dp": t.par.dp,
+            "optimizer": {"distributed": t.distributed_optimizer,
+                          "format": t.optimizer_checkpoint if t.distributed_optimizer else "plain"},
+            **(extra_meta or {})}
     ckpt.save(run_dir, t.iteration, t.model_cfg, sd, meta)
 
 
+def load_weights(t: Trainable, path) -> dict:
+    """Model weights only (fresh optimizer): the load, then the optimizer's fp32 main params
+    refreshed from them (a bf16 model's main params were copied at optimizer build)."""
+    meta = ckpt.load_model_weights(path, t.model)
+    t.optimizer.reload_model_params()
+    return meta
+
+
+def _saved_optimizer(meta: dict) -> tuple[bool, str]:
+    # checkpoints from before the key: the plain optimizer, or a reshardable distributed one
+    opt = meta.get("optimizer") or {}
+    dist_opt = bool(opt.get("distributed", False))
+    return dist_opt, opt.get("format", "reshardable" if dist_opt else "plain")
+
+
 def resume_trainable(t: Trainable, path) -> dict:
-    sd = sharded_state(t, is_loading=True)
+    """Load model, optimizer, scheduler and iteration. A distributed optimizer saved sharded
+    by DP loads only at its own layout; at another layout this names the one-off fix."""
+    meta = ckpt.read_meta(path)
+    saved_dist, fmt = _saved_optimizer(meta)
+    where = ckpt.require(path)
+    if saved_dist != t.distributed_optimizer:
+        raise ConfigError(
+            f"{where} holds {'distributed' if saved_dist else 'plain'}-optimizer state; resume "
+            f"with parallel.distributed_optimizer={'true' if saved_dist else 'false'}, or start "
+            "from its weights only with init_from=<this checkpoint> and resume=false")
+    saved = {k: meta.get(k) for k in ("tp", "pp", "dp")}
+    now = {"tp": t.par.tp, "pp": t.par.pp, "dp": t.par.dp}
+    if saved_dist and fmt == "dp_sharded" and saved != now:
+        lay = " ".join(f"{k}={v}" for k, v in saved.items())
+        raise ConfigError(
+            f"{where} stores the distributed optimizer's state sharded by data-parallel rank "
+            f"at {lay}, not loadable at tp={now['tp']} pp={now['pp']} dp={now['dp']}. Reshard "
+            f"it once: rerun at {lay} with parallel.optimizer_checkpoint=reshardable (it "
+            "rewrites the checkpoint on resume), then resume at the new layout")
+    from ..compat import mcore
+
+    sd = sharded_state(t, is_loading=True, fmt=fmt if saved_dist else "dp_sharded")
     sd["scheduler"] = None
     sd["iteration"] = None
     state = ckpt.load(path, sd)
     t.model.module.load_state_dict(state["model"], strict=True)
-    t.optimizer.load_state_dict(state["optimizer"])
+    mcore.load_optimizer_state(t.optimizer, state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     t.iteration = int(state["iteration"])
-    return ckpt.read_meta(path)
+    if saved_dist and fmt != t.optimizer_checkpoint:
+        # rewrite in the requested format now (dp_sharded -> reshardable before a layout change)
+        save_trainable(t, where.parent.parent, {k: v for k, v in meta.items()
+                                                if k not in ("tp", "pp", "dp", "optimizer",
+                                                             "iteration", "megatron_core")})
+    return meta
 
 
 # ----------------------------------------------------------------------------- steps

@@ -13,7 +13,7 @@ from .. import dist as D
 from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, dump_json  # noqa: F401
 from ..model import build_model, count_parameters
 from . import checkpoint as ckpt
-from .engine import (MicroBatches, Progress, build_trainable, evaluate, fmt_eta, lm_forward_step,
+from .engine import (MicroBatches, load_weights, Progress, build_trainable, evaluate, fmt_eta, lm_forward_step,
                      reduce_reports, resume_trainable, save_trainable, train_step)
 
 
@@ -71,9 +71,12 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     train_ds, valid_ds, _ = datasets(cfg.data, cfg.model.seq_length,
                                      tr.steps * tr.global_batch_size,
                                      tr.eval_iters * tr.micro_batch_size * par.dp)
-    t = build_trainable(cfg.model, par, tr, cfg.parallel)
+    resuming = cfg.resume and ckpt.resolve(out) is not None
+    # weights that a checkpoint load will overwrite are left uninitialised
+    t = build_trainable(cfg.model, par, tr, cfg.parallel,
+                        initialize=not (resuming or cfg.init_from))
     resumed_from = None
-    if cfg.resume and ckpt.resolve(out) is not None:
+    if resuming:
         stored = ckpt.read_model_config(out)
         if stored != cfg.model:
             raise ConfigError(
@@ -83,7 +86,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         resume_trainable(t, out)
         resumed_from = t.iteration
     elif cfg.init_from:
-        ckpt.load_model_weights(cfg.init_from, t.model)
+        load_weights(t, cfg.init_from)
 
     params = count_parameters(cfg.model)
     D.print0(f"[pretrain] model {cfg.model.pattern!r}: {params['total']:,} parameters "
