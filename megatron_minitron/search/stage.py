@@ -1,26 +1,32 @@
 """`search` stage: architecture search under a parameter budget (paper sec. 3.5, table 1).
 
+    python -m megatron_minitron search -c RECIPE.yaml            # one process
+    torchrun --nproc_per_node N -m megatron_minitron search -c RECIPE.yaml   # parallel.tp/pp, DP = rest
+
   1. enumerate candidates (search/space.py: analytic counts, divisibility, budget);
-  2. zero-shot score EVERY candidate without writing checkpoints: the teacher's weights are
-     loaded once (TP=1, in memory); per candidate the plan is made in memory
-     (plan.targets.make_plan), the pruned weights are derived with rewrite/rules.py
-     (`rule` + `take`, the full-tensor reference path of the `prune` stage) into a freshly
-     built pruned model, and its LM loss is measured on the fixed validation set;
-  3. the top_k by zero-shot loss each get a plan.json, a pruned checkpoint (`prune`), a short
-     distillation from the teacher (`distill`, short_kd_steps steps), a validation loss on
-     the same fixed set and a forward-throughput measurement on this machine;
+  2. zero-shot score EVERY candidate without writing checkpoints: per candidate the plan is
+     made in memory (plan.targets.make_plan), the pruned model is built at the search's
+     TP/PP layout and each rank fills its shards straight from the teacher checkpoint's
+     files (rewrite.stage.fill_from_source: only the rows/cols it keeps, no collectives, no
+     teacher copy in memory); its LM loss is measured on the fixed validation set (the
+     same samples at every layout; DP ranks split them);
+  3. the top_k by zero-shot loss each get a plan.json, a pruned checkpoint (filled the same
+     way), a short distillation from the teacher through the `distill` stage at the same
+     layout (short_kd_steps steps), a validation loss on the same fixed set and a
+     forward-throughput measurement at this layout;
   4. rank by distilled loss; losses within tie_tolerance (relative) of the best of their
      group are ordered by throughput (the paper picks #1 over #2, equal losses, for speed).
+
+Rank 0 decides nothing alone: every rank computes the same plans and receives the same
+all-reduced losses, so all ranks walk the same candidates; rank 0 writes the files.
 
 Output (output_dir): candidates.json, table.md / table.json (like the paper's table 1),
 loss_vs_throughput.png, chosen_plan.json (ready for `prune`), summary.json, and
 search_state.json: every finished zero-shot score and short-KD result, so an interrupted
-search re-run with the same config skips finished candidates.
-
-The search runs in ONE process (CPU or one GPU): zero-shot scoring needs the teacher's full
-tensors, and the short KD runs are small. `parallel` is the layout the CHOSEN model must
-run at: every candidate's sizes divide by its tp / pp (search/space.py); the final long KD
-runs there (torchrun + `distill`).
+search re-run with the same config skips finished candidates; candidates/<name>/ keeps each
+top-k candidate's plan, pruned and distilled checkpoints (the KD resumes from its last save).
+A signal (SIGUSR1 / SIGTERM) or exit_duration_minutes stops between candidates, or inside a
+short KD after its checkpoint (preempt.py).
 """
 
 from __future__ import annotations
@@ -74,10 +80,15 @@ class SearchConfig:
     throughput_iters: int = 4
     kd: TrainConfig = field(default_factory=_default_kd)  # short-KD recipe (steps = short_kd_steps)
     kd_loss: LossConfig = field(default_factory=LossConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the CHOSEN model's layout
+    # the layout the search runs at (torchrun: DP = world / (tp x pp)); every candidate's
+    # sizes divide by its tp / pp, so the chosen model also runs there
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     keep_checkpoints: bool = True  # keep each top-k candidate's pruned / distilled checkpoints
     resume: bool = True  # reuse search_state.json results of the same config
     stop_after: int = 0  # stop after N candidate results (zero-shot or KD) in this run; 0 = all
+    # stop (exit 0, results so far kept; a short KD saves its checkpoint) after this many
+    # minutes; 0 = no limit. Also on SIGUSR1 / SIGTERM (preempt.py). Re-run to resume.
+    exit_duration_minutes: float = 0.0
 
     def kd_train(self) -> TrainConfig:
         return dataclasses.replace(self.kd, steps=self.short_kd_steps,
@@ -97,10 +108,15 @@ def validate(cfg: SearchConfig):
     from ..train import checkpoint as ckpt
     from ..train.pretrain import check_data
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("search runs in one process (launch it with python, not torchrun); "
-                          "parallel.tp / parallel.pp only constrain the candidates' sizes")
+    from ..preempt import check_minutes
+
     cfg.parallel.validate()
+    check_minutes(cfg.exit_duration_minutes)
+    world, mp = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp * cfg.parallel.pp
+    if world % mp:
+        raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {mp}; "
+                          f"launch a multiple of {mp} processes or change the layout")
+    dp = world // mp
     cfg.data.validate()
     if not cfg.output_dir:
         raise ConfigError("output_dir is empty; give a directory for the search results")
@@ -121,7 +137,12 @@ def validate(cfg: SearchConfig):
     if cfg.kd.warmup_steps >= cfg.short_kd_steps:
         raise ConfigError(f"kd.warmup_steps={cfg.kd.warmup_steps} must be < short_kd_steps="
                           f"{cfg.short_kd_steps}; lower kd.warmup_steps")
-    cfg.kd_train().validate(1, prefix="kd")
+    cfg.kd_train().validate(dp, prefix="kd")
+    if cfg.eval_iters % dp:
+        raise ConfigError(f"eval_iters={cfg.eval_iters} is not divisible by the data-parallel size {dp}: "
+                          "the fixed validation set (eval_iters x micro_batch_size samples) is split "
+                          f"over DP ranks; use eval_iters={max(dp, cfg.eval_iters - cfg.eval_iters % dp)} "
+                          "or another layout")
     cfg.kd_loss.validate("kd_loss")
 
     if ckpt.resolve(cfg.teacher) is None:
@@ -176,7 +197,7 @@ def _fingerprint(cfg: SearchConfig, teacher_it: Path) -> str:
     a search or raising top_k reuses every finished result."""
     d = dataclasses.asdict(cfg)
     for k in ("output_dir", "resume", "stop_after", "keep_checkpoints", "throughput_iters", "space",
-              "budget", "tolerance", "max_candidates", "top_k", "tie_tolerance"):
+              "budget", "tolerance", "max_candidates", "top_k", "tie_tolerance", "exit_duration_minutes"):
         d.pop(k)
     d["teacher"] = str(Path(teacher_it).resolve())
     d["importance_mtime"] = os.path.getmtime(cfg.importance)
@@ -189,8 +210,9 @@ def _fingerprint(cfg: SearchConfig, teacher_it: Path) -> str:
 class State:
     """search_state.json: finished zero-shot and KD results, written atomically after each."""
 
-    def __init__(self, path: Path, fingerprint: str, resume: bool):
+    def __init__(self, path: Path, fingerprint: str, resume: bool, write: bool = True):
         self.path = path
+        self.write = write  # rank 0 writes; every rank keeps the same records in memory
         self.data = {"version": STATE_VERSION, "fingerprint": fingerprint, "zero_shot": {}, "kd": {}}
         if path.is_file() and resume:
             old = json.loads(path.read_text())
@@ -204,44 +226,18 @@ class State:
 
     def put(self, section: str, name: str, rec: dict) -> None:
         self.data[section][name] = dict(rec, id=uuid.uuid4().hex, finished_at=time.time())
+        if not self.write:
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
 
 
 class _Stop(Exception):
-    pass
+    """Raised between candidates; the message says why (stop_after or signal)."""
 
 
 # ----------------------------------------------------------------------------- zero-shot
-
-
-def _sharded_tensors(model) -> list:
-    """The model's ShardedTensors with the Mamba in_proj / conv1d factories expanded into the
-    per-part keys (in_proj.weight.{z,x,B,C,dt}, ...); each is a view of its parameter."""
-    from ..compat import mcore
-
-    out = []
-    for st in mcore.sharded_tensors(model):
-        if st.prepend_axis_num or st.flattened_range is not None or \
-                tuple(st.local_shape) != tuple(st.global_shape):
-            raise NotImplementedError(f"{st.key}: expected a full tensor (TP=1, PP=1)")
-        out.append(st)
-    return out
-
-
-@torch.no_grad()
-def fill_pruned(model, plan, source: dict[str, torch.Tensor]) -> int:
-    """Fill a pruned model (TP=1) from the teacher's full tensors `source` (checkpoint key ->
-    tensor) by the prune rules. Returns the number of tensors filled."""
-    from ..rewrite import rules
-
-    n, rule = 0, rules.Rules(plan)
-    for st in _sharded_tensors(model):
-        src_key, idxs = rule(st.key)
-        rules.take(source[src_key], idxs, out=st.data)
-        n += 1
-    return n
 
 
 def _plan_for(imp, c: Candidate, cfg: SearchConfig, teacher_layers: int):
@@ -260,17 +256,50 @@ def _plan_for(imp, c: Candidate, cfg: SearchConfig, teacher_layers: int):
 
 
 def _eval(model, ds, cfg: SearchConfig, par, seq: int) -> float:
-    from ..train.engine import evaluate, lm_forward_step
-    from ..train.pretrain import valid_batches
+    """LM loss on the fixed validation set: the first eval_iters x micro_batch_size samples
+    whatever the layout (DP ranks split them: eval_iters / dp micro-batches each), so
+    every layout scores the same tokens."""
+    from ..train.engine import MicroBatches, evaluate, lm_forward_step
 
-    return evaluate(model, valid_batches(ds, cfg.micro_batch_size, cfg.eval_iters, par),
-                    lm_forward_step, cfg.eval_iters, par, seq, cfg.micro_batch_size)
+    data = MicroBatches(ds, cfg.micro_batch_size, cfg.eval_iters * cfg.micro_batch_size, par.dp,
+                        par.dp_rank, start_step=0, device=par.device)
+    return evaluate(model, data, lm_forward_step, cfg.eval_iters // par.dp, par, seq,
+                    cfg.micro_batch_size)
 
 
-def _progress(total: int, done: int, desc: str):
+@torch.no_grad()
+def throughput(model, par, vocab_size: int, micro_batch_size: int, seq: int, iters: int) -> float:
+    """Forward tokens/s of `model` at this layout (random tokens, full sequences, through the
+    pipeline schedule), best of two timings; per model replica, the same on every rank (the
+    slowest rank's time)."""
+    from ..importance.depth import pipeline_forward
+
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, vocab_size, (micro_batch_size, seq), generator=g)
+    batch = {"tokens": tok.to(par.device),
+             "position_ids": torch.arange(seq, device=par.device)[None].expand(micro_batch_size, -1)}
+    model.eval()
+    pipeline_forward(model, batch, lambda _: None)  # warm-up
+    best = math.inf
+    for _ in range(2):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            pipeline_forward(model, batch, lambda _: None)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    t = torch.tensor([best], dtype=torch.float64, device=par.device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return iters * micro_batch_size * seq / float(t)
+
+
+def _progress(total: int, done: int, desc: str, enabled: bool = True):
     from ..train.engine import Progress
 
-    return Progress(total, done, True, desc)
+    return Progress(total, done, enabled, desc)
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -349,8 +378,8 @@ def run_search(cfg: SearchConfig) -> dict:
     from .. import dist as D
     from ..distill.stage import DistillConfig, run_distill
     from ..model import build_model
-    from ..report.stage import forward_throughput
-    from ..rewrite.stage import PruneConfig, run_prune
+    from ..preempt import StopRequest
+    from ..rewrite.stage import fill_from_source
     from ..train import checkpoint as ckpt
     from ..train.pretrain import datasets
 
@@ -359,64 +388,79 @@ def run_search(cfg: SearchConfig) -> dict:
     teacher_it = ckpt.require(cfg.teacher)
     seq = cfg.seq_length or t_cfg.seq_length
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = State(out / STATE_FILE, _fingerprint(cfg, teacher_it), cfg.resume)
+    owns_pg = not torch.distributed.is_initialized()
+    par = D.init(cfg.parallel, seed=cfg.kd.seed)
+    rank0 = D.is_rank0()
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    try:
+        state = State(out / STATE_FILE, _fingerprint(cfg, teacher_it), cfg.resume, write=rank0)
+    except ConfigError:
+        if owns_pg:
+            D.shutdown()
+        raise
+    D.barrier()  # every rank read the file before rank 0 writes it again
     n_layers = t_cfg.num_layers
-    print(f"[search] {len(cands)} candidates within {cfg.budget:,} +- {cfg.tolerance:.0%} parameters "
-          f"(of {info['combinations']} combinations; rejected {info['rejected']}); teacher "
-          f"{t_cfg.pattern} {_params(t_cfg):,} params; depth order ({cfg.depth_metric}) {drop_order}"
-          + (f"; resuming: {state.resumed['zero_shot']} zero-shot and {state.resumed['kd']} KD results "
-             "already done" if any(state.resumed.values()) else ""), flush=True)
+    say = D.print0
+    say(f"[search] {len(cands)} candidates within {cfg.budget:,} +- {cfg.tolerance:.0%} parameters "
+        f"(of {info['combinations']} combinations; rejected {info['rejected']}); teacher "
+        f"{t_cfg.pattern} {_params(t_cfg):,} params; depth order ({cfg.depth_metric}) {drop_order}; "
+        f"tp={par.tp} pp={par.pp} dp={par.dp}"
+        + (f"; resuming: {state.resumed['zero_shot']} zero-shot and {state.resumed['kd']} KD results "
+           "already done" if any(state.resumed.values()) else ""))
     budget_left = [cfg.stop_after or math.inf]
+    # signals / exit_duration_minutes: checked between candidates (every rank agrees)
+    stop = StopRequest(cfg.exit_duration_minutes, t_start).start()
 
     def finished_one() -> None:
         budget_left[0] -= 1
         if budget_left[0] <= 0:
-            raise _Stop()
+            raise _Stop("stop_after")
+        if stop.poll():
+            raise _Stop("preempt")
 
-    stopped = False
+    stopped, interrupted = None, None
+    _, valid_ds, _ = datasets(cfg.data, seq, 1, cfg.eval_iters * cfg.micro_batch_size)
     try:
-        # ---- 1. zero-shot scores (one process, teacher loaded once)
+        # ---- 1. zero-shot scores: each candidate's pruned model at this layout, filled from
+        # the teacher checkpoint's shards (no teacher in memory, nothing written)
         todo = [c for c in cands if c.name not in state.data["zero_shot"]] + \
             ([None] if "__teacher__" not in state.data["zero_shot"] else [])
         if todo:
-            par = D.init(ParallelConfig(tp=1, pp=1), seed=cfg.kd.seed)
-            try:
-                _, valid_ds, _ = datasets(cfg.data, seq, 1, cfg.eval_iters * cfg.micro_batch_size)
+            if None in todo:  # the teacher's own loss: the reference row of the table
                 teacher = build_model(dataclasses.replace(t_cfg, seq_length=seq), par)
                 ckpt.load_model_weights(teacher_it, teacher)
-                source = {st.key: st.data.detach().clone() for st in _sharded_tensors(teacher)}
-                if None in todo:  # the teacher's own loss: the reference row of the table
-                    state.put("zero_shot", "__teacher__", {
-                        "name": "teacher", "params": _params(t_cfg), "zero_shot_loss": _eval(teacher, valid_ds, cfg, par, seq),
-                        "distilled_loss": None,
-                        "tokens_per_s": max(forward_throughput(teacher_it, par, cfg.micro_batch_size,
-                                                               cfg.throughput_iters) for _ in range(2)),
-                        **{a: (n_layers if a == "num_layers" else getattr(t_cfg, a)) for a in AXES}})
+                state.put("zero_shot", "__teacher__", {
+                    "name": "teacher", "params": _params(t_cfg),
+                    "zero_shot_loss": _eval(teacher, valid_ds, cfg, par, seq), "distilled_loss": None,
+                    "tokens_per_s": throughput(teacher, par, t_cfg.vocab_size, cfg.micro_batch_size,
+                                               seq, cfg.throughput_iters),
+                    **{a: (n_layers if a == "num_layers" else getattr(t_cfg, a)) for a in AXES}})
                 del teacher
-                todo = [c for c in todo if c is not None]
-                prog = _progress(len(cands), len(cands) - len(todo), "search zero-shot")
-                for c in todo:
-                    t0 = time.time()
-                    plan = _plan_for(imp, c, cfg, n_layers)
-                    model = build_model(dataclasses.replace(plan.target, seq_length=seq), par)
-                    fill_pruned(model, plan, source)
-                    loss = _eval(model, valid_ds, cfg, par, seq)
-                    del model
-                    state.put("zero_shot", c.name, dict(c.to_dict(), zero_shot_loss=loss,
-                                                          seconds=time.time() - t0))
-                    prog.update(0, {"cand": c.name, "loss": loss})
-                    prog.write(f"[search] zero-shot {c.name}: {c.params:,} params, loss {loss:.4f}")
-                    finished_one()
-                prog.close()
-            finally:
-                D.shutdown()
+            todo = [c for c in todo if c is not None]
+            prog = _progress(len(cands), len(cands) - len(todo), "search zero-shot", rank0)
+            for c in todo:
+                t0 = time.time()
+                plan = _plan_for(imp, c, cfg, n_layers)
+                model = build_model(dataclasses.replace(plan.target, seq_length=seq), par, initialize=False)
+                from ..compat import mcore
+
+                fill_from_source(model, mcore.sharded_parts(model)[0], plan, teacher_it)
+                loss = _eval(model, valid_ds, cfg, par, seq)
+                del model
+                state.put("zero_shot", c.name, dict(c.to_dict(), zero_shot_loss=loss,
+                                                      seconds=time.time() - t0))
+                prog.update(0, {"cand": c.name, "loss": loss})
+                prog.write(f"[search] zero-shot {c.name}: {c.params:,} params, loss {loss:.4f}")
+                finished_one()
+            prog.close()
         zs = [state.data["zero_shot"][c.name] for c in cands]
         zs.sort(key=lambda r: (r["zero_shot_loss"], r["name"]))
         top = zs[:cfg.top_k]
 
-        # ---- 2. short KD of the top_k, evaluation on the same set, throughput
-        prog = _progress(len(top), sum(r["name"] in state.data["kd"] for r in top), "search short KD")
+        # ---- 2. short KD of the top_k at this layout, evaluation on the same set, throughput
+        prog = _progress(len(top), sum(r["name"] in state.data["kd"] for r in top), "search short KD", rank0)
         for r in top:
             name = r["name"]
             if name in state.data["kd"]:
@@ -424,50 +468,76 @@ def run_search(cfg: SearchConfig) -> dict:
             t0 = time.time()
             c = next(c for c in cands if c.name == name)
             cdir = out / "candidates" / name
+            plan = _plan_for(imp, c, cfg, n_layers)
+            s_cfg = dataclasses.replace(plan.target, seq_length=seq)
             # leftovers of an interrupted KD resume only if they belong to this configuration
             marker = cdir / "fingerprint.txt"
-            if cdir.exists() and (not cfg.resume or not marker.is_file()
-                                  or marker.read_text() != state.data["fingerprint"]):
-                shutil.rmtree(cdir)
-            cdir.mkdir(parents=True, exist_ok=True)
-            marker.write_text(state.data["fingerprint"])
-            plan = _plan_for(imp, c, cfg, n_layers)
-            plan.save(cdir / "plan.json")
-            run_prune(PruneConfig(checkpoint=str(teacher_it), plan=str(cdir / "plan.json"),
-                                  output=str(cdir / "pruned"), keep_backup=False, overwrite=True,
-                                  verify=True))
+            if rank0:
+                if cdir.exists() and (not cfg.resume or not marker.is_file()
+                                      or marker.read_text() != state.data["fingerprint"]):
+                    shutil.rmtree(cdir)
+                cdir.mkdir(parents=True, exist_ok=True)
+                marker.write_text(state.data["fingerprint"])
+                plan.save(cdir / "plan.json")
+            D.barrier()
+            if ckpt.resolve(cdir / "pruned") is None:  # the student: pruned in memory, saved once
+                model = build_model(s_cfg, par, initialize=False)
+                from ..compat import mcore
+
+                fill_from_source(model, mcore.sharded_parts(model)[0], plan, teacher_it)
+                ckpt.save(cdir / "pruned", 0, plan.target, {"model": model.sharded_state_dict()},
+                          {"stage": "search-candidate", "pruned_from": str(teacher_it),
+                           "plan": str(cdir / "plan.json")})
+                del model
+            train = cfg.kd_train()
+            if cfg.exit_duration_minutes:  # the KD stops (after a save) when the search's time is up
+                left = cfg.exit_duration_minutes - (time.time() - t_start) / 60
+                train = dataclasses.replace(train, exit_duration_minutes=max(left, 1e-6))
             kd = run_distill(DistillConfig(
                 student=str(cdir / "pruned"), teacher=str(teacher_it), output_dir=str(cdir / "distilled"),
-                seq_length=seq, loss=cfg.kd_loss, data=cfg.data, train=cfg.kd_train(), resume=True))
-            par = D.init(ParallelConfig(tp=1, pp=1), seed=cfg.kd.seed)
-            try:
-                _, valid_ds, _ = datasets(cfg.data, seq, 1, cfg.eval_iters * cfg.micro_batch_size)
-                model = build_model(dataclasses.replace(plan.target, seq_length=seq), par)
-                ckpt.load_model_weights(cdir / "distilled", model)
-                loss = _eval(model, valid_ds, cfg, par, seq)
-                del model
-                # best of two timings: less sensitive to other work on a shared machine
-                tps = max(forward_throughput(cdir / "distilled", par, cfg.micro_batch_size, cfg.throughput_iters)
-                          for _ in range(2))
-            finally:
-                D.shutdown()
-            if not cfg.keep_checkpoints:  # plan.json and the KD summary stay
+                seq_length=seq, loss=cfg.kd_loss, data=cfg.data, train=train, resume=True,
+                parallel=cfg.parallel))
+            if kd.get("interrupted"):
+                stopped, interrupted = "preempt", kd["interrupted"]
+                break
+            model = build_model(s_cfg, par)
+            ckpt.load_model_weights(cdir / "distilled", model)
+            loss = _eval(model, valid_ds, cfg, par, seq)
+            tps = throughput(model, par, s_cfg.vocab_size, cfg.micro_batch_size, seq, cfg.throughput_iters)
+            del model
+            D.barrier()
+            if rank0 and not cfg.keep_checkpoints:  # plan.json and the KD summary stay
                 shutil.rmtree(cdir / "pruned", ignore_errors=True)
                 shutil.rmtree(cdir / "distilled" / "checkpoints", ignore_errors=True)
             state.put("kd", name, {"distilled_loss": loss, "tokens_per_s": tps,
                                    "kd_train_loss_last": kd["history"][-1]["loss"] if kd.get("history") else None,
                                    "kd_steps": cfg.short_kd_steps,
                                    "kd_tokens": cfg.short_kd_steps * cfg.kd.global_batch_size * seq,
+                                   "checkpoint": str(cdir / "distilled"),
                                    "plan": str(cdir / "plan.json"), "seconds": time.time() - t0})
             prog.update(0, {"cand": name, "loss": loss})
             prog.write(f"[search] short KD {name}: distilled loss {loss:.4f} (zero-shot "
                        f"{r['zero_shot_loss']:.4f}), {tps:,.0f} tokens/s")
             finished_one()
         prog.close()
-    except _Stop:
-        stopped = True
+    except _Stop as e:
+        stopped = str(e)
+    finally:
+        stop.close()
+    if stopped == "preempt" and interrupted is None:
+        interrupted = stop.record(out, len(state.data["kd"]), "search state")
+    summary = _outputs(cfg, state, cands, info, drop_order, stopped, interrupted, teacher_it, out,
+                       t_start) if rank0 else None
+    summary = D.broadcast_object(summary)  # every rank returns the same summary
+    if owns_pg:
+        D.shutdown()
+    return summary
 
-    # ---- 3. outputs (also after a stop: what is finished so far)
+
+def _outputs(cfg: SearchConfig, state: State, cands, info, drop_order, stopped, interrupted,
+             teacher_it, out: Path, t_start: float) -> dict:
+    """Rank 0: candidates.json, table.{json,md}, plot, chosen_plan.json, summary.json (also
+    after a stop: what is finished so far)."""
     zs_all = sorted((v for k, v in state.data["zero_shot"].items() if k != "__teacher__"),
                     key=lambda r: (r["zero_shot_loss"], r["name"]))
     (out / "candidates.json").write_text(json.dumps({
@@ -477,10 +547,17 @@ def run_search(cfg: SearchConfig) -> dict:
     if stopped:
         summary = {"stage": "search", "stopped": True, "zero_shot_done": len(zs_all),
                    "kd_done": len(state.data["kd"]), "output_dir": str(out)}
+        if interrupted:
+            summary["interrupted"] = interrupted
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"[search] stopped after stop_after={cfg.stop_after} results; re-run the same command "
-              "to continue", flush=True)
+        why = f"stop_after={cfg.stop_after} results" if stopped == "stop_after" else interrupted["reason"]
+        print(f"[search] stopped ({why}); re-run the same command to continue", flush=True)
         return summary
+    from ..preempt import clear_record
+
+    clear_record(out)
+    top = sorted((state.data["zero_shot"][c.name] for c in cands),
+                 key=lambda r: (r["zero_shot_loss"], r["name"]))[:cfg.top_k]
     kd_rows = [dict(r, **state.data["kd"][r["name"]]) for r in top]
     rows = rank(kd_rows, cfg.tie_tolerance)
     teacher_row = dict(state.data["zero_shot"]["__teacher__"], rank="teacher")
@@ -505,13 +582,27 @@ def run_search(cfg: SearchConfig) -> dict:
                                                            "zero_shot_loss", "distilled_loss", "tokens_per_s"]},
         "chosen_plan": str(out / "chosen_plan.json"), "table": rows, "teacher_row": teacher_row,
         "plot": plot, "resumed": state.resumed, "elapsed_seconds": time.time() - t_start,
+        # measured cost per candidate at this layout (mean over the results of every run)
+        "seconds_per_candidate": {sec: _mean([v["seconds"] for k, v in state.data[sec].items()
+                                              if k != "__teacher__" and "seconds" in v])
+                                  for sec in ("zero_shot", "kd")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + md, flush=True)
     print(f"[search] chosen #1 {chosen['name']} ({chosen['params']:,} params, distilled loss "
           f"{chosen['distilled_loss']:.4f}); plan for `prune`: {out / 'chosen_plan.json'}; "
-          f"{summary['elapsed_seconds']:.0f}s", flush=True)
+          f"{summary['elapsed_seconds']:.0f}s; per candidate: zero-shot "
+          f"{_fmt_s(summary['seconds_per_candidate']['zero_shot'])}, short KD "
+          f"{_fmt_s(summary['seconds_per_candidate']['kd'])}", flush=True)
     return summary
+
+
+def _fmt_s(x) -> str:
+    return "-" if x is None else f"{x:.1f}s"
+
+
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def _params(cfg) -> int:

@@ -1,12 +1,14 @@
-"""Worker for tests/dist/test_search_dist.py: the `search` stage end to end in ONE process
-(the search is single-process by design), on a tiny teacher trained a few steps and its
-real `stats` importance file.
+"""Worker for tests/dist/test_search_dist.py: the `search` stage end to end, on a tiny
+teacher trained a few steps and its real `stats` importance file.
+
+`ref` (one process):
 
   1. teacher: 4 real training steps, saved as a checkpoint; `stats` on it;
   2. `full`: an uninterrupted search (3 candidates, top_k 2, 2 KD steps each);
   3. `res`: the same search stopped after 4 results (3 zero-shot + 1 KD), the state file
      snapshotted, then re-run with the same config (resume);
   4. `prune` of full/chosen_plan.json from the teacher (the plan is ready for `prune`).
+`par` (2 processes, one torchrun): the `full` search again at TP=2 (`tp2`) and at DP=2 (`dp2`).
 
 Writes <workdir>/result.json; each search writes its own output_dir.
 """
@@ -62,15 +64,31 @@ def search_cfg(work: Path, name: str, **kw) -> SearchConfig:
                 output_dir=str(work / name), space=SPACE, budget=BUDGET, tolerance=TOL,
                 max_candidates=3, top_k=2, short_kd_steps=2, tie_tolerance=0.0,
                 data=data_cfg(work), eval_iters=2, micro_batch_size=2, throughput_iters=1,
-                kd=TrainConfig(steps=2, global_batch_size=2, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
+                # global batch 4 in micro-batches of 2: 2 per step at DP=1, 1 per rank at DP=2;
+                # micro-batch = the search's, so the distill stage's validation set is the search's
+                kd=TrainConfig(steps=2, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
                                warmup_steps=1, log_interval=1),
                 kd_loss=LossConfig(chunk_size=48))
     base.update(kw)
     return SearchConfig(**base)
 
 
+def par(work: Path) -> None:
+    """2 processes, one launch: the reference search at TP=2, then at DP=2."""
+    D.init(ParallelConfig(), seed=1)  # kept across both searches
+    res = {"tp2": run_search(search_cfg(work, "tp2", parallel=ParallelConfig(tp=2))),
+           "dp2": run_search(search_cfg(work, "dp2")),
+           # a wall-clock limit already passed at the first check: stops after one result
+           "dp2_limit": run_search(search_cfg(work, "dp2_limit", exit_duration_minutes=1e-6))}
+    if D.is_rank0():
+        (work / "result_par.json").write_text(json.dumps(res, indent=1, default=str))
+    D.shutdown()
+
+
 def main():
-    work = Path(sys.argv[1])
+    phase, work = sys.argv[1], Path(sys.argv[2])
+    if phase == "par":
+        return par(work)
     make_teacher(work)
     res = {"full": run_search(search_cfg(work, "full"))}
     res["stopped"] = run_search(search_cfg(work, "res", stop_after=4))

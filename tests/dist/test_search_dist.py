@@ -1,5 +1,6 @@
-"""The `search` stage end to end (tests/dist/search_worker.py, one process): a tiny teacher
-trained a few steps, its real importance file, 3 candidates, top_k 2, 2 KD steps each.
+"""The `search` stage end to end (tests/dist/search_worker.py): a tiny teacher trained a
+few steps, its real importance file, 3 candidates, top_k 2, 2 KD steps each; in one process,
+then at TP=2 and at DP=2 (one torchrun launch, gloo).
 
 Invariants checked:
   * every candidate meets the budget window and its analytic count equals the count of the
@@ -9,6 +10,10 @@ Invariants checked:
   * resume: results finished before the stop keep their ids and timestamps (not
     recomputed); the final table equals the uninterrupted run's (same layout, same
     arithmetic: losses bit-identical on CPU; throughput is a fresh measurement, not compared).
+  * parity: the search at TP=2 and at DP=2 picks the same candidate, runs the short KD on
+    the same top_k, and every zero-shot / distilled loss equals the one-process search's
+    within PARITY_ATOL (fp32 on CPU: TP re-associates the row-parallel GEMM sums and the
+    vocab-parallel softmax; DP changes the order of the gradient and loss sums).
 """
 
 import json
@@ -21,12 +26,61 @@ WORKER = REPO / "tests" / "dist" / "search_worker.py"
 BUDGET, TOL = 440_000, 0.03
 
 
+PARITY_ATOL = 1e-4
+
+
 @pytest.fixture(scope="module")
 def run(real_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("search")
     write_data_json(work, real_data)
-    launch(WORKER, [work], nproc=1)
+    launch(WORKER, ["ref", work], nproc=1)
     return work, json.loads((work / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def par_run(run):
+    work, _ = run
+    launch(WORKER, ["par", work], nproc=2)
+    return json.loads((work / "result_par.json").read_text())
+
+
+def test_parallel_search_stops_at_its_time_limit(run, par_run):
+    """exit_duration_minutes: both ranks agree to stop after the first finished result; the
+    state keeps it and the summary says why (re-running resumes, as stop_after shows)."""
+    work, _ = run
+    got = par_run["dp2_limit"]
+    assert got["stopped"] and got["zero_shot_done"] == 1 and got["kd_done"] == 0
+    assert got["interrupted"]["reason"].startswith("exit_duration_minutes=")
+    state = json.loads((work / "dp2_limit" / "search_state.json").read_text())
+    assert len(state["zero_shot"]) == 2  # the teacher row + one candidate
+    assert (work / "dp2_limit" / "interrupted.json").is_file()
+
+
+def _losses(work, name):
+    zs = {c["name"]: c["zero_shot_loss"]
+          for c in json.loads((work / name / "candidates.json").read_text())["candidates"]}
+    kd = {r["name"]: r["distilled_loss"] for r in json.loads((work / name / "table.json").read_text())["rows"]}
+    return zs, kd
+
+
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_parallel_search_picks_the_same_candidate(run, par_run, layout):
+    work, res = run
+    got = par_run[layout]
+    assert not got["stopped"] and got["chosen"]["name"] == res["full"]["chosen"]["name"]
+    assert [r["name"] for r in got["table"]] == [r["name"] for r in res["full"]["table"]]
+    (zs1, kd1), (zs2, kd2) = _losses(work, "full"), _losses(work, layout)
+    assert zs1.keys() == zs2.keys() and kd1.keys() == kd2.keys()
+    dz = max(abs(zs1[k] - zs2[k]) for k in zs1)
+    dk = max(abs(kd1[k] - kd2[k]) for k in kd1)
+    dt = abs(got["teacher_row"]["zero_shot_loss"] - res["full"]["teacher_row"]["zero_shot_loss"])
+    print(f"\n[search parity] {layout}: max |zero-shot loss diff| {dz:.2e}, max |distilled loss "
+          f"diff| {dk:.2e}, teacher {dt:.2e} (over {len(zs1)} / {len(kd1)} candidates)")
+    assert dz < PARITY_ATOL and dk < PARITY_ATOL and dt < PARITY_ATOL
+    # the short KD ran at that layout, from a checkpoint per candidate
+    for r in got["table"]:
+        s = json.loads((work / layout / "candidates" / r["name"] / "distilled" / "summary.json").read_text())
+        assert s["layout"] == {"tp": 2 if layout == "tp2" else 1, "pp": 1, "dp": 2 if layout == "dp2" else 1}
 
 
 def _strip(rows):

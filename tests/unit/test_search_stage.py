@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_minitron.config import ConfigError, DataConfig, ModelConfig, build, load_stage_config, load_yaml
+from megatron_minitron.config import (ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, build,
+                                      load_stage_config, load_yaml)
 from megatron_minitron.importance.io import ImportanceFile
 from megatron_minitron.search.space import SearchSpace, enumerate_candidates
 from megatron_minitron.search.stage import (SearchConfig, State, _fingerprint, rank, run_search,
@@ -179,3 +180,22 @@ def test_state_refuses_another_configuration_and_ignores_search_width(setup, tmp
     with pytest.raises(ConfigError, match=r"different configuration.*resume=false"):
         State(tmp_path / "state.json", "other", resume=True)
     assert State(tmp_path / "state.json", "other", resume=False).data["zero_shot"] == {}
+
+
+def test_multi_process_layouts_are_checked_before_any_model(setup, monkeypatch):
+    """Under torchrun (WORLD_SIZE) the layout must divide the world, and the fixed validation
+    set and the KD batch must split over the data-parallel ranks."""
+    _, cfg = setup
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tp x parallel.pp = 2"):
+        validate(cfg(parallel=ParallelConfig(tp=2)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    kd = TrainConfig(steps=4, global_batch_size=8, micro_batch_size=4, warmup_steps=1)
+    with pytest.raises(ConfigError, match="eval_iters=3 is not divisible by the data-parallel size 2"):
+        validate(cfg(eval_iters=3, kd=kd))
+    with pytest.raises(ConfigError, match="kd.global_batch_size=8 is not divisible"):
+        validate(cfg(eval_iters=4))  # the default KD micro-batch of 8 x DP 2 exceeds the batch
+    assert validate(cfg(eval_iters=4, kd=kd))[2]  # DP=2: eval_iters 4, KD batch 8 = 4 x 2
+    assert validate(cfg(parallel=ParallelConfig(tp=2)))[2]  # TP=2, DP=1
+    with pytest.raises(ConfigError, match="exit_duration_minutes"):
+        validate(cfg(exit_duration_minutes=-5))
