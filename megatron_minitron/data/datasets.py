@@ -152,5 +152,24 @@ def build_gpt_datasets(
             if r != 0:
                 with _file_lock(lock):
                     datasets = _build()
+    for ds in datasets:
+        _repair_loss_mask_cache(ds)
     train_ds, valid_ds, test_ds = datasets
     return train_ds, valid_ds, test_ds
+
+
+def _repair_loss_mask_cache(ds) -> None:
+    """megatron-core (0.16 and 0.19) GPTDataset caches the FIRST sample's loss mask by
+    reference and then zeroes that sample's <pad> labels in it in place, so every later
+    sample also masks the first one's pad positions (NVIDIA/Megatron-LM#1711, open PR
+    #6981). Fill the cache once and reset it to all ones: the cacheable case is exactly
+    the one without eod_mask_loss, whose mask before the pad step is all ones."""
+    import torch
+
+    if ds is None:
+        return
+    for d in getattr(ds, "datasets", None) or [ds]:  # a BlendedDataset holds GPTDatasets
+        if getattr(d, "masks_and_position_ids_are_cacheable", False) and len(d) > 0:
+            if not d.masks_and_position_ids_are_cached:
+                d[0]  # the FILL call; it leaves sample 0's pad zeros in the cache
+            d.cached_loss_mask = torch.ones_like(d.cached_loss_mask)

