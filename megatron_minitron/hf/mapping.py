@@ -42,11 +42,14 @@ from ..config import ConfigError, ModelConfig
 # says; transformers uses layer_norm_epsilon for it. Only this value agrees in both.
 MAMBA_GATED_NORM_EPS = 1e-5
 
-# transformers clamps dt = softplus(dt + dt_bias) from below at `time_step_min`;
-# megatron-core never clamps. We export the smallest normal fp32 number: softplus never
-# returns a positive value below it in fp32 except by underflowing to 0, and at dt <= 1.2e-38
-# both exp(dt*A) and dt*x*B are exactly 1 and 0 in fp32, so the clamp is a no-op while the
-# value stays a usable (finite-log) init bound for transformers.
+# transformers clamps dt = softplus(dt + dt_bias) from below at `time_step_min` (its
+# time_step_limit is (time_step_min, inf), whatever config.json's time_step_limit says);
+# megatron-core never clamps. Import keeps the clamp as model.mamba_dt_clamp_min
+# (compat/dt_limit.py applies it); export writes the clamp the model uses, and for a model
+# without one the smallest normal fp32 number: softplus never returns a positive value
+# below it in fp32 except by underflowing to 0, and at dt <= 1.2e-38 both exp(dt*A) and
+# dt*x*B are exactly 1 and 0 in fp32, so that clamp is a no-op while the value stays a
+# usable (finite-log) init bound for transformers.
 EXPORT_TIME_STEP_MIN = float(torch.finfo(torch.float32).tiny)
 
 ACT_TO_HF = {"squared_relu": "relu2", "relu": "relu", "gelu": "gelu"}
@@ -114,13 +117,8 @@ def model_config_from_hf(hf: dict, params_dtype: str = "fp32",
         refuse("layer_norm_epsilon", eps, f"transformers uses it inside the Mamba gated norm, "
                f"megatron-core hard-codes {MAMBA_GATED_NORM_EPS} there")
     tmin = float(g("time_step_min", 0.001))
-    if "M" in pattern and tmin > EXPORT_TIME_STEP_MIN and not ignore_time_step_min:
-        refuse("time_step_min", tmin,
-               "transformers clamps dt=softplus(dt+dt_bias) from below at time_step_min, "
-               "megatron-core's Mamba mixer never clamps, so the two differ wherever dt < "
-               "time_step_min. Models trained with megatron (Nemotron-H) never saw the clamp: "
-               "set ignore_time_step_min=true to import anyway (our model then computes the "
-               "unclamped, megatron-trained function)")
+    # the clamp transformers applies (none when time_step_min is the no-op value we export)
+    dt_clamp_min = 0.0 if ignore_time_step_min or tmin <= EXPORT_TIME_STEP_MIN else tmin
     hd = g("head_dim") or (g("hidden_size") // g("num_attention_heads"))
     nh = int(g("mamba_num_heads"))
     cfg = ModelConfig(
@@ -134,6 +132,7 @@ def model_config_from_hf(hf: dict, params_dtype: str = "fp32",
         mamba_state_dim=int(g("ssm_state_size")),
         mamba_conv_kernel=int(g("conv_kernel", g("mamba_d_conv", 4))),
         mamba_chunk_size=int(g("chunk_size", g("mamba_chunk_size", 128))),
+        mamba_dt_clamp_min=dt_clamp_min,
         num_attention_heads=int(g("num_attention_heads")),
         num_query_groups=int(g("num_key_value_heads") or g("num_attention_heads")),
         kv_channels=int(hd),
@@ -168,6 +167,9 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
     if "M" in pattern and cfg.norm_epsilon != MAMBA_GATED_NORM_EPS:
         refuse("norm_epsilon", cfg.norm_epsilon, "transformers uses layer_norm_epsilon in the "
                f"Mamba gated norm where megatron-core uses {MAMBA_GATED_NORM_EPS}")
+    if "M" in pattern and cfg.mamba_dt_clamp_max:
+        refuse("mamba_dt_clamp_max", cfg.mamba_dt_clamp_max, "transformers' NemotronH clamps "
+               "dt from below only (time_step_min); it has no upper dt clamp")
     st = special_tokens or {}
     hf = {
         "architectures": ["NemotronHForCausalLM"],
@@ -199,7 +201,8 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
         "use_conv_bias": True,
         "use_bias": False,
         "mamba_proj_bias": False,
-        "time_step_min": EXPORT_TIME_STEP_MIN,
+        # the dt clamp our model applies (transformers: dt >= time_step_min)
+        "time_step_min": cfg.mamba_dt_clamp_min or EXPORT_TIME_STEP_MIN,
         "time_step_max": 0.1,
         "time_step_floor": 1e-4,
         # time_step_limit left at its default (0, inf): transformers ignores it anyway

@@ -44,8 +44,9 @@ class ImportHFConfig:
     output_dir: str = "runs/imported"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     params_dtype: str = "fp32"  # fp32 | bf16: dtype of the megatron parameters
-    # transformers clamps Mamba dt at time_step_min, megatron does not (see mapping.py);
-    # true = import anyway and compute the unclamped (megatron-trained) function.
+    # transformers clamps Mamba dt at time_step_min; the import keeps that clamp
+    # (model.mamba_dt_clamp_min). true = drop it: the model computes the unclamped function
+    # megatron trained (Nemotron-H was trained without it).
     ignore_time_step_min: bool = False
     seq_length: int = 0  # 0: config.json max_position_embeddings
 
@@ -171,7 +172,7 @@ def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
             "stage": "import-hf", "hf_dir": str(Path(cfg.hf_dir).resolve()), "checkpoint": str(it),
             "model": mcfg.to_dict(), "parameters": count_parameters(mcfg)["total"],
             "tp": par.tp, "pp": par.pp, "tokenizer_files": tok, "seconds": round(time.time() - t0, 2),
-            "notes": _import_notes(folder.config),
+            "notes": _import_notes(folder.config, mcfg),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         D.print0(f"[import-hf] {cfg.hf_dir} -> {it} ({summary['parameters']:,} parameters, "
@@ -184,12 +185,22 @@ def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
     return summary
 
 
-def _import_notes(hf: dict) -> list[str]:
+def _import_notes(hf: dict, mcfg: ModelConfig) -> list[str]:
     notes = []
     tmin = float(hf.get("time_step_min", 0.001))
     if "M" in M.hf_pattern(hf) and tmin > M.EXPORT_TIME_STEP_MIN:
-        notes.append(f"transformers clamps Mamba dt at time_step_min={tmin}; our megatron model does not "
-                     "(ignore_time_step_min=true)")
+        notes.append(f"Mamba dt clamped at time_step_min={tmin} as in transformers "
+                     f"(model.mamba_dt_clamp_min={mcfg.mamba_dt_clamp_min})" if mcfg.mamba_dt_clamp_min else
+                     f"transformers clamps Mamba dt at time_step_min={tmin}; dropped "
+                     "(ignore_time_step_min=true): the model computes the unclamped function")
+    lim = hf.get("time_step_limit")
+
+    def num(x):  # transformers 5 writes inf as {"__float__": "Infinity"}
+        return float(x.get("__float__", "nan")) if isinstance(x, dict) else float(x)
+
+    if "M" in M.hf_pattern(hf) and lim and tuple(num(x) for x in lim) != (0.0, float("inf")):
+        notes.append(f"config.json time_step_limit={list(lim)} is not used, as in transformers' "
+                     "NemotronH (it clamps at time_step_min only)")
     if hf.get("num_nextn_predict_layers", 0):
         notes.append("multi-token-prediction (mtp.*) weights were not imported (transformers ignores them too)")
     return notes
@@ -250,6 +261,16 @@ def _check_export(cfg: ExportHFConfig):
     it = ckpt.require(cfg.checkpoint)
     mcfg = ckpt.read_model_config(it)
     tok = _tokenizer_source(cfg, it)
+    n_tok = _tokenizer_vocab_size(tok)
+    if n_tok is not None and n_tok > mcfg.vocab_size:
+        msg = (f"tokenizer {tok} has {n_tok} tokens but the model's vocab_size is {mcfg.vocab_size}: "
+               "ids past the vocabulary would fail in transformers")
+        if cfg.tokenizer == "auto" and tok == Path("data/default/tokenizer.json"):
+            # the project's own tokenizer as a last guess: refuse it; anything else: warn
+            raise ConfigError(f"{msg}. tokenizer=auto fell back to it: it is not this model's tokenizer; "
+                              "give the right one with tokenizer=PATH (e.g. the <run>/tokenizer/ "
+                              "folder import-hf wrote) or tokenizer=none")
+        D.print0(f"[export-hf] warning: {msg}")
     special = _special_tokens(tok)
     hf_cfg = M.hf_config_from_model(mcfg, HF_DTYPES[cfg.dtype][1], special)  # refusals here
     out = Path(cfg.output_dir)
@@ -276,6 +297,20 @@ def _tokenizer_source(cfg: ExportHFConfig, it: Path) -> Optional[Path]:
             return cand
     raise ConfigError(f"tokenizer=auto found no tokenizer for {it} (looked in <run>/tokenizer/ and "
                       "data/default/tokenizer.json); set tokenizer=PATH or tokenizer=none")
+
+
+def _tokenizer_vocab_size(tok: Optional[Path]) -> Optional[int]:
+    """Tokens of a tokenizer.json (file or in a folder), added tokens included; None when
+    there is none to read (no tokenizer, or a SentencePiece-only folder)."""
+    path = None if tok is None else (tok / "tokenizer.json" if tok.is_dir() else tok)
+    if path is None or not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as err:
+        raise ConfigError(f"tokenizer {path} is not a readable tokenizer.json ({err})") from None
 
 
 def _special_tokens(tok: Optional[Path]) -> dict:

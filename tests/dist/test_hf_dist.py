@@ -47,9 +47,9 @@ def test_imported_logits_match_transformers(runs, layout):
 
 
 def test_dt_clamp_is_what_time_step_min_guards(runs):
-    # transformers' default time_step_min=0.001 clamps dt; megatron never does. The
-    # difference is real (so refusing it by default is justified) and our import equals
-    # the unclamped function, not the clamped one.
+    # transformers' default time_step_min=0.001 clamps dt. This folder has the no-op value
+    # (what export writes for a model without a clamp), so the import has no clamp and
+    # equals the unclamped function, not the clamped one (test_dtclamp_dist.py: a kept clamp).
     wd, _ = runs
     clamp_diff = (_l(wd, "hf_clamp") - _l(wd, "imp_tp1")).abs().max().item()
     assert clamp_diff > 10 * LOGIT_ATOL

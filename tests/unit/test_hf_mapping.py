@@ -96,7 +96,6 @@ def test_config_roundtrip():
     ("mlp_hidden_act", "silu", "mlp_hidden_act"),
     ("use_bias", True, "use_bias"),
     ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon"),
-    ("time_step_min", 0.001, "time_step_min.*ignore_time_step_min=true"),
     ("sliding_window", 128, "sliding_window"),
     ("model_type", "mamba2", "model_type"),
 ])
@@ -107,10 +106,18 @@ def test_unsupported_hf_fields_are_refused_by_name(field, value, match):
         M.model_config_from_hf(hf)
 
 
-def test_time_step_min_accepted_on_request():
+def test_time_step_min_is_kept_as_the_dt_clamp():
     hf = M.hf_config_from_model(CFG)
     hf["time_step_min"] = 0.001
-    assert M.model_config_from_hf(hf, ignore_time_step_min=True).mamba_num_heads == 6
+    cfg = M.model_config_from_hf(hf)
+    assert (cfg.mamba_dt_clamp_min, cfg.mamba_dt_clamp_max) == (0.001, 0.0)
+    assert M.hf_config_from_model(cfg)["time_step_min"] == 0.001  # export writes the clamp used
+    assert M.model_config_from_hf(hf, ignore_time_step_min=True).mamba_dt_clamp_min == 0.0
+    upper = ModelConfig(**{**cfg.to_dict(), "mamba_dt_clamp_max": 0.5})
+    with pytest.raises(ConfigError, match="mamba_dt_clamp_max.*no upper dt clamp"):
+        M.hf_config_from_model(upper)
+    with pytest.raises(ConfigError, match="0 <= min < max"):
+        ModelConfig(**{**cfg.to_dict(), "mamba_dt_clamp_max": 0.0005}).validate()
 
 
 @pytest.mark.parametrize("field,value", [("position_embedding", "rope"), ("activation", "swiglu"),
