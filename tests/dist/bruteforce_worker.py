@@ -3,7 +3,8 @@
   par   (2 processes): a tiny hybrid checkpoint written at TP=2 (every 1-D weight
                        perturbed); the `stats` stage at TP=2 (the code under test: hooks,
                        TP gathers, vocab-parallel KL with a layer skipped); rank 0 runs `plan`
-                       with mamba_metric=flap.
+                       with mamba_metric=flap (every axis pruned, one layer dropped by depth
+                       KL); `prune` at TP=2.
   brute (1 process):   export-hf of the checkpoint; the SAME calibration samples (megatron's
                        GPTDataset, as stats reads them) through transformers' NemotronH:
                        - depth: for each layer l a separately built model WITHOUT layer l
@@ -13,7 +14,9 @@
                          per column j: ||W_out[:, j]||^2 * unbiased Var(y_j) over all tokens;
                        - the plan's FLAP choice: channel set and per-group head sets found by
                          enumerating every subset (itertools.combinations) and maximizing the
-                         summed column scores (the definition, not a top-k).
+                         summed column scores (the definition, not a top-k);
+                       - the pruned checkpoint's export vs oracle_worker.slice_hf of the
+                         source export (stats -> plan -> prune end to end).
 """
 
 import itertools
@@ -48,6 +51,7 @@ def par(wd: Path):
     from megatron_minitron.model import build_model
     from megatron_minitron.plan.stage import PlanConfig, run_plan
     from megatron_minitron.plan.targets import TargetConfig
+    from megatron_minitron.rewrite.stage import PruneConfig, run_prune
     from megatron_minitron.train import checkpoint as ckpt
 
     p = D.init(ParallelConfig(tp=2), seed=5)
@@ -64,8 +68,13 @@ def par(wd: Path):
                           data=data_cfg(wd), samples=SAMPLES, depth_samples=DEPTH, micro_batch_size=MBS))
     if dist.get_rank() == 0:
         run_plan(PlanConfig(importance=str(wd / "stats" / "importance.pt"), output_dir=str(wd / "plan"),
-                            mamba_metric="flap",
-                            target=TargetConfig(mamba_num_heads=KEEP_HEADS, mamba_head_dim=KEEP_CH)))
+                            mamba_metric="flap", parallel=ParallelConfig(tp=2),
+                            target=TargetConfig(mamba_num_heads=KEEP_HEADS, mamba_head_dim=KEEP_CH,
+                                                hidden_size=40, ffn_hidden_size=48, num_layers=4)))
+    dist.barrier()
+    # ... -> prune at TP=2: the stats -> plan -> prune pipeline end to end
+    run_prune(PruneConfig(checkpoint=str(wd / "src"), plan=str(wd / "plan" / "plan.json"),
+                          output=str(wd / "pruned"), parallel=ParallelConfig(tp=2)))
     D.shutdown()
 
 
@@ -103,11 +112,30 @@ def brute(wd: Path):
 
     run_export_hf(ExportHFConfig(checkpoint=str(wd / "src"), output_dir=str(wd / "hf"), dtype="fp32",
                                  tokenizer="none"), shutdown=False)
+    run_export_hf(ExportHFConfig(checkpoint=str(wd / "pruned"), output_dir=str(wd / "hf_pruned"), dtype="fp32",
+                                 tokenizer="none"), shutdown=False)
     toks = calibration_tokens(wd)
     D.shutdown()
     full = AutoModelForCausalLM.from_pretrained(wd / "hf").float().eval()
     sd = {k: v.detach().clone() for k, v in full.state_dict().items()}
     res = {}
+
+    # ---- the pruned checkpoint vs the independent slicer of oracle_worker.py
+    sys.path.insert(0, str(Path(__file__).parent))
+    from oracle_worker import slice_hf
+    from transformers import NemotronHForCausalLM
+
+    plan = json.loads((wd / "plan" / "plan.json").read_text())
+    src_cfg = json.loads((wd / "hf" / "config.json").read_text())
+    sliced, over = slice_hf(sd, src_cfg, plan)
+    ref = NemotronHForCausalLM(type(full.config).from_dict({**full.config.to_dict(), **over})).float().eval()
+    ref.load_state_dict(sliced, strict=True)
+    got = AutoModelForCausalLM.from_pretrained(wd / "hf_pruned").float().eval()
+    with torch.no_grad():
+        a, b = got(input_ids=toks, use_cache=False).logits, ref(input_ids=toks, use_cache=False).logits
+        res["pruned_vs_oracle"] = (a - b).abs().max().item()
+        res["pruned_vs_source"] = (a - full(input_ids=toks, use_cache=False).logits).abs().max().item()
+    res["pruned_target"] = plan["target"]
 
     # ---- depth: KL(full || without l), fp64, mean over the depth samples' tokens
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Depth KL, FLAP column scores and the plan's FLAP choice against brute force
 (tests/dist/bruteforce_worker.py): the `stats` stage at TP=2 vs transformers' NemotronH on
 the same calibration samples, with separately built models, per-column python loops and
-exhaustive subset search."""
+exhaustive subset search; the pruned result of that plan against the independent slicer
+of oracle_worker.py (stats -> plan -> prune end to end; in the megatron-core 0.19 smoke set)."""
 
 import json
 from pathlib import Path
@@ -28,6 +29,7 @@ def wd(tmp_path_factory, real_data):
     return wd
 
 
+@pytest.mark.smoke
 def test_depth_kl_equals_kl_against_model_without_the_layer(wd):
     imp = ImportanceFile.load(wd / "stats" / "importance.pt")
     brute = torch.tensor(json.loads((wd / "result_brute.json").read_text())["kl_brute"], dtype=torch.float64)
@@ -38,6 +40,7 @@ def test_depth_kl_equals_kl_against_model_without_the_layer(wd):
     assert rel < RTOL
 
 
+@pytest.mark.smoke
 def test_flap_columns_at_tp2_equal_per_column_loop(wd):
     imp = ImportanceFile.load(wd / "stats" / "importance.pt")
     brute = json.loads((wd / "result_brute.json").read_text())["flap_brute"]
@@ -52,6 +55,7 @@ def test_flap_columns_at_tp2_equal_per_column_loop(wd):
     assert worst < RTOL
 
 
+@pytest.mark.smoke
 def test_plan_flap_choice_equals_exhaustive_search(wd):
     plan = json.loads((wd / "plan" / "plan.json").read_text())
     brute = json.loads((wd / "result_brute.json").read_text())["flap_choice_brute"]
@@ -67,3 +71,15 @@ def test_plan_flap_choice_equals_exhaustive_search(wd):
     # the check can fail: somewhere the best set is not simply the first members
     firsts = [[list(range(g * 4, g * 4 + 2)) for g in range(2)], list(range(5))]
     assert any([w["heads"], w["channels"][:5]] != firsts for w in brute.values())
+
+
+@pytest.mark.smoke  # megatron-core 0.19 too: the stats -> plan -> prune pipeline end to end
+def test_stats_plan_prune_end_to_end_equals_oracle(wd):
+    r = json.loads((wd / "result_brute.json").read_text())
+    t = r["pruned_target"]
+    print(f"stats -> plan -> prune (TP=2): {t['pattern']} h={t['hidden_size']} ffn={t['ffn_hidden_size']} "
+          f"mamba={t['mamba_num_heads']}x{t['mamba_head_dim']}: max |pruned - oracle slice| = "
+          f"{r['pruned_vs_oracle']:.2e} (vs the unpruned source: {r['pruned_vs_source']:.2f})")
+    assert len(t["pattern"]) == 4 and t["hidden_size"] == 40 and t["mamba_head_dim"] == 5
+    assert r["pruned_vs_oracle"] < 1e-5
+    assert r["pruned_vs_source"] > 1e-2
