@@ -19,12 +19,22 @@ def main(argv=None) -> int:
     p.add_argument("stage", choices=available())
     p.add_argument("--config", "-c", default=None, help="YAML recipe for the stage")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-GPU memory estimate at the stage's layout and exit "
+                        "(exit status 2 when it does not fit parallel.memory_limit_gb)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of GPUs (default: $WORLD_SIZE or 1)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = p.parse_intermixed_args(argv)
     try:
         cfg = load_stage_config(args.stage, args.config, args.overrides)
         if args.print_config:
             print(dump_json(cfg))
+            return 0
+        if args.dry_run:
+            from .resources.check import check
+
+            check(args.stage, cfg, world=args.world_size, dry_run=True)
             return 0
         runner(args.stage)(cfg)
     except ConfigError as e:

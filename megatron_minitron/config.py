@@ -177,6 +177,9 @@ class ParallelConfig:
     fp8: str = ""  # '' | e4m3 | hybrid: Transformer Engine fp8 GEMMs (GPU with TE only)
     overlap_grad_reduce: bool = False  # DDP: overlap DP gradient reduce with backward (GPU)
     overlap_param_gather: bool = False  # distributed optimizer: overlap param all-gather (GPU)
+    # the stage refuses to start when its memory estimate per GPU exceeds this (GiB);
+    # 0 = the device's memory (on CPU: host memory / ranks per node). --dry-run prints it.
+    memory_limit_gb: float = 0.0
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
 
     def validate(self, prefix: str = "parallel") -> None:
@@ -185,6 +188,9 @@ class ParallelConfig:
         for key in ("distributed_optimizer", "mamba_mem_eff_path"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r}: use auto, true or false")
+        if not self.memory_limit_gb >= 0:
+            raise ConfigError(f"{prefix}.memory_limit_gb={self.memory_limit_gb} must be >= 0 "
+                              "(0 = the device's memory)")
         if self.fp8 not in ("", "e4m3", "hybrid"):
             raise ConfigError(f"{prefix}.fp8={self.fp8!r}: use '' (off), e4m3 or hybrid")
         if self.optimizer_checkpoint not in ("dp_sharded", "reshardable"):

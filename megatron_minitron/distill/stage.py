@@ -143,6 +143,9 @@ def run_distill(cfg: DistillConfig) -> dict:
     s_cfg = replace(s_cfg, seq_length=seq)
     t_cfg = replace(t_cfg, seq_length=seq)
     data_summary = check_data(cfg.data, s_cfg)
+    from ..resources.check import check
+
+    check("distill", cfg)  # per-GPU memory estimate vs parallel.memory_limit_gb
     lc, tr = cfg.loss, cfg.train
     use_teacher_in_training = lc.alpha_kd > 0
 

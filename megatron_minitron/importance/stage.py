@@ -268,6 +268,9 @@ def build_importance(red: dict[str, torch.Tensor], model_cfg: ModelConfig, sourc
 
 def run_stats(cfg: StatsConfig) -> dict:
     model_cfg = validate(cfg)
+    from ..resources.check import check
+
+    check("stats", cfg)  # per-GPU memory estimate vs parallel.memory_limit_gb
     seq = cfg.seq_length or model_cfg.seq_length
     started_here = not torch.distributed.is_initialized()
     t_start = time.time()

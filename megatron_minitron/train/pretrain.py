@@ -60,6 +60,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     if cfg.init_from:
         ckpt.require(cfg.init_from)
 
+    from ..resources.check import check
+
+    check("pretrain", cfg)  # per-GPU memory estimate vs parallel.memory_limit_gb
     t_start = time.time()
     par = D.init(cfg.parallel, seed=cfg.train.seed)
     out = Path(cfg.output_dir)

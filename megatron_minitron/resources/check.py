@@ -1,0 +1,177 @@
+"""The resource check every training / calibration stage runs before launch.
+
+    python -m megatron_minitron STAGE -c recipe.yaml --dry-run [--world-size N]
+
+prints the per-GPU estimate (estimate.py) at the stage's layout and exits; a normal run
+performs the same check first and refuses to start when the estimate exceeds
+`parallel.memory_limit_gb` (0 = the device's memory: the GPU's, or on CPU the host's
+memory shared by the ranks of this node), naming settings that would make it fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from ..config import ConfigError, ModelConfig
+from . import estimate as E
+
+CHECKED = ("pretrain", "distill", "stats", "prune")
+
+
+def impl() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def device_limit_gb(limit_gb: float) -> float:
+    if limit_gb > 0:
+        return limit_gb
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / E.GiB
+    import psutil
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return psutil.virtual_memory().total / E.GiB / max(local, 1)
+
+
+def _layout(parallel, world: int, mbs: int, seq: int, num_micro: int, recompute: str = "none",
+            dist_opt: Optional[bool] = None) -> E.Layout:
+    from ..train.engine import use_distributed_optimizer
+
+    dp = max(1, world // (parallel.tp * parallel.pp))
+    return E.Layout(tp=parallel.tp, pp=parallel.pp, dp=dp, micro_batch_size=mbs, seq_length=seq,
+                    num_micro=num_micro, sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+                    recompute=recompute,
+                    distributed_optimizer=use_distributed_optimizer(parallel) if dist_opt is None else dist_opt)
+
+
+def plan_for(stage: str, cfg, world: int):
+    """(estimate function of a Layout, the stage's Layout, model config) for a stage config."""
+    from ..train import checkpoint as ckpt
+
+    kind = impl()
+    if stage == "pretrain":
+        tr = cfg.train
+        dp = max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
+        lay = _layout(cfg.parallel, world, tr.micro_batch_size, cfg.model.seq_length,
+                      tr.global_batch_size // (tr.micro_batch_size * dp), tr.recompute)
+        return (lambda l: E.training(cfg.model, l, kind, "pretrain")), lay, cfg.model
+    if stage == "distill":
+        tr = cfg.train
+        s_cfg, t_cfg = ckpt.read_model_config(cfg.student), ckpt.read_model_config(cfg.teacher)
+        seq = cfg.seq_length or s_cfg.seq_length
+        dp = max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
+        lay = _layout(cfg.parallel, world, tr.micro_batch_size, seq,
+                      tr.global_batch_size // (tr.micro_batch_size * dp), tr.recompute)
+        chunk = cfg.loss.chunk_size or None
+        return (lambda l: E.training(s_cfg, l, kind, "distill", kd_chunk=chunk, teacher=t_cfg)), lay, s_cfg
+    if stage == "stats":
+        m = ckpt.read_model_config(cfg.checkpoint)
+        seq = cfg.seq_length or m.seq_length
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, 1)
+        depth = "kl" in cfg.sources and cfg.depth_samples > 0
+        return (lambda l: E.stats(m, l, kind, depth, cfg.depth_chunk_tokens)), lay, m
+    if stage == "prune":
+        m = ckpt.read_model_config(cfg.checkpoint)
+        return (lambda l: E.prune(m, kind)), E.Layout(), m
+    raise ConfigError(f"no resource estimate for stage {stage!r}; stages with one: {', '.join(CHECKED)}")
+
+
+def _valid(m: ModelConfig, lay: E.Layout, world: int) -> bool:
+    if world % (lay.tp * lay.pp):
+        return False
+    try:
+        m.validate(lay.tp, lay.pp)
+    except ConfigError:
+        return False
+    return True
+
+
+def suggestions(fn, lay: E.Layout, m: ModelConfig, world: int, limit_gb: float,
+                stage: str) -> list[str]:
+    """Single-key changes (then pairs) of the layout that bring the estimate under the limit."""
+    train = stage in ("pretrain", "distill")
+    moves = []
+    if train:
+        for r in ("selective", "full"):
+            if lay.recompute != r:
+                moves.append((f"train.recompute={r}", {"recompute": r}))
+    b = lay.micro_batch_size
+    while b > 1:
+        b //= 2
+        key = "train.micro_batch_size" if train else "micro_batch_size"
+        moves.append((f"{key}={b}", {"micro_batch_size": b}))
+    for tp in (lay.tp * 2, lay.tp * 4, lay.tp * 8):
+        moves.append((f"parallel.tp={tp}", {"tp": tp}))
+        if not lay.sequence_parallel:
+            moves.append((f"parallel.tp={tp} parallel.sequence_parallel=true",
+                          {"tp": tp, "sequence_parallel": True}))
+    if lay.tp > 1 and not lay.sequence_parallel:
+        moves.append(("parallel.sequence_parallel=true", {"sequence_parallel": True}))
+    for pp in (lay.pp * 2, lay.pp * 4):
+        moves.append((f"parallel.pp={pp}", {"pp": pp}))
+    if train and not lay.distributed_optimizer:
+        moves.append(("parallel.distributed_optimizer=true", {"distributed_optimizer": True}))
+    out = []
+    for name, change in moves:
+        new = dataclasses.replace(lay, **change)
+        if "tp" in change or "pp" in change:
+            new.dp = max(1, world // (new.tp * new.pp))
+        if not _valid(m, new, world):
+            continue
+        if E.fits(fn(new), limit_gb):
+            out.append(f"{name} ({fn(new).total / E.GiB:.1f} GiB)")
+    if not out and train:  # pairs: recompute full with each layout move
+        for name, change in moves:
+            if "recompute" in change:
+                continue
+            new = dataclasses.replace(lay, recompute="full", **change)
+            if "tp" in change or "pp" in change:
+                new.dp = max(1, world // (new.tp * new.pp))
+            if _valid(m, new, world) and E.fits(fn(new), limit_gb):
+                out.append(f"train.recompute=full {name} ({fn(new).total / E.GiB:.1f} GiB)")
+    return out[:6]
+
+
+def report(stage: str, cfg, world: int) -> tuple[E.Estimate, float, list[str]]:
+    fn, lay, m = plan_for(stage, cfg, world)
+    est = fn(lay)
+    limit = device_limit_gb(getattr(cfg.parallel, "memory_limit_gb", 0.0))
+    fixes = [] if E.fits(est, limit) else suggestions(fn, lay, m, world, limit, stage)
+    return est, limit, fixes
+
+
+def describe(stage: str, est: E.Estimate, limit: float, world: int, lay_text: str) -> str:
+    head = (f"[{stage}] estimated memory per {'GPU' if impl() == 'gpu' else 'rank (CPU)'} "
+            f"at {lay_text}, world size {world} (pipeline stage {est.pp_stage}):")
+    return f"{head}\n{est.table()}\n  limit {limit:8.2f} GiB: " + \
+        ("fits" if E.fits(est, limit) else "DOES NOT FIT")
+
+
+def check(stage: str, cfg, world: Optional[int] = None, dry_run: bool = False) -> E.Estimate:
+    """Print (dry run) or enforce the estimate. Raises ConfigError naming the fixes."""
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    est, limit, fixes = report(stage, cfg, world)
+    p = cfg.parallel
+    lay_text = f"tp={p.tp} pp={p.pp}" + (" sp" if p.sequence_parallel else "")
+    text = describe(stage, est, limit, world, lay_text)
+    fit = E.fits(est, limit)
+    if dry_run:
+        print(text + ("" if fit else "\n  would fit with: " + ("; ".join(fixes) or "none found")))
+        if not fit:
+            raise ConfigError(f"{stage}: the estimate {est.total / E.GiB:.1f} GiB exceeds "
+                              f"parallel.memory_limit_gb={limit:.1f}")
+        return est
+    if not fit:
+        raise ConfigError(
+            f"{stage} would need about {est.total / E.GiB:.1f} GiB per "
+            f"{'GPU' if impl() == 'gpu' else 'rank'} (limit {limit:.1f} GiB, "
+            "parallel.memory_limit_gb):\n" + est.table() + "\nit fits with: "
+            + ("; ".join(fixes) if fixes else "no single change found; add GPUs or lower the "
+               "sequence length") + "\n(set parallel.memory_limit_gb higher to override)")
+    return est
