@@ -1,0 +1,71 @@
+"""A new user's path, every stage through the CLI as the README's real-checkpoint section
+types it: a Nemotron-H folder saved by transformers with a tokenizer that has no
+<|endoftext|> -> import-hf -> prepare-data (JSON Lines shards, the model's own tokenizer)
+-> stats -> plan -> prune -> distill (a few steps) -> export-hf -> transformers loads it and
+generate() decodes text with the exported tokenizer (userpath_worker.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, child_env, launch
+
+pytest.importorskip("transformers")
+
+WORKER = Path(__file__).with_name("userpath_worker.py")
+
+
+def cli(*args):
+    cmd = [sys.executable, "-m", "megatron_minitron", *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=child_env())
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("userpath")
+    launch(WORKER, ["make", wd])
+    tok = wd / "imp" / "tokenizer"
+    data = [f"data.prefix={wd / 'data' / 'corpus_text_document'}", f"data.tokenizer={tok}",
+            "data.split=90,10,0"]
+    cli("import-hf", f"hf_dir={wd / 'hf'}", f"output_dir={wd / 'imp'}")
+    cli("prepare-data", f"corpus={wd / 'corpus'}", f"tokenizer={tok}", f"output_dir={wd / 'data'}",
+        "workers=2", "progress=false")
+    cli("stats", f"checkpoint={wd / 'imp'}", f"output_dir={wd / 'stats'}", *data, "samples=16",
+        "seq_length=32", "micro_batch_size=8", "depth_samples=4")
+    cli("plan", f"importance={wd / 'stats' / 'importance.pt'}", f"output_dir={wd / 'plan'}",
+        "target.hidden_size=48", "target.ffn_hidden_size=64", "target.mamba_num_heads=6",
+        "target.mamba_head_dim=12")
+    cli("prune", f"checkpoint={wd / 'imp'}", f"plan={wd / 'plan' / 'plan.json'}", f"output={wd / 'pruned'}")
+    cli("distill", f"student={wd / 'pruned'}", f"teacher={wd / 'imp'}", f"output_dir={wd / 'distilled'}",
+        *data, "seq_length=32", "train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=2",
+        "train.warmup_steps=0", "train.eval_interval=3", "train.eval_iters=1", "train.save_interval=3",
+        "train.log_interval=1")
+    cli("export-hf", f"checkpoint={wd / 'distilled'}", f"output_dir={wd / 'hf_out'}", f"tokenizer={tok}",
+        "dtype=fp32")
+    out = launch(WORKER, ["generate", wd])
+    return wd, json.loads((wd / "result_generate.json").read_text()), out.stdout
+
+
+def test_data_was_tokenized_with_the_models_tokenizer(path):
+    wd, _, _ = path
+    s = json.loads((wd / "data" / "summary.json").read_text())
+    assert s["vocab_size"] == 384 and s["corpus_files"] == 2 and s["documents"] == 300
+    assert s["eod"] == json.loads((wd / "imp" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"].get(
+        "</s>", s["eod"]) == 2
+
+
+def test_pruned_distilled_export_generates_text(path):
+    wd, res, _ = path
+    assert res["model_class"] == "NemotronHForCausalLM" and res["eos"] == "</s>"
+    assert (res["hidden_size"], res["mamba_num_heads"], res["vocab_size"]) == (48, 6, 384)
+    assert res["time_step_min"] == 0.02  # the imported dt clamp survived prune + distill
+    n_new = len(res["out_ids"]) - len(res["prompt_ids"])
+    assert res["out_ids"][:len(res["prompt_ids"])] == res["prompt_ids"] and 1 <= n_new <= 12
+    assert res["text"].startswith("Beautiful is better than") and len(res["text"]) > len("Beautiful is better than")
+    print(f"generate(): {res['text']!r}")
