@@ -17,7 +17,7 @@ from typing import Optional
 from ..config import ConfigError, ModelConfig
 from . import estimate as E
 
-CHECKED = ("pretrain", "distill", "stats", "prune")
+CHECKED = ("pretrain", "distill", "stats", "eval", "prune")
 
 
 def impl() -> str:
@@ -76,6 +76,10 @@ def plan_for(stage: str, cfg, world: int):
         lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, 1)
         depth = "kl" in cfg.sources and cfg.depth_samples > 0
         return (lambda l: E.stats(m, l, kind, depth, cfg.depth_chunk_tokens)), lay, m
+    if stage == "eval":  # forward only, LM loss: the stats estimate without depth KL
+        m = ckpt.read_model_config(cfg.checkpoint)
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, m.seq_length, 1)
+        return (lambda l: E.stats(m, l, kind, depth=False)), lay, m
     if stage == "prune":
         m = ckpt.read_model_config(cfg.checkpoint)
         return (lambda l: E.prune(m, kind)), E.Layout(), m
