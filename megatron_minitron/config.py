@@ -177,6 +177,10 @@ class ParallelConfig:
     fp8: str = ""  # '' | e4m3 | hybrid: Transformer Engine fp8 GEMMs (GPU with TE only)
     overlap_grad_reduce: bool = False  # DDP: overlap DP gradient reduce with backward (GPU)
     overlap_param_gather: bool = False  # distributed optimizer: overlap param all-gather (GPU)
+    # context parallelism: only 1. megatron-core 0.16/0.19 run hybrid models with CP only
+    # through Transformer Engine's attention (their local attention asserts cp == 1), and
+    # this package's batch split, stats hooks and losses are not CP-aware: refused.
+    cp: int = 1
     # the stage refuses to start when its memory estimate per GPU exceeds this (GiB);
     # 0 = the device's memory (on CPU: host memory / ranks per node). --dry-run prints it.
     memory_limit_gb: float = 0.0
@@ -188,6 +192,12 @@ class ParallelConfig:
         for key in ("distributed_optimizer", "mamba_mem_eff_path"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r}: use auto, true or false")
+        if self.cp != 1:
+            raise ConfigError(
+                f"{prefix}.cp={self.cp}: context parallelism is not supported here (megatron-core "
+                "runs hybrid Mamba models with it only through Transformer Engine attention, and "
+                "this package's batches, stats hooks and losses are not split over CP ranks); use "
+                f"{prefix}.cp=1 with {prefix}.tp / sequence_parallel for long sequences")
         if not self.memory_limit_gb >= 0:
             raise ConfigError(f"{prefix}.memory_limit_gb={self.memory_limit_gb} must be >= 0 "
                               "(0 = the device's memory)")

@@ -1,0 +1,53 @@
+"""Runtime settings reach megatron's TransformerConfig / DDP config, and settings that
+cannot take effect here are refused with the fix (before any model is built)."""
+
+import dataclasses
+
+import pytest
+
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megatron_minitron.model import Runtime, transformer_config
+from megatron_minitron.train.engine import runtime_for
+
+CFG = ModelConfig(pattern="M-*-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=4,
+                  mamba_head_dim=16, mamba_num_groups=2, mamba_state_dim=8, num_attention_heads=4,
+                  num_query_groups=2, kv_channels=16, vocab_size=256)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("mamba_mem_eff_path", "true", "mamba_mem_eff_path=true needs CUDA"),
+    ("fp8", "e4m3", "needs Transformer Engine"),
+    ("overlap_grad_reduce", True, "overlap_grad_reduce=true"),
+    ("overlap_param_gather", True, "overlap_param_gather=true"),
+])
+def test_gpu_only_settings_are_refused_on_cpu(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        runtime_for(dataclasses.replace(ParallelConfig(), **{key: value}), TrainConfig())
+
+
+def test_context_parallel_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism is not supported"):
+        ParallelConfig(cp=2).validate()
+
+
+def test_settings_reach_megatron():
+    rt = runtime_for(ParallelConfig(tp=2, sequence_parallel=True), TrainConfig(recompute="selective"))
+    assert rt == Runtime(sequence_parallel=True, recompute="selective", mamba_mem_eff_path=False)
+    tc = transformer_config(CFG, tp=2, runtime=rt, initialize=False)
+    assert tc.sequence_parallel and tc.recompute_granularity == "selective"
+    assert "core_attn" in tc.recompute_modules and "mlp" in tc.recompute_modules
+    assert not tc.perform_initialization and not tc.use_mamba_mem_eff_path
+    # stats (training=False) and frozen teachers never recompute; SP is dropped at tp=1
+    assert runtime_for(ParallelConfig(sequence_parallel=True), TrainConfig(recompute="full"),
+                       training=False) == Runtime()
+    # auto: the fused Mamba path only where its kernel runs (a GPU with mamba_ssm)
+    assert runtime_for(ParallelConfig(mamba_mem_eff_path="auto")).mamba_mem_eff_path is False
+
+
+def test_bad_values_name_the_choices():
+    with pytest.raises(ConfigError, match="recompute='some': use none, selective or full"):
+        TrainConfig(recompute="some").validate()
+    with pytest.raises(ConfigError, match="optimizer_checkpoint='x': use dp_sharded or reshardable"):
+        ParallelConfig(optimizer_checkpoint="x").validate()
+    with pytest.raises(ConfigError, match="memory_limit_gb=-1"):
+        ParallelConfig(memory_limit_gb=-1).validate()
