@@ -260,3 +260,27 @@ def test_data_config_accepts_blends(tmp_path):
     build(DataConfig, {"prefix": {"train": ["a", "b"], "valid": "c"}}, "data.").validate()
     with pytest.raises(ConfigError, match="data.prefix"):
         build(DataConfig, {"prefix": [0.3, "a", 0.7]}, "data.").validate()
+
+
+def test_sentencepiece_folder_identical_to_preprocess_data(tmp_path):
+    """A SentencePiece tokenizer.model folder (Llama-style, no tokenizer.json), loaded by
+    transformers' AutoTokenizer, gives preprocess_data's bytes too."""
+    spm = pytest.importorskip("sentencepiece")
+    tok_dir = tmp_path / "sp"
+    tok_dir.mkdir()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(english_paragraphs()), model_prefix=str(tok_dir / "tokenizer"),
+                                   vocab_size=300, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "legacy": False}))
+    tok = D.Tokenizer(tok_dir)
+    assert tok.eod == 2 and not (tok_dir / "tokenizer.json").exists()
+    text = "Beautiful is better than ugly."
+    assert tok.detokenize(tok.tokenize(text)) == text and tok.tokenize(text)[0] != 1  # no BOS
+    shards = _write_shards(tmp_path / "corpus", n_shards=2, per_shard=25, seed=3)
+    _preprocess_data_oracle(shards, tok_dir, str(tmp_path / "ref"))
+    s = D.prepare_data(D.DataPrepConfig(output_dir=str(tmp_path / "o"), corpus=str(tmp_path / "corpus"),
+                                        tokenizer=str(tok_dir), workers=1, progress=False), log=lambda m: None)
+    assert D.sha256_file(tmp_path / "ref.bin") == s["sha256"]["bin"]
+    assert D.sha256_file(tmp_path / "ref.idx") == s["sha256"]["idx"]
