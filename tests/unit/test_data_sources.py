@@ -284,3 +284,23 @@ def test_sentencepiece_folder_identical_to_preprocess_data(tmp_path):
                                         tokenizer=str(tok_dir), workers=1, progress=False), log=lambda m: None)
     assert D.sha256_file(tmp_path / "ref.bin") == s["sha256"]["bin"]
     assert D.sha256_file(tmp_path / "ref.idx") == s["sha256"]["idx"]
+
+
+def test_stages_read_blends(tok_dir, tmp_path):
+    """The stages' data entry points (train.pretrain.check_data / datasets, used by pretrain,
+    eval, stats, distill and search) take a blend and build megatron's BlendedDataset."""
+    from megatron_minitron.config import DataConfig, ModelConfig
+    from megatron_minitron.train.pretrain import check_data, datasets
+
+    tok = D.Tokenizer(tok_dir)
+    a, ids_a = _alphabet_dataset(tmp_path, tok, "letters", "abcdefghijklmnopqrstuvwxyz", 120, 3)
+    b, ids_b = _alphabet_dataset(tmp_path, tok, "digits", "0123456789", 120, 4)
+    cfg = DataConfig(prefix=[0.25, a, 0.75, b], tokenizer=str(tok_dir), split="90,10,0")
+    cfg.validate()
+    assert [len(s) for s in check_data(cfg, ModelConfig(vocab_size=384))["blend"]] == [0, 0]
+    train, valid, test = datasets(cfg, 8, 400, 20)
+    assert type(train).__name__ == "BlendedDataset" and len(train) == 400 and test is None
+    n_a = sum(1 for i in range(len(train)) if set(train[i]["tokens"].tolist()) & ids_a)
+    assert abs(n_a / 400 - 0.25) < 0.02
+    with pytest.raises(D.DataError, match="384 tokens but model.vocab_size=300"):
+        check_data(cfg, ModelConfig(vocab_size=300))
