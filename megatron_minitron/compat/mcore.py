@@ -242,7 +242,8 @@ def load_optimizer_state(optimizer, state) -> None:
         if step is None:
             continue
         for st in opt.optimizer.state.values():
-            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+            if "step" in st:  # torch's Adam keeps it per parameter; TE / apex FusedAdam do not
+                st["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def checkpoint_each_layer(layers) -> None:

@@ -15,7 +15,6 @@ Calibration step k covers global samples [k*mbs*dp, (k+1)*mbs*dp) of the train s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -347,9 +346,10 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
             if idx:  # ranks of one pipeline / TP group share dp_rank: they agree on this
                 batch = collate([train_ds[i] for i in idx], par.device)
                 held: list = []
-                with (hidden_out(model) if want_kl else contextlib.nullcontext()):
-                    # with depth KL the last stage keeps hidden states, not logits
-                    pipeline_forward(model, batch, held.append)
+                with hidden_out(model):
+                    # no logits in the calibration pass: the last stage returns its final
+                    # hidden states (kept for the depth KL, which makes logits in chunks)
+                    pipeline_forward(model, batch, held.append if want_kl else (lambda _: None))
                 col.count_samples(len(idx))
                 m = sum(i < cfg.depth_samples for i in idx) if want_kl else 0
                 if m:
