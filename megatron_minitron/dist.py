@@ -46,6 +46,11 @@ class Parallel:
         return self.pp_rank == self.pp - 1
 
 
+def initialized() -> bool:
+    """Whether torch.distributed is up (a stage that finds it up leaves it up)."""
+    return dist.is_initialized()
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

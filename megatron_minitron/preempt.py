@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -155,6 +156,25 @@ class StopRequest:
                   + (f", {lat:.2f}s after the signal" if lat is not None else "")
                   + "; run the same command again to resume", flush=True)
         return rec
+
+
+@contextmanager
+def shield(signals=STOP_SIGNALS):
+    """Block the stop signals in this (main) thread while helper processes may be started,
+    e.g. megatron's checkpoint writer, whose spawned Manager process lives on. A child
+    inherits the blocked mask, so Slurm's signal to every process of the step cannot kill
+    it in the middle of the save that the signal asked for; this process still gets the
+    signal (on another thread, or when the block ends) and its handler sets the flag."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, s) for s in signals})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def clear_record(out_dir) -> None:

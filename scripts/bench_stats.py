@@ -49,7 +49,10 @@ def dp_run(nproc: int, ckpt: str, samples: int, mbs: int, threads: int, workdir:
     best = None
     for i in range(tries):
         out = workdir / f"dp{nproc}_{i}"
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+        # without the rendezvous variables an in-process init of this script exported
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", "megatron_minitron", "stats",
                *_stage_args(ckpt, out, samples, mbs, ["depth_samples=0"])]

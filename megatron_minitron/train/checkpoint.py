@@ -101,7 +101,10 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
-    mcore.dist_checkpointing.save(sharded_state_dict, str(partial))
+    from ..preempt import shield
+
+    with shield():  # its writer's helper process must survive a stop signal to the whole job
+        mcore.dist_checkpointing.save(sharded_state_dict, str(partial))
     barrier()
     if is_rank0():
         _write_json_atomic(partial / CONFIG_FILE, model_cfg.to_dict())

@@ -64,6 +64,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
 
     check("pretrain", cfg)  # per-GPU memory estimate vs parallel.memory_limit_gb
     t_start = time.time()
+    owns_pg = not D.initialized()  # a caller's process group is left up
     par = D.init(cfg.parallel, seed=cfg.train.seed)
     out = Path(cfg.output_dir)
     if D.is_rank0():
@@ -148,7 +149,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     if interrupted is not None:  # no final evaluation: the job is about to be killed
         if D.is_rank0():
             metrics.close()
-        D.shutdown()
+        if owns_pg:
+            D.shutdown()
         return {"stage": "pretrain", "interrupted": interrupted, "iteration": t.iteration,
                 "steps": tr.steps, "checkpoint": str(ckpt.resolve(out))}
     clear_record(out)
@@ -188,7 +190,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         D.print0(f"[pretrain] done in {elapsed:.0f}s: val loss {last_val:.4f} (ppl "
                  f"{math.exp(last_val):.1f})" + (f" vs unigram baseline {ub:.4f}" if ub else "")
                  + f"; checkpoint {summary['checkpoint']}")
-    D.shutdown()
+    if owns_pg:
+        D.shutdown()
     return summary
 
 

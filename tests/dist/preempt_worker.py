@@ -1,13 +1,15 @@
 """Worker for tests/dist/test_preempt_dist.py: stopping long stages on a signal.
 
   setup (1 process):       a briefly trained teacher checkpoint and a random student.
-  interrupt (2 processes): distill at DP=2 (the test sends SIGUSR1 to the whole launch,
+  interrupt (2 processes): pretrain at DP=2 with an exit_duration_minutes limit that has
+                           passed at the first check (stops after step 1, no signal); then
+                           distill at DP=2 (the test sends SIGUSR1 to the whole launch,
                            as Slurm's --signal does; the torchrun agent ignores it via
                            slurm/agent.sh), then stats at DP=2 (the test sends SIGTERM to
                            both workers). Both must return normally after their save.
-  finish (2 processes):    the same two runs uninterrupted (references), then the
-                           interrupted ones resumed to the end; the two distilled
-                           checkpoints are compared tensor by tensor.
+  finish (2 processes):    the same three runs uninterrupted (references), then the
+                           interrupted ones resumed to the end; the final checkpoints
+                           are compared tensor by tensor.
 Each rank writes its pid to <work>/pid_<rank> (the test signals the workers by pid).
 """
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from megatron_minitron import dist as D  # noqa: E402
-from megatron_minitron.config import ParallelConfig, TrainConfig  # noqa: E402
+from megatron_minitron.config import ParallelConfig, PretrainConfig, TrainConfig  # noqa: E402
 from megatron_minitron.distill.stage import LossConfig, run_distill  # noqa: E402
 from megatron_minitron.importance.stage import StatsConfig, run_stats  # noqa: E402
 from tests.dist.distill_worker import STUDENT, TEACHER, data_cfg, distill_cfg, make_student  # noqa: E402
@@ -40,6 +42,16 @@ def stats(work: Path, name: str):
     return run_stats(StatsConfig(checkpoint=str(work / "teacher"), output_dir=str(work / name),
                                  data=data_cfg(work), samples=480, micro_batch_size=2,
                                  depth_samples=8, save_interval=3))
+
+
+def pretrain(work: Path, name: str, **train_kw):
+    from megatron_minitron.train.pretrain import run_pretrain
+
+    tr = TrainConfig(steps=6, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
+                     warmup_steps=1, eval_interval=1000, eval_iters=1, save_interval=1000,
+                     log_interval=1000, **train_kw)
+    return run_pretrain(PretrainConfig(output_dir=str(work / name), model=STUDENT, data=data_cfg(work),
+                                       train=tr))
 
 
 def setup(work: Path) -> None:
@@ -85,9 +97,13 @@ def main():
     (work / f"pid_{rank}").write_text(str(os.getpid()))
     out = {}
     if phase == "interrupt":
+        out["pretrain"] = pretrain(work, "pt_resumed", exit_duration_minutes=1e-6)
         out["distill"] = kd(work, "kd_resumed")
         out["stats"] = stats(work, "stats_resumed")
     elif phase == "finish":
+        out["pretrain_ref"] = pretrain(work, "pt_ref")
+        out["pretrain_resumed"] = pretrain(work, "pt_resumed")
+        out["pt_max_weight_diff"] = compare_checkpoints(work / "pt_ref", work / "pt_resumed")
         out["distill_ref"] = kd(work, "kd_ref")
         out["stats_ref"] = stats(work, "stats_ref")
         out["distill_resumed"] = kd(work, "kd_resumed")

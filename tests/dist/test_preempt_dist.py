@@ -1,4 +1,6 @@
-"""Stopping on a signal (preempt.py) with real torchrun launches (gloo, DP=2):
+"""Stopping on a signal or a time limit (preempt.py) with real torchrun launches (gloo, DP=2):
+
+  * a `pretrain` run whose train.exit_duration_minutes has passed at the first check;
 
   * a `distill` run gets SIGUSR1 on every process of the launch, as Slurm's
     `--signal=USR1@T` delivers it (the agent runs under slurm/agent.sh, which ignores it);
@@ -116,6 +118,19 @@ def test_signals_leave_a_save_within_seconds(runs):
     # the resumed runs completed and removed the stop record and the partial state
     assert not (runs["work"] / "stats_resumed" / "partial").exists()
     assert not (runs["work"] / "stats_resumed" / "interrupted.json").exists()
+
+
+def test_pretrain_stops_at_its_time_limit_and_resumes_exactly(runs):
+    """train.exit_duration_minutes (no signal): the limit has passed at the first check, so
+    pretrain saves after step 1 and returns; resumed, it equals the uninterrupted run."""
+    p, fin, work = runs["int"]["pretrain"], runs["fin"], runs["work"]
+    assert p["interrupted"]["reason"].startswith("exit_duration_minutes=") and p["iteration"] == 1
+    assert p["interrupted"]["signal_to_save_seconds"] is None
+    assert fin["pretrain_resumed"]["resumed_from"] == 1 and fin["pt_max_weight_diff"] == 0.0
+    ref = [json.loads(x)["loss"] for x in (work / "pt_ref" / "metrics.jsonl").read_text().splitlines()]
+    res = [json.loads(x)["loss"] for x in (work / "pt_resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert len(ref) == 6 and res == ref
+    assert fin["pretrain_resumed"]["val_loss"] == fin["pretrain_ref"]["val_loss"]
 
 
 def test_resumed_distill_equals_uninterrupted(runs):

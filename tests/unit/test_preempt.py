@@ -60,3 +60,30 @@ def test_bad_minutes_are_refused(bad):
         StopRequest(exit_duration_minutes=bad)
     with pytest.raises(ConfigError, match="train.exit_duration_minutes"):
         TrainConfig(exit_duration_minutes=bad).validate()
+
+
+def test_shield_protects_helper_processes_started_inside_it():
+    """A child started under shield() inherits the blocked stop signals (megatron's
+    checkpoint writer spawns one); one started outside dies of SIGUSR1 as usual."""
+    import subprocess
+    import sys
+
+    from megatron_minitron.preempt import shield
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    with shield():
+        inside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # mask restored
+    outside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.3)
+        for p in (inside, outside):
+            os.kill(p.pid, signal.SIGUSR1)
+        assert outside.wait(timeout=10) == -signal.SIGUSR1
+        time.sleep(0.3)
+        assert inside.poll() is None
+    finally:
+        for p in (inside, outside):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
