@@ -17,9 +17,10 @@ Items, for the worst pipeline stage of one rank (bytes):
   runtime      CUDA context, NCCL buffers, allocator slack (GPU only; an assumption)
 
 Activation bytes per token are counted per layer kind for two implementations:
-  "gpu": Transformer Engine (flash attention, fused norms) + mamba_ssm's Triton kernels;
-         what their autograd functions save, read from their sources (not measured here:
-         no GPU in this project's CI).
+  "gpu": Transformer Engine (flash attention: q, k, v, output, fp32 log-sum-exp) and
+         mamba_ssm's fused Mamba path (see layer_activation_bytes): what their autograd
+         functions save (mamba_ssm ops/triton/ssd_combined.py's save_for_backward); not
+         measured here (no GPU in this project's CI).
   "cpu": this package's CPU path (megatron's unfused DotProductAttention, torch norms,
          compat/ssd.py's pure-torch scan), whose saved tensors were counted with
          torch.autograd saved-tensor hooks on small models; the Mamba scan's per-token
@@ -132,9 +133,11 @@ def layer_activation_bytes(kind: str, cfg: ModelConfig, tp: int, seq: int, sp: b
     states = nh * cfg.mamba_head_dim * cfg.mamba_state_dim / T  # chunk states per token
     proj = (2 * di + 2 * gn + nh) * a  # in_proj output [z|x|B|C|dt]
     if impl == "gpu":
-        # conv output (x|B|C), scan output y, gated-norm output; fp32 dt (+softplus), chunk
-        # states and cumulative decays saved by the Triton scan
-        inner = (di + 2 * gn) * a + 2 * di * a + nh * 4 * 3 + states * 4 * 2 + nh * T * 4 / T
+        # mamba_ssm's fused path (MambaSplitConv1dScanCombinedFn, use_mamba_mem_eff_path, the
+        # GPU training default) saves the in_proj output zxbcdt, the scan output out_x and the
+        # gated norm's fp32 rstd, recomputing conv and chunk states in backward; megatron's
+        # out_proj keeps its input (the gated norm's output)
+        inner = 2 * di * a + cfg.mamba_num_groups / tp * 4
         return 3 * hq * a + proj + inner
     c = _CPU_MAMBA
     scan = 4 * (c["di"] * di + c["gn"] * gn + c["nhT"] * nh * T + c["gT"] * gn / cfg.mamba_state_dim * T
