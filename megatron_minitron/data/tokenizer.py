@@ -92,7 +92,7 @@ class Tokenizer:
     by default. The end-of-document id (`eod`, appended to every document) is `eod_token`
     when given, else the tokenizer's eos token (tokenizer_config.json), else `<|endoftext|>`
     when the vocabulary has it (the BPE prepare-data trains). `pad` is the tokenizer's pad
-    token, else `<pad>`, else eod.
+    token, else `<pad>`, else -1 (none).
 
     megatron-core reads `eod`, `pad`, `vocab_size` and hashes `unique_identifiers` (JSON)
     into its dataset-index cache names; the tokenizer files' sha256 is part of it, so a
@@ -115,7 +115,9 @@ class Tokenizer:
         pad = self._special.get("pad_token")
         pad = vocab.get(pad) if pad else vocab.get(PAD_TOKEN)
         self.eod: int = int(eod)
-        self.pad: int = int(pad) if pad is not None else self.eod
+        # no pad token: -1, megatron's own "no pad" id (never in the data; its GPTDataset masks
+        # labels equal to pad, so pad must not be a real token such as eod)
+        self.pad: int = int(pad) if pad is not None else -1
         self.unique_identifiers: "OrderedDict[str, Any]" = OrderedDict(
             [
                 ("class", f"{type(self).__module__}.{type(self).__qualname__}"),

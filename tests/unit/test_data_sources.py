@@ -137,7 +137,7 @@ def test_parquet_txt_and_text_key(tok_dir, tmp_path):
 def test_existing_tokenizer_rules(tok_dir, tmp_path):
     tok = D.Tokenizer(tok_dir)
     assert D.EOD_TOKEN not in tok.vocab and "<pad>" not in tok.vocab
-    assert tok.eod == tok.vocab["</s>"] and tok.pad == tok.eod
+    assert tok.eod == tok.vocab["</s>"] and tok.pad == -1  # no pad token: megatron's "none"
     assert D.Tokenizer(tok_dir, eod_token="<s>").eod == tok.vocab["<s>"]
     with pytest.raises(D.DataError, match="eod_token='<eot>' is not in the vocabulary"):
         D.Tokenizer(tok_dir, eod_token="<eot>")
