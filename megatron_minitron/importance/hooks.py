@@ -215,11 +215,14 @@ class StatsCollector:
             def on_in_proj(out):
                 if out.shape[-1] != sum(widths):
                     raise RuntimeError(f"{p}in_proj output width {out.shape[-1]} != {sum(widths)}")
-                z, x = out[..., :di], out[..., di:2 * di]
-                if "z" in self.sources:
-                    self._add(p + "z", S.aggregate_batch(z))
-                if "x" in self.sources:
-                    self._add(p + "x", S.aggregate_batch(x))
+                if {"x", "z"} <= self.sources:  # one pass over [z | x] (per-column math)
+                    zx = S.aggregate_batch(out[..., :2 * di])
+                    self._add(p + "z", zx[:di])
+                    self._add(p + "x", zx[di:])
+                elif "z" in self.sources:
+                    self._add(p + "z", S.aggregate_batch(out[..., :di]))
+                else:
+                    self._add(p + "x", S.aggregate_batch(out[..., di:2 * di]))
             self._fwd(mixer.in_proj, on_in_proj)
 
         if {"y", "flap"} & self.sources:
