@@ -16,6 +16,7 @@ RUN=${RUN_DIR:-runs/default}
 SEEDS=${SEEDS:-"1 2"}
 M="$PY -m megatron_minitron"
 TORCHRUN="$PY -m torch.distributed.run --nproc_per_node 2 --master_port ${MASTER_PORT:-29531}"
+unset MASTER_PORT MASTER_ADDR  # (torchrun's port only) one-process stages pick a free port
 t0=$(date +%s)
 stamp() { echo "[main job] $1 done at +$(( $(date +%s) - t0 )) s"; }
 $M prepare-data -c configs/prepare_data_default.yaml;                              stamp prepare-data
@@ -41,13 +42,17 @@ recover() {
 }
 pids=()
 for s in $SEEDS; do recover "$s" > "$RUN/recover_s$s.log" 2>&1 & pids+=($!); done
+stop_all() { for p in "${pids[@]}"; do pkill -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; }
+trap stop_all INT TERM
 for i in "${!pids[@]}"; do
   if ! wait "${pids[$i]}"; then
     s=$(echo $SEEDS | cut -d' ' -f$((i + 1)))
+    stop_all
     echo "[main job] recovery runs of seed $s failed; the end of $RUN/recover_s$s.log:"; tail -30 "$RUN/recover_s$s.log"
     exit 1
   fi
 done
+trap - INT TERM
 grep -h "\[distill\] done" "$RUN"/recover_s*.log || true
 stamp "distill (KD, CE, KD+CE x seeds $SEEDS)"
 

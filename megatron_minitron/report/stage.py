@@ -78,6 +78,15 @@ def forward_throughput(checkpoint, par, micro_batch_size: int, iters: int) -> fl
     return iters * micro_batch_size * s / (time.perf_counter() - t0)
 
 
+def _train_tail(losses) -> dict:
+    """Mean training loss over the last tenth of a pretraining run (at least 10 steps)."""
+    if not losses:
+        return {}
+    n = max(10, len(losses) // 10)
+    tail = losses[-n:]
+    return {"train_loss_tail": sum(tail) / len(tail), "train_loss_tail_steps": len(tail)}
+
+
 def _train_tokens(data_summary: dict, split: str) -> int | None:
     """Tokens in the train split (megatron splits by document: approximately)."""
     try:
@@ -138,7 +147,7 @@ def run_report(cfg: ReportConfig) -> dict:
                      "parameters": count_parameters(mcfg)["total"], "val_loss": ev["loss"],
                      "val_ppl": ev["ppl"], "forward_tokens_per_s": tps,
                      "tokens_seen": run.get("tokens_seen"), "stage": run.get("stage"),
-                     "final_train_loss": run.get("final_train_loss"),
+                     **_train_tail(run.get("losses")),
                      "loss_config": run.get("loss")})
         D.print0(f"[report] {label}: {rows[-1]['parameters']:,} params, val loss {ev['loss']:.4f}, "
                  f"{tps:,.0f} tok/s")
@@ -202,9 +211,10 @@ def _teacher_lines(rep: dict) -> list[str]:
     if avail:
         out[-1] += (f", {t['tokens_seen'] / avail:.0%} of the {C.fmt_tokens(avail)}-token train split "
                     f"({'no token seen twice' if t['tokens_seen'] <= avail else 'REPEATED data'})")
-    if t.get("final_train_loss") is not None:
-        out[-1] += (f"; last training-batch loss {t['final_train_loss']:.4f} vs validation {t['val_loss']:.4f} "
-                    f"(train-valid gap {t['val_loss'] - t['final_train_loss']:+.4f})")
+    if t.get("train_loss_tail") is not None:  # each batch is unseen when its loss is taken
+        out[-1] += (f"; training loss {t['train_loss_tail']:.4f} (mean of the last "
+                    f"{t['train_loss_tail_steps']} steps) vs validation {t['val_loss']:.4f} "
+                    f"(train-valid gap {t['val_loss'] - t['train_loss_tail']:+.4f})")
     out[-1] += "."
     return out
 
