@@ -57,7 +57,8 @@ from ..plan.targets import Plan
 from . import rules
 
 FAULT_ENV = "MINITRON_PRUNE_FAULT"  # test hook: SIGKILL rank 0 at this phase
-PHASES = ("staged", "loaded", "written", "verified", "exchanged", "backed_up")
+PHASES = ("staged", "loaded", "written", "verified", "exchanged", "backed_up", "renamed_away")
+NO_EXCHANGE_ENV = "MINITRON_PRUNE_NO_EXCHANGE"  # test hook: act as if renameat2 were missing
 
 
 @dataclass
@@ -83,6 +84,8 @@ def _fault(phase: str) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (renameat2 RENAME_EXCHANGE). False if unsupported."""
+    if os.environ.get(NO_EXCHANGE_ENV) == "1":
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         fn = libc.renameat2
@@ -239,6 +242,23 @@ def _same_path(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+def _in_place_target(path: str) -> Path:
+    """The folder an in-place prune of `path` rewrites: the iteration folder itself, or the
+    one a run / checkpoints directory's `latest` names -- read as text, so it is found
+    even when an interrupted two-rename swap left that folder missing (recover() then
+    restores it)."""
+    from ..train import checkpoint as ckpt
+
+    p = Path(path)
+    if (p / ckpt.CONFIG_FILE).is_file() and (p / ckpt.META_FILE).is_file():
+        return p
+    for base in (p / "checkpoints", p):
+        latest = base / "latest"
+        if latest.is_file():
+            return base / latest.read_text().strip()
+    return p
+
+
 def run_prune(cfg: PruneConfig) -> dict:
     from .. import dist as D
     from ..compat import mcore, torch_dist
@@ -249,7 +269,11 @@ def run_prune(cfg: PruneConfig) -> dict:
     # ---- validation before any work
     cfg.parallel.validate()
     in_place = cfg.output == "" or _same_path(cfg.output, cfg.checkpoint)
-    dst = Path(cfg.checkpoint if in_place else cfg.output).resolve()
+    if not in_place and _in_place_target(cfg.checkpoint).resolve().is_relative_to(Path(cfg.output).resolve()):
+        in_place = True  # the output is the run dir (or checkpoints dir) holding the source
+    # in place: only the iteration folder is rewritten; a run directory's metrics,
+    # TensorBoard logs, older iterations and config stay as they are
+    dst = (_in_place_target(cfg.checkpoint) if in_place else Path(cfg.output)).resolve()
     if int(os.environ.get("RANK", "0")) == 0:
         recover(dst, print)  # finish / roll back an interrupted prune into dst first
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -267,8 +291,9 @@ def run_prune(cfg: PruneConfig) -> dict:
     p = _paths(dst)
     if not in_place and _same_path(str(dst), str(src_it)):
         in_place = True
-    if not in_place and Path(src_it).resolve().is_relative_to(dst):
-        in_place = True  # the output is the run dir holding the source
+    if in_place and not _same_path(str(dst), str(src_it)):
+        raise ConfigError(f"in-place prune of {cfg.checkpoint}: its latest checkpoint is {src_it}, "
+                          f"not {dst}; fix {Path(dst).parent / 'latest'} or give the iteration folder")
     if cfg.verify_tokens < 1:
         raise ConfigError(f"verify_tokens={cfg.verify_tokens} must be >= 1")
 
@@ -381,6 +406,7 @@ def run_prune(cfg: PruneConfig) -> dict:
                 _fault("backed_up")
             else:  # fallback: two renames (recover() repairs a kill in between)
                 os.replace(dst, p["orig"])
+                _fault("renamed_away")
                 os.replace(partial, dst)
                 if not cfg.keep_backup:
                     shutil.rmtree(p["orig"])

@@ -122,7 +122,8 @@ def save(
 
 
 def _prune_old(ckpt_dir: Path, keep_last: int) -> None:
-    its = sorted(p for p in ckpt_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+    # complete iterations only: not iter_*.partial, nor a prune's iter_*.orig backup
+    its = sorted(p for p in ckpt_dir.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
     for p in its[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
 
