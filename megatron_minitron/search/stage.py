@@ -376,6 +376,7 @@ def _plot(rows: list[dict], teacher: dict | None, path: Path) -> str | None:
 
 def run_search(cfg: SearchConfig) -> dict:
     from .. import dist as D
+    from ..compat import mcore
     from ..distill.stage import DistillConfig, run_distill
     from ..model import build_model
     from ..preempt import StopRequest
@@ -444,8 +445,6 @@ def run_search(cfg: SearchConfig) -> dict:
                 t0 = time.time()
                 plan = _plan_for(imp, c, cfg, n_layers)
                 model = build_model(dataclasses.replace(plan.target, seq_length=seq), par, initialize=False)
-                from ..compat import mcore
-
                 fill_from_source(model, mcore.sharded_parts(model)[0], plan, teacher_it)
                 loss = _eval(model, valid_ds, cfg, par, seq)
                 del model
@@ -482,8 +481,6 @@ def run_search(cfg: SearchConfig) -> dict:
             D.barrier()
             if ckpt.resolve(cdir / "pruned") is None:  # the student: pruned in memory, saved once
                 model = build_model(s_cfg, par, initialize=False)
-                from ..compat import mcore
-
                 fill_from_source(model, mcore.sharded_parts(model)[0], plan, teacher_it)
                 ckpt.save(cdir / "pruned", 0, plan.target, {"model": model.sharded_state_dict()},
                           {"stage": "search-candidate", "pruned_from": str(teacher_it),
