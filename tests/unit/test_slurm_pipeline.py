@@ -128,6 +128,14 @@ def test_long_stages_ask_for_a_warning_signal_and_requeue():
     for st in ("pretrain", "stats", "distill", "search"):
         text = (REPO / "slurm" / f"{st}.sbatch").read_text()
         assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text, st
+    # every stage of the pipeline has an sbatch file that dry-runs its torchrun line, under
+    # slurm/agent.sh (torchrun's agent ignores the warning signal)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    for st in ("search", "import_hf", "plan", "export_hf"):
+        out = subprocess.run(["bash", f"slurm/{st}.sbatch", "k=1"], cwd=REPO, capture_output=True, text=True,
+                             env=dict(env, DRY_RUN="1", SLURM_NNODES="1"), check=True).stdout
+        assert "/slurm/agent.sh " in out and "-m torch.distributed.run --nnodes 1" in out
+        assert f"-m megatron_minitron {st.replace('_', '-')} --config configs/" in out and out.strip().endswith("k=1")
 
 
 def test_minitron_sbatch_requeues_an_interrupted_stage(tmp_path):
