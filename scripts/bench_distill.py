@@ -5,9 +5,10 @@
      backward + optimizer, through megatron's schedule exactly as the distill stage runs it)
      divided by [one student training step with the LM cross-entropy + one teacher forward]
      on the same micro-batches. Target <= 1.15.
-  2. peak memory of the KD loss / megatron's vocab-parallel cross entropy on the same
-     logits, at the largest sequence x vocabulary this machine allows (scripts/
-     bench_kd_memory.py, in subprocesses). Target <= 1.5. The real case is 8192 x 131072.
+  2. peak memory of a KD step / a CE step (megatron's vocab-parallel cross entropy), bf16
+     logits from an output layer, teacher logits counted, at the largest sequence x
+     vocabulary this machine allows (scripts/bench_kd_memory.py, in subprocesses).
+     Target <= 1.5. The real case is 8192 x 131072.
 
     python scripts/bench_distill.py [--seq 256] [--mbs 8] [--micro 2] [--repeats 5]
                                     [--mem-tokens auto] [--mem-vocab auto] [--skip-memory]
@@ -45,7 +46,7 @@ def memory_ratio(tokens: int, vocab: int) -> float | None:
     if res.returncode != 0:
         print(res.stderr[-3000:], file=sys.stderr)
         return None
-    m = re.search(r"kd_vs_ce_peak_memory_ratio ([0-9.]+)", res.stdout)
+    m = re.search(r"kd_vs_ce_peak_memory_ratio bf16 ([0-9.]+)", res.stdout)  # the real (bf16) case
     return float(m.group(1)) if m else None
 
 

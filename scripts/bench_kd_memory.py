@@ -1,28 +1,28 @@
 #!/usr/bin/env python
-"""Peak extra CPU memory of the KD loss forward+backward vs megatron's vocab-parallel CE.
+"""Peak memory of one KD step vs one CE step, with the logits made by a model-like graph.
 
-    python scripts/bench_kd_memory.py [--tokens 4096] [--vocab 32768] [--dtype float32]
-                                      [--with-reference]
+    python scripts/bench_kd_memory.py [--tokens 8192] [--vocab 0] [--hidden 1024]
+                                      [--dtypes bf16,fp32] [--chunk 1024] [--device auto]
 
-Defaults (4096 x 32768 fp32 = 512 MiB per logit tensor) run in about a minute on 2 CPU
-cores; --tokens 8192 gives the 1 GiB-per-tensor point (about 2 minutes).
+What one measured step does (each in a fresh subprocess, after a tiny warm-up):
+  student: logits = h_s @ W_s^T, h_s [tokens, 1, hidden] and W_s [vocab, hidden] requiring
+           grad (the last hidden state and the output layer); loss; backward.
+  teacher (KD rows only): logits = h_t @ W_t^T under no_grad, INSIDE the step, so the
+           teacher's logits count, as they do in the distill stage.
+dtypes: bf16 = bf16 weights / hidden / logits, the loss math in fp32 inside the loss (the
+real mixed-precision case); fp32 = everything fp32 (the second row).
+Rows: megatron's tensor_parallel.vocab_parallel_cross_entropy (what pretrain's loss uses),
+our chunked CE (the distill stage's CE baseline), our KD (forward KL) at --chunk and
+unchunked. "peak" = peak memory of the step above the memory held before it (weights,
+hidden states, labels): on a GPU torch.cuda.max_memory_allocated (reset before the step);
+on CPU the process's peak RSS (VmHWM reset through /proc/self/clear_refs). It includes
+what every method needs alike: the student logits, their gradient and the weight /
+hidden gradients. Reported: peak / megatron CE peak and peak / size of one logits tensor
+(tokens x vocab in the logits' dtype).
 
-Each measurement runs in a fresh subprocess (so allocator caches and import peaks of one
-method do not leak into another). In the child: imports and a tiny warm-up run, then the
-inputs are allocated and touched (student logits [s, 1, v] requiring grad, teacher logits,
-labels), then the kernel's peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``;
-fallback: ``getrusage`` high-water) and forward + backward run. "Peak extra" = peak RSS
-during forward+backward minus RSS with the inputs allocated; it includes the gradient w.r.t.
-the student logits (the same size for every method), so it is "gradient + temporaries".
-torch's CPU allocator keeps no stats and tracemalloc does not see torch, hence RSS.
-
-Rows: megatron ``tensor_parallel.vocab_parallel_cross_entropy`` (parallel_state initialised
-with a world of 1 on gloo), our explicit-group CE, our KD loss at chunk_size None and 1024,
-and (--with-reference) the plain-autograd F.kl_div reference. The logits are leaves here, so
-every method's gradient (1x the logits) is a fresh tensor and counted. Note megatron's CE works IN PLACE on fp32 logits
-(it overwrites them with the softmax and returns that buffer as the gradient), so its extra
-memory is near zero for fp32 input but it destroys the logits; for bf16 input it makes an
-fp32 copy. The last line is ``kd_vs_ce_peak_memory_ratio <x>`` for KD at chunk_size=1024.
+--vocab 0 picks the largest of 131072, 65536, 32768, 16384, 8192 whose fp32 step fits in
+half the available memory (CPU: MemAvailable; GPU: free memory). The last lines are
+`kd_vs_ce_peak_memory_ratio <dtype> <x>` (KD at --chunk over megatron CE).
 """
 
 import argparse
@@ -36,15 +36,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024 * 1024
-
-METHODS = [
-    ("megatron_ce", None),
-    ("our_ce", None),
-    ("our_ce", 1024),
-    ("kd", None),
-    ("kd", 1024),
-    ("kd_reference", None),
-]
+DTYPES = {"bf16": ("bfloat16", 2), "fp32": ("float32", 4)}
 
 
 def _status_kib(field):
@@ -53,7 +45,6 @@ def _status_kib(field):
 
 
 def _reset_peak():
-    """Reset VmHWM to the current RSS; False when the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -68,143 +59,133 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def child(method, chunk, tokens, vocab, dtype_name):
-    """One measurement; prints a JSON line."""
-    import resource
-
+def child(method, chunk, a):
     import torch
 
     sys.path.insert(0, ROOT)
-    from megatron_minitron.distill.loss import (
-        forward_kl_reference,
-        vocab_parallel_cross_entropy,
-        vocab_parallel_forward_kl,
-    )
+    from megatron_minitron.distill.loss import vocab_parallel_cross_entropy, vocab_parallel_forward_kl
 
     torch.set_num_threads(os.cpu_count() or 1)
-    dtype = getattr(torch, dtype_name)
-
+    dtype = getattr(torch, DTYPES[a.dtype][0])
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
     if method == "megatron_ce":
         import torch.distributed as dist
         from megatron.core import parallel_state, tensor_parallel
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
 
-        def run(s, t, y):
+    def loss(s, t, y):
+        if method == "megatron_ce":
             return tensor_parallel.vocab_parallel_cross_entropy(s, y).sum()
-
-    elif method == "our_ce":
-
-        def run(s, t, y):
+        if method == "our_ce":
             return vocab_parallel_cross_entropy(s, y, chunk_size=chunk).sum()
+        return vocab_parallel_forward_kl(s, t, 1.0, chunk_size=chunk).sum()
 
-    elif method == "kd":
-
-        def run(s, t, y):
-            return vocab_parallel_forward_kl(s, t, 1.0, chunk_size=chunk).sum()
-
-    elif method == "kd_reference":
-
-        def run(s, t, y):
-            return forward_kl_reference(s, t, 1.0).sum()
-
-    else:
-        raise ValueError(method)
-
-    def inputs(n, v):
+    def setup(n, v, h):
         g = torch.Generator().manual_seed(0)
-        s = torch.randn(n, 1, v, generator=g).to(dtype).requires_grad_(True)  # [s, b, v]
-        t = torch.randn(n, 1, v, generator=g).to(dtype)
-        y = torch.randint(0, v, (n, 1), generator=g)
-        return s, t, y
+        mk = lambda *shape: (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(dev, dtype)  # noqa: E731
+        return {"ws": mk(v, h).requires_grad_(True), "wt": mk(v, h), "hs": mk(n, 1, h).requires_grad_(True),
+                "ht": mk(n, 1, h), "y": torch.randint(0, v, (n, 1), generator=g).to(dev)}
 
-    # Warm-up on tiny inputs: loads every code path before measuring.
-    s, t, y = inputs(64, 256)
-    run(s, t, y).backward()
-    del s, t, y
+    def step(x):
+        t = None
+        if method == "kd":
+            with torch.no_grad():
+                t = x["ht"] @ x["wt"].t()  # teacher logits [n, 1, v], counted in the peak
+        s = x["hs"] @ x["ws"].t()  # student logits [n, 1, v]
+        loss(s, t, x["y"]).backward()
 
-    s, t, y = inputs(tokens, vocab)
-    base_kib = _status_kib("VmRSS")
-    exact = _reset_peak()
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    step(setup(64, 256, 32))  # warm-up: every code path loaded before measuring
+    x = setup(a.tokens, a.vocab, a.hidden)
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        exact = True
+    else:
+        base = _status_kib("VmRSS") * 1024
+        exact = _reset_peak()
     t0 = time.perf_counter()
-    run(s, t, y).backward()
-    elapsed = time.perf_counter() - t0
-    if exact:
-        peak_kib = _status_kib("VmHWM")
-    else:  # high-water since process start; valid only when inputs dominate import peaks
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if maxrss_before > base_kib:
-            print("warning: import-time peak above the input baseline", file=sys.stderr)
-    assert s.grad is not None and s.grad.shape == s.shape
-    print(
-        json.dumps(
-            {
-                "method": method,
-                "chunk": chunk,
-                "extra_mib": (peak_kib - base_kib) / 1024,
-                "base_mib": base_kib / 1024,
-                "seconds": elapsed,
-                "exact_peak_reset": exact,
-            }
-        )
-    )
+    step(x)
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        peak = (_status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    assert x["ws"].grad is not None and x["hs"].grad is not None
+    print(json.dumps({"method": method, "chunk": chunk, "peak_mib": (peak - base) / MiB,
+                      "seconds": time.perf_counter() - t0, "exact": exact,
+                      "measure": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM)"}))
+
+
+def _available_bytes(device):
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    m = re.search(r"MemAvailable:\s+(\d+) kB", open("/proc/meminfo").read())
+    return int(m.group(1)) * 1024
+
+
+def pick_vocab(tokens, hidden, device):
+    """Largest vocab whose fp32 KD step (teacher + student logits, their fp32 copies and
+    gradient: ~6 logits tensors, plus weights) fits in half the available memory."""
+    avail = _available_bytes(device)
+    for v in (131072, 65536, 32768, 16384, 8192):
+        if 6 * tokens * v * 4 + 4 * v * hidden * 4 < avail / 2:
+            return v
+    return 8192
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096, help="s*b flattened tokens")
-    ap.add_argument("--vocab", type=int, default=32768, help="v_local")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--with-reference", action="store_true", help="add the F.kl_div row")
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (s*b)")
+    ap.add_argument("--vocab", type=int, default=0, help="vocab (per TP rank); 0 = largest that fits")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--chunk", type=int, default=1024, help="the distill stage's loss.chunk_size")
+    ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
+    ap.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "CHUNK"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    a = ap.parse_args()
+    if a.device == "auto":
+        import torch
 
-    if args.child:
-        method, chunk = args.child
-        child(method, None if chunk == "None" else int(chunk), args.tokens, args.vocab, args.dtype)
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.child:
+        child(a.child[0], None if a.child[1] == "None" else int(a.child[1]), a)
         return
-
-    elem = {"float32": 4, "bfloat16": 2}[args.dtype]
-    logit_mib = args.tokens * args.vocab * elem / MiB
-    print(
-        f"tokens={args.tokens} vocab={args.vocab} dtype={args.dtype}: one logit tensor = "
-        f"{logit_mib:.0f} MiB; fp32 [tokens x vocab] = {args.tokens * args.vocab * 4 / MiB:.0f} MiB"
-    )
+    if a.vocab == 0:
+        a.vocab = pick_vocab(a.tokens, a.hidden, a.device)
+    methods = [("megatron_ce", None), ("our_ce", a.chunk), ("kd", a.chunk), ("kd", None)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    rows = {}
-    for method, chunk in METHODS:
-        if method == "kd_reference" and not args.with_reference:
-            continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--tokens", str(args.tokens),
-               "--vocab", str(args.vocab), "--dtype", args.dtype, "--child", method, str(chunk)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        if proc.returncode != 0:
-            sys.exit(f"{method} chunk={chunk} failed:\n{proc.stderr[-3000:]}")
-        rows[(method, chunk)] = json.loads(proc.stdout.strip().splitlines()[-1])
-
-    print(f"{'method':<14}{'chunk':>7}{'peak extra MiB':>16}{'x logits':>10}{'fwd+bwd s':>11}")
-    for (method, chunk), r in rows.items():
-        print(
-            f"{method:<14}{str(chunk):>7}{r['extra_mib']:>16.0f}"
-            f"{r['extra_mib'] / logit_mib:>10.2f}{r['seconds']:>11.2f}"
-        )
-    if not all(r["exact_peak_reset"] for r in rows.values()):
-        print("note: peak via getrusage high-water (clear_refs unavailable)")
-    ce = rows[("megatron_ce", None)]["extra_mib"]
-    # Guard the denominator: megatron's fp32 CE reuses the input buffer (near-zero extra).
-    ce_denom = max(ce, 1.0)
-    for chunk in (None, 1024):
-        kd = rows[("kd", chunk)]["extra_mib"]
-        print(f"ratio kd(chunk={chunk}) / megatron_ce peak extra memory: {kd / ce_denom:.2f}")
-    if ("kd_reference", None) in rows:
-        ref = rows[("kd_reference", None)]["extra_mib"]
-        print(f"ratio kd(chunk=1024) / F.kl_div reference peak extra memory: "
-              f"{rows[('kd', 1024)]['extra_mib'] / ref:.2f}")
-    print(f"kd_vs_ce_peak_memory_ratio {rows[('kd', 1024)]['extra_mib'] / ce_denom:.3f}")
+    ratios = {}
+    print(f"tokens={a.tokens} vocab={a.vocab} hidden={a.hidden} device={a.device}; KD at chunk_size={a.chunk}")
+    print(f"{'dtype':<6}{'method':<13}{'chunk':>7}{'peak MiB':>11}{'/ CE':>7}{'/ logits':>10}{'seconds':>9}")
+    for dt in a.dtypes.split(","):
+        logits_mib = a.tokens * a.vocab * DTYPES[dt][1] / MiB
+        rows = {}
+        for method, chunk in methods:
+            cmd = [sys.executable, os.path.abspath(__file__), "--tokens", str(a.tokens), "--vocab", str(a.vocab),
+                   "--hidden", str(a.hidden), "--device", a.device, "--dtype", dt, "--child", method, str(chunk)]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            if p.returncode != 0:
+                sys.exit(f"{dt} {method} chunk={chunk} failed:\n{p.stderr[-3000:]}")
+            rows[(method, chunk)] = r = json.loads(p.stdout.strip().splitlines()[-1])
+            ce = rows[("megatron_ce", None)]["peak_mib"]
+            print(f"{dt:<6}{method:<13}{str(chunk):>7}{r['peak_mib']:>11.0f}{r['peak_mib'] / ce:>7.2f}"
+                  f"{r['peak_mib'] / logits_mib:>10.2f}{r['seconds']:>9.2f}", flush=True)
+        ratios[dt] = (rows[("kd", a.chunk)]["peak_mib"] / rows[("megatron_ce", None)]["peak_mib"],
+                      rows[("kd", a.chunk)]["peak_mib"] / logits_mib)
+    print(f"(one logits tensor: {a.tokens} x {a.vocab}; measured as {r['measure']})")
+    for dt, (vs_ce, vs_logits) in ratios.items():
+        print(f"kd_vs_ce_peak_memory_ratio {dt} {vs_ce:.2f}  (KD peak = {vs_logits:.2f}x one {dt} logits tensor)")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ from .teacher import checksum, distill_forward_step, load_teacher, pair_shapes_f
 class LossConfig:
     temperature: float = 1.0  # KL at temperature T (plain KL, no T^2 factor); paper: 1
     alpha_kd: float = 1.0  # 1 = forward KL only (paper); 0 = cross-entropy only (baseline)
-    # Tokens per chunk inside the loss; its extra memory is about 3 x chunk x V/tp fp32
-    # (1024 at 8192 tokens: 1.25x megatron CE's peak, measured by bench_distill.py). 0 = all.
+    # Tokens per chunk inside the loss; its extra memory is about 3 x chunk x V/tp fp32.
+    # 1024 at 8192 tokens: a KD step (teacher logits counted) peaks at 0.94x a CE step with
+    # bf16 logits, 2.95x with fp32 ones, where megatron's CE works in place
+    # (scripts/bench_kd_memory.py; CPU, 8192 x 16384). 0 = all tokens at once.
     chunk_size: int = 1024
 
     def validate(self, prefix: str = "loss") -> None:

@@ -65,7 +65,9 @@ NO_EXCHANGE_ENV = "MINITRON_PRUNE_NO_EXCHANGE"  # test hook: act as if renameat2
 class PruneConfig:
     checkpoint: str = "runs/teacher"  # source: run dir or iteration dir
     plan: str = "runs/plan/plan.json"
-    output: str = "runs/pruned"  # new checkpoint folder; "" or the source path = in place
+    # new checkpoint folder; "" or the source path = in place (a run directory: only the
+    # iteration folder its `latest` names is rewritten; the run's other files stay)
+    output: str = "runs/pruned"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # layout to write at
     keep_backup: bool = True  # keep the replaced folder as <output>.orig
     overwrite: bool = False  # allow replacing an existing output that is not the source
