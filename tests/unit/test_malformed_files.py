@@ -40,9 +40,9 @@ def good(tmp_path_factory):
     from megatron_minitron.train import checkpoint as ckpt
 
     wd = tmp_path_factory.mktemp("malformed")
-    D.init(ParallelConfig(), seed=3)
+    par = D.init(ParallelConfig(), seed=3)
     try:
-        model = build_model(TINY, D.init(ParallelConfig(), seed=3))
+        model = build_model(TINY, par)
         it = ckpt.save(wd / "run", 0, TINY, {"model": model.sharded_state_dict()}, {"kind": "test"})
     finally:
         D.shutdown()  # frees the rendezvous port; no stage below starts a process group
@@ -116,7 +116,7 @@ def test_recipe_that_is_not_a_mapping_and_binary_recipe(tmp_path, capsys):
 @pytest.mark.parametrize("lr", ["-1", "0", ".nan"])
 def test_bad_lr_is_reported_as_lr(lr, capsys):
     err = run(["pretrain", f"train.lr={lr}", "train.min_lr=0"], capsys)
-    assert f"train.lr=" in err and "positive learning rate" in err and "min_lr" not in err
+    assert "train.lr=" in err and "positive learning rate" in err and "min_lr" not in err
     with pytest.raises(ConfigError, match="min_lr=-0.1 must be >= 0"):
         TrainConfig(min_lr=-0.1).validate()
     with pytest.raises(ConfigError, match="min_lr=0.1 exceeds train.lr=0.01"):
