@@ -158,7 +158,8 @@ def validate(cfg: SearchConfig):
                           "on this teacher")
     check_data(cfg.data, t_cfg)
     it_imp, it_t = imp.meta.get("checkpoint_iteration"), ckpt.read_meta(cfg.teacher).get("iteration")
-    if it_imp is not None and it_t is not None and it_imp != it_t:  # same architecture, other weights
+    if it_imp is not None and it_t is not None and it_imp != it_t and int(os.environ.get("RANK", "0")) == 0:
+        # same architecture, other weights (said once, by rank 0 of a launch)
         print(f"[search] warning: importance={cfg.importance!r} was collected at iteration {it_imp} but "
               f"teacher={cfg.teacher!r} is at iteration {it_t}; re-run `stats` on this checkpoint "
               "for keep sets that match its weights", flush=True)
