@@ -2,8 +2,9 @@
 
 1. DP scaling: the real stage under torchrun with 1 and 2 data-parallel processes, the same
    threads per rank (--threads, default 1), the same samples; samples/s of the steady loop
-   (`samples_per_second_steady` in summary.json: the first, warm-up step excluded) and of
-   the whole loop. Partial saves ON (the recipe's save_interval, asynchronous) so their cost
+   (`samples_per_second_steady` in summary.json: the first step excluded: it includes
+   torch.compile of megatron's fused MLP activation, ~2-5 s per process on CPU, which
+   every rank pays in parallel) and of the whole loop. Partial saves ON (the recipe's save_interval, asynchronous) so their cost
    is part of the figure. Target: DP=2 >= 1.8 x DP=1 on an idle 2-core machine.
 2. Hook overhead on the WHOLE stage, in this process (world of one): the stage with every
    accumulator (Mamba x/z/y, FLAP, FFN, attention, hidden, cosine) plus depth KL, against
