@@ -77,7 +77,18 @@ def main():
         pruned[key] = {"zero_shot": results1["zero_shot"][key]["loss"],
                        "from_checkpoint": eval_checkpoint(ck, data_cfg(work), par, 2, 2)["loss"]}
     D.shutdown()
-    (work / "result.json").write_text(json.dumps({
+    # the report stage over real checkpoints: two KD runs of the ablations labelled as two
+    # methods of one seed (the report only reads checkpoints and their summary.json)
+    from megatron_minitron.report.stage import ReportConfig, run_report
+
+    kd_dirs = sorted((work / "abl" / "kd").iterdir())
+    report = run_report(ReportConfig(
+        run_dir=str(work), models=["teacher=teacher", f"pruned={kd_dirs[0] / 'pruned'}",
+                                   f"KD/s1={kd_dirs[0] / 'distilled'}", f"CE/s1={kd_dirs[1] / 'distilled'}"],
+        output_dir=str(work / "report"), data=data_cfg(work), eval_iters=2, micro_batch_size=2,
+        throughput_iters=1))
+    report["files"] = sorted(p.name for p in (work / "report").iterdir())
+    (work / "result.json").write_text(json.dumps({"report": report,
         "first": first, "second": second, "results1": results1, "results2": results2, "pruned": pruned,
         "claims": json.loads((work / "abl" / "claims.json").read_text())}))
 

@@ -61,3 +61,14 @@ def test_resume_measures_nothing_again(res):
     assert res["results2"]["zero_shot"] == res["results1"]["zero_shot"]
     assert res["results2"]["kd"] == res["results1"]["kd"]
     assert [r["ours"] for r in res["second"]["claims"]] == [r["ours"] for r in res["first"]["claims"]]
+
+
+def test_report_over_real_checkpoints(res):
+    rep = res["report"]
+    rows = {r["model"]: r for r in rep["rows"]}
+    assert list(rows) == ["teacher", "pruned", "KD/s1", "CE/s1"]
+    assert rows["teacher"]["stage"] is None and rows["KD/s1"]["stage"] == "distill"
+    assert rows["KD/s1"]["tokens_seen"] == 2 * 2 * 64  # steps x batch x seq of the worker's KD
+    kd = next(m for m in rep["methods"] if m["method"] == "KD")
+    assert kd["vs_baseline"]["mean"] == pytest.approx(rows["KD/s1"]["val_loss"] - rows["CE/s1"]["val_loss"])
+    assert {"report.md", "report.json", "recovery_curves.png", "loss_vs_throughput.png"} <= set(rep["files"])
