@@ -10,7 +10,8 @@ slices already gathered). Scores are finalized (higher = more important):
                L2-over-samples of the per-sample mean |activation| (paper eq. 19-24 input),
                from the x part of in_proj's output, the z part, and out_proj's input.
       "flap":  [d_inner] FLAP column scores ||W_out[:, j]||^2 * Var(y_j)  (sec. 3.3)
-  layers[i] for an MLP layer ('-'):        "ffn":  [ffn_hidden_size]        (eq. 26)
+  layers[i] for an MLP layer ('-'):        "ffn":  [ffn_hidden_size]  linear_fc2 input (after
+      the activation);  "ffn_pre": [ffn_hidden_size]  linear_fc1 output (before it: eq. 26)
   layers[i] for an attention layer ('*'):  "attn": [num_attention_heads]
   hidden:  [hidden_size] embedding-channel scores summed over every residual reader (eq. 27)
   depth:   {"kl": [num_layers], "cosine": [num_layers]}  (sec. 3.4; NaN where not computed)
@@ -130,8 +131,10 @@ class ImportanceFile:
                     want(f"layer {i} mamba.{k}", v, (m.mamba_num_heads, m.mamba_head_dim))
                 if "flap" in e:
                     want(f"layer {i} flap", e["flap"], (m.mamba_d_inner,))
-            elif t == "-" and "ffn" in e:  # absent when stats ran without the ffn source
-                want(f"layer {i} ffn", e["ffn"], (m.ffn_hidden_size,))
+            elif t == "-":  # ffn / ffn_pre: absent when stats ran without that source
+                for k in ("ffn", "ffn_pre"):
+                    if k in e:
+                        want(f"layer {i} {k}", e[k], (m.ffn_hidden_size,))
             elif "attn" in e:
                 want(f"layer {i} attn", e["attn"], (m.num_attention_heads,))
         if not isinstance(self.depth, dict):
