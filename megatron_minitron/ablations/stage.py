@@ -519,11 +519,12 @@ def run_ablations(cfg: AblationsConfig) -> dict:
         for k, names in wd["kinds"].items():
             for n in names:
                 z = res.d["zero_shot"][by_name[n].key]
-                pts.append({"label": f"{k[0].upper()}{by_name[n].plan.target.num_layers}L",
+                tag = {"width-only": "W", "depth-only": "D", "depth+width": "DW"}[k]
+                pts.append({"label": f"{tag} {by_name[n].plan.target.num_layers}L",
                             "tokens_per_s": z.get("tokens_per_s"), "loss": z["loss"],
                             "params": by_name[n].plan.params_after["total"]})
         plot = loss_vs_throughput(pts, out / "candidates_loss_vs_throughput.png",
-                                  "candidates (W width-only, D depth-only, D+W both), zero-shot")
+                                  "candidates (W width-only, D depth-only, DW both), zero-shot")
     md = (f"# Ablations (paper sec. 4) on the embedded default teacher\n\nTeacher `{pattern}` "
           f"{params(t_cfg):,} params, validation loss {teacher['loss']:.4f} on "
           f"{cfg.eval_iters * cfg.micro_batch_size} x {seq} held-out tokens (the same for every "
