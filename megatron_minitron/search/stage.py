@@ -422,7 +422,7 @@ def run_search(cfg: SearchConfig) -> dict:
         if stop.poll():
             raise _Stop("preempt")
 
-    stopped, interrupted = None, None
+    stopped, interrupted, kd_stop = None, None, None
     _, valid_ds, _ = datasets(cfg.data, seq, 1, cfg.eval_iters * cfg.micro_batch_size)
     try:
         # ---- 1. zero-shot scores: each candidate's pruned model at this layout, filled from
@@ -495,8 +495,8 @@ def run_search(cfg: SearchConfig) -> dict:
                 student=str(cdir / "pruned"), teacher=str(teacher_it), output_dir=str(cdir / "distilled"),
                 seq_length=seq, loss=cfg.kd_loss, data=cfg.data, train=train, resume=True,
                 parallel=cfg.parallel))
-            if kd.get("interrupted"):
-                stopped, interrupted = "preempt", kd["interrupted"]
+            if kd.get("interrupted"):  # it saved its checkpoint; the search stops too
+                stopped, kd_stop = "preempt", kd["interrupted"]
                 break
             model = build_model(s_cfg, par)
             ckpt.load_model_weights(cdir / "distilled", model)
@@ -522,8 +522,11 @@ def run_search(cfg: SearchConfig) -> dict:
         stopped = str(e)
     finally:
         stop.close()
-    if stopped == "preempt" and interrupted is None:
-        interrupted = stop.record(out, len(state.data["kd"]), "search state")
+    if stopped == "preempt":
+        if kd_stop is not None:
+            stop.reason = stop.reason or kd_stop["reason"]
+        interrupted = stop.record(out, len(state.data["kd"]), "search state" + (
+            " and the running short KD's checkpoint" if kd_stop is not None else ""))
     summary = _outputs(cfg, state, cands, info, drop_order, stopped, interrupted, teacher_it, out,
                        t_start) if rank0 else None
     summary = D.broadcast_object(summary)  # every rank returns the same summary

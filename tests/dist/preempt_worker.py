@@ -1,12 +1,14 @@
 """Worker for tests/dist/test_preempt_dist.py: stopping long stages on a signal.
 
-  setup (1 process):       a briefly trained teacher checkpoint and a random student.
+  setup (1 process):       a briefly trained teacher checkpoint, its importance file and a
+                           random student.
   interrupt (2 processes): pretrain at DP=2 with an exit_duration_minutes limit that has
                            passed at the first check (stops after step 1, no signal); then
                            distill at DP=2 (the test sends SIGUSR1 to the whole launch,
                            as Slurm's --signal does; the torchrun agent ignores it via
                            slurm/agent.sh), then stats at DP=2 (the test sends SIGTERM to
-                           both workers). Both must return normally after their save.
+                           both workers), then search at DP=2 (SIGUSR1 to the whole launch
+                           again). Each must return normally after its save.
   finish (2 processes):    the same three runs uninterrupted (references), then the
                            interrupted ones resumed to the end; the final checkpoints
                            are compared tensor by tensor.
@@ -27,7 +29,9 @@ from megatron_minitron import dist as D  # noqa: E402
 from megatron_minitron.config import ParallelConfig, PretrainConfig, TrainConfig  # noqa: E402
 from megatron_minitron.distill.stage import LossConfig, run_distill  # noqa: E402
 from megatron_minitron.importance.stage import StatsConfig, run_stats  # noqa: E402
+from megatron_minitron.search.stage import run_search  # noqa: E402
 from tests.dist.distill_worker import STUDENT, TEACHER, data_cfg, distill_cfg, make_student  # noqa: E402
+from tests.dist.search_worker import search_cfg  # noqa: E402  (same teacher config, work/stats)
 
 KD = TrainConfig(steps=60, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
                  warmup_steps=2, clip_grad=1.0, eval_interval=1000, eval_iters=2,
@@ -69,6 +73,9 @@ def setup(work: Path) -> None:
         train_step(t, data, lm_forward_step, 2, TEACHER.seq_length, 2)
     save_trainable(t, work / "teacher")
     make_student(work)
+    run_stats(StatsConfig(checkpoint=str(work / "teacher"), output_dir=str(work / "stats"),
+                          data=data_cfg(work), samples=8, micro_batch_size=2, depth_samples=4,
+                          save_interval=0))
     D.shutdown()
 
 
@@ -100,6 +107,7 @@ def main():
         out["pretrain"] = pretrain(work, "pt_resumed", exit_duration_minutes=1e-6)
         out["distill"] = kd(work, "kd_resumed")
         out["stats"] = stats(work, "stats_resumed")
+        out["search"] = run_search(search_cfg(work, "search_resumed"))
     elif phase == "finish":
         out["pretrain_ref"] = pretrain(work, "pt_ref")
         out["pretrain_resumed"] = pretrain(work, "pt_resumed")
@@ -109,6 +117,8 @@ def main():
         out["distill_resumed"] = kd(work, "kd_resumed")
         out["stats_resumed"] = stats(work, "stats_resumed")
         out["max_weight_diff"] = compare_checkpoints(work / "kd_ref", work / "kd_resumed")
+        out["search_ref"] = run_search(search_cfg(work, "search_ref"))
+        out["search_resumed"] = run_search(search_cfg(work, "search_resumed"))
     if rank == 0:
         (work / f"result_{phase}.json").write_text(json.dumps(out, default=str))
     D.shutdown()

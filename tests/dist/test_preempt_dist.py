@@ -5,7 +5,8 @@
   * a `distill` run gets SIGUSR1 on every process of the launch, as Slurm's
     `--signal=USR1@T` delivers it (the agent runs under slurm/agent.sh, which ignores it);
   * a `stats` run gets SIGTERM on both workers (what torchrun's agent forwards on scancel
-    or at the time limit).
+    or at the time limit);
+  * a `search` gets SIGUSR1 on every process after its first zero-shot results.
 Both must save (checkpoint / partial state) within seconds and return normally (the launch
 exits 0); resumed to the end they must reproduce the uninterrupted runs EXACTLY (same
 layout, same arithmetic: bit-identical weights, losses and importance scores).
@@ -89,6 +90,15 @@ def runs(real_data, tmp_path_factory):
             os.kill(int((work / f"pid_{r}").read_text()), signal.SIGTERM)
         _wait(lambda: (work / "stats_resumed" / "interrupted.json").is_file(), 60, "stats' save", proc)
         lat["stats"] = time.time() - t0
+        # search: once the teacher row and one candidate are scored, USR1 to the whole launch
+        state = work / "search_resumed" / "search_state.json"
+        _wait(lambda: state.is_file() and len(json.loads(state.read_text())["zero_shot"]) >= 2, 300,
+              "search's first zero-shot result", proc)
+        t0 = time.time()
+        for pid in _tree(proc.pid):
+            os.kill(pid, signal.SIGUSR1)
+        _wait(lambda: (work / "search_resumed" / "interrupted.json").is_file(), 60, "search's stop", proc)
+        lat["search"] = time.time() - t0
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -99,7 +109,7 @@ def runs(real_data, tmp_path_factory):
     launch(WORKER, ["finish", work], nproc=2)
     finished = json.loads((work / "result_finish.json").read_text())
     print(f"\n[preempt] signal -> save seen by the test: distill {lat['distill']:.2f}s, "
-          f"stats {lat['stats']:.2f}s; the stages' own figures: "
+          f"stats {lat['stats']:.2f}s, search {lat['search']:.2f}s; the stages' own figures: "
           f"distill {interrupted['distill']['interrupted']['signal_to_save_seconds']:.2f}s, "
           f"stats {interrupted['stats']['interrupted']['signal_to_save_seconds']:.2f}s")
     return {"work": work, "lat": lat, "int": interrupted, "fin": finished}
@@ -142,6 +152,18 @@ def test_resumed_distill_equals_uninterrupted(runs):
     assert len(ref) == 60 and res == ref  # both halves together, step by step, exactly
     assert fin["distill_resumed"]["student_val_after"] == fin["distill_ref"]["student_val_after"]
     assert not (work / "kd_resumed" / "interrupted.json").exists()
+
+
+def test_resumed_search_equals_uninterrupted(runs):
+    s, fin, work = runs["int"]["search"], runs["fin"], runs["work"]
+    assert s["stopped"] and s["interrupted"]["reason"] == "signal SIGUSR1"
+    assert s["zero_shot_done"] + s["kd_done"] < 5  # stopped before the end (3 zero-shot + 2 KD)
+    assert fin["search_resumed"]["resumed"]["zero_shot"] >= 2  # finished results were kept
+    keys = ("rank", "name", "params", "zero_shot_loss", "distilled_loss")  # not timings, ids, paths
+    strip = lambda rows: [{k: r[k] for k in keys} for r in rows]  # noqa: E731
+    assert strip(fin["search_resumed"]["table"]) == strip(fin["search_ref"]["table"])  # bit-identical
+    assert fin["search_resumed"]["chosen"]["name"] == fin["search_ref"]["chosen"]["name"]
+    assert not (work / "search_resumed" / "interrupted.json").exists()
 
 
 def test_resumed_stats_equal_uninterrupted(runs):
