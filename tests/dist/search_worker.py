@@ -17,46 +17,19 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_minitron import dist as D
-from megatron_minitron.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
-from megatron_minitron.distill.stage import LossConfig
-from megatron_minitron.importance.stage import StatsConfig, run_stats
-from megatron_minitron.rewrite.stage import PruneConfig, run_prune
-from megatron_minitron.search.space import SearchSpace
-from megatron_minitron.search.stage import STATE_FILE, SearchConfig, run_search
-from megatron_minitron.train.engine import MicroBatches, build_trainable, lm_forward_step, save_trainable, train_step
-from megatron_minitron.train.pretrain import datasets
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-TEACHER = ModelConfig(
-    pattern="M-*-M-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=4,
-    mamba_head_dim=16, mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16,
-    num_attention_heads=4, num_query_groups=2, kv_channels=16, vocab_size=4096, seq_length=64,
-)
+from megatron_minitron import dist as D  # noqa: E402
+from megatron_minitron.config import ParallelConfig, TrainConfig  # noqa: E402
+from megatron_minitron.distill.stage import LossConfig  # noqa: E402
+from megatron_minitron.rewrite.stage import PruneConfig, run_prune  # noqa: E402
+from megatron_minitron.search.space import SearchSpace  # noqa: E402
+from megatron_minitron.search.stage import STATE_FILE, SearchConfig, run_search  # noqa: E402
+from tests.dist.tiny_teacher import data_cfg, make_teacher  # noqa: E402
+
 SPACE = SearchSpace(num_layers=[5, 6], hidden_size=[48, 64], ffn_hidden_size=[64, 128],
                     mamba_num_heads=[2, 4], mamba_head_dim=[8, 16])
 BUDGET, TOL = 440_000, 0.03
-
-
-def data_cfg(work: Path) -> DataConfig:
-    info = json.loads((work / "data.json").read_text())
-    return DataConfig(prefix=info["prefix"], tokenizer=info["tokenizer"], split="90,10,0")
-
-
-def make_teacher(work: Path) -> None:
-    pc = ParallelConfig()
-    par = D.init(pc, seed=3)
-    train = TrainConfig(steps=10, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
-                        warmup_steps=1)
-    t = build_trainable(TEACHER, par, train, pc)
-    ds, _, _ = datasets(data_cfg(work), TEACHER.seq_length, 40, 4)
-    data = MicroBatches(ds, 2, 4, par.dp, par.dp_rank)
-    for _ in range(4):
-        train_step(t, data, lm_forward_step, 2, TEACHER.seq_length, 2)
-    save_trainable(t, work / "teacher")
-    D.shutdown()
-    run_stats(StatsConfig(checkpoint=str(work / "teacher"), output_dir=str(work / "stats"),
-                          data=data_cfg(work), samples=8, micro_batch_size=2, depth_samples=4,
-                          save_interval=0))
 
 
 def search_cfg(work: Path, name: str, **kw) -> SearchConfig:
