@@ -48,21 +48,12 @@ def hf_logits(model):
 def make(wd: Path):
     from transformers import NemotronHForCausalLM
 
+    from tests.dist.hf_weights import randomize
     from tests.real_tokenizer import make_tokenizer_folder
 
     torch.manual_seed(0)
     model = NemotronHForCausalLM(hf_config(TMIN)).float()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 4 + 0.5))
-            elif name.endswith("dt_bias"):  # softplus(-6) = 0.0025 < 0.02: the clamp binds
-                p.copy_(torch.randn(p.shape, generator=g) - 6.0)
-            elif p.dim() == 1:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    randomize(model, dt_bias_mean=-6.0)  # softplus(-6) = 0.0025 < 0.02: the clamp binds
     model.save_pretrained(wd / "hf")
     make_tokenizer_folder(wd / "hf")
     torch.save(hf_logits(model), wd / "logits_hf.pt")

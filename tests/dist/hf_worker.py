@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.dist.hf_weights
+
 SEQ, BATCH = 40, 2  # 40 is not a multiple of the chunk size (16): the padded path runs
 
 
@@ -56,20 +58,11 @@ def make(wd: Path):
     from transformers import NemotronHForCausalLM
 
     from megatron_minitron.hf.mapping import EXPORT_TIME_STEP_MIN
+    from tests.dist.hf_weights import randomize
 
     torch.manual_seed(0)
     model = NemotronHForCausalLM(hf_config(EXPORT_TIME_STEP_MIN)).float()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # move everything off its init values so every tensor matters
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 4 + 0.5))
-            elif name.endswith("dt_bias"):  # wide: some heads have dt below 0.001
-                p.copy_(torch.randn(p.shape, generator=g) * 2.0 - 4.0)
-            elif p.dim() == 1:  # norms, D, conv bias
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    randomize(model, dt_bias_mean=-4.0, dt_bias_std=2.0)  # wide: some heads have dt below 0.001
     model.save_pretrained(wd / "hf", max_shard_size="60KB")
     info = json.loads((wd / "data.json").read_text())
     shutil.copy2(info["tokenizer"], wd / "hf" / "tokenizer.json")

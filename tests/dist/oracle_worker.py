@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.dist.hf_weights
+
 SEQ, BATCH, VOCAB = 40, 2, 256
 BLOCKS = ["linear_attention", "full_attention", "linear_attention", "mlp",
           "linear_attention", "full_attention", "linear_attention", "mlp"]
@@ -146,19 +148,11 @@ def zeroed_logits(model_sd: dict, plan: dict):
 def make(wd: Path):
     from transformers import NemotronHForCausalLM
 
+    from tests.dist.hf_weights import randomize
+
     torch.manual_seed(0)
     model = NemotronHForCausalLM(hf_config()).float()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every tensor off its init value, so a wrong index shows
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 4 + 0.5))
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 - 1.0)
-            elif p.dim() == 1:  # norms, D, conv bias
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    randomize(model, dt_bias_mean=-1.0, dt_bias_std=0.5)
     model.save_pretrained(wd / "hf_src")
     torch.save(logits(model), wd / "logits_hf_src.pt")
 
