@@ -177,20 +177,35 @@ def _runtime(impl: str, rest: float) -> float:
     return (2.5 * GiB + 0.05 * rest) if impl == "gpu" else 0.0
 
 
+def _stages(cfg: ModelConfig, lay: Layout):
+    """Per pipeline stage: (index, layer pattern, first, last, local parameter count)."""
+    for i, pat in enumerate(stage_patterns(cfg, lay.pp)):
+        first, last = i == 0, i == lay.pp - 1
+        yield i, pat, first, last, local_params(cfg, pat, lay.tp, first, last)
+
+
+def _largest(name: str, per_stage: list, impl: str) -> Estimate:
+    """The stage whose items (plus the runtime's share) total the most: the one that binds."""
+    best = None
+    for i, items in per_stage:
+        items["runtime"] = _runtime(impl, sum(items.values()))
+        est = Estimate(name, items, pp_stage=i)
+        if best is None or est.total > best.total:
+            best = est
+    return best
+
+
 # ----------------------------------------------------------------------------- stages
 
 
 def training(cfg: ModelConfig, lay: Layout, impl: str = "gpu", stage: str = "pretrain",
              kd_chunk: Optional[int] = None, teacher: Optional[ModelConfig] = None) -> Estimate:
     """pretrain (LM cross-entropy) or distill (teacher given: forward KL on logits)."""
-    pats = stage_patterns(cfg, lay.pp)
     seq = lay.seq_length or cfg.seq_length
     tokens = lay.micro_batch_size * seq
     a = _bytes(cfg.params_dtype)
-    best = None
-    for i, pat in enumerate(pats):
-        first, last = i == 0, i == lay.pp - 1
-        n = local_params(cfg, pat, lay.tp, first, last)
+    per_stage = []
+    for i, pat, first, last, n in _stages(cfg, lay):
         in_flight = min(lay.pp - i, max(1, lay.num_micro))
         items = {
             "weights": n * a,
@@ -211,30 +226,22 @@ def training(cfg: ModelConfig, lay: Layout, impl: str = "gpu", stage: str = "pre
             tpat = stage_patterns(teacher, lay.pp)[i]
             tn = local_params(teacher, tpat, lay.tp, first, last)
             ta = _bytes(teacher.params_dtype)
-            tl = Layout(**{**lay.__dict__, "recompute": "none"})
             one = max((layer_activation_bytes(k, teacher, lay.tp, seq, lay.sequence_parallel,
                                               "none", impl) for k in set(tpat)), default=0.0)
             items["teacher"] = tn * ta + tokens * one
-            del tl
-        items["runtime"] = _runtime(impl, sum(items.values()))
-        est = Estimate(stage, items, pp_stage=i)
-        if best is None or est.total > best.total:
-            best = est
-    return best
+        per_stage.append((i, items))
+    return _largest(stage, per_stage, impl)
 
 
 def stats(cfg: ModelConfig, lay: Layout, impl: str = "gpu", depth: bool = True,
           depth_chunk: int = 1024) -> Estimate:
     """Forward-only calibration: weights, one layer's activations at a time, hooks'
     accumulators; on the last stage the depth KL's held hidden states and chunk buffers."""
-    pats = stage_patterns(cfg, lay.pp)
     seq = lay.seq_length or cfg.seq_length
     tokens = lay.micro_batch_size * seq
     a = _bytes(cfg.params_dtype)
-    best = None
-    for i, pat in enumerate(pats):
-        first, last = i == 0, i == lay.pp - 1
-        n = local_params(cfg, pat, lay.tp, first, last)
+    per_stage = []
+    for i, pat, first, last, n in _stages(cfg, lay):
         one = max(layer_activation_bytes(k, cfg, lay.tp, seq, lay.sequence_parallel, "none", impl)
                   for k in set(pat))
         items = {"weights": n * a, "activations": tokens * (one + 2 * cfg.hidden_size * a)}
@@ -245,11 +252,8 @@ def stats(cfg: ModelConfig, lay: Layout, impl: str = "gpu", depth: bool = True,
                 items["depth_kl"] = 2 * tokens * cfg.hidden_size * a + chunk * v * (2 * a + 3 * 4)
             else:
                 items["logits"] = tokens * v * a
-        items["runtime"] = _runtime(impl, sum(items.values()))
-        est = Estimate("stats", items, pp_stage=i)
-        if best is None or est.total > best.total:
-            best = est
-    return best
+        per_stage.append((i, items))
+    return _largest("stats", per_stage, impl)
 
 
 def prune(cfg: ModelConfig, impl: str = "gpu") -> Estimate:
