@@ -23,19 +23,17 @@ from pathlib import Path
 import torch
 
 from megatron_minitron import dist as D
-from megatron_minitron.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_minitron.config import ConfigError, DataConfig, ParallelConfig, TrainConfig
 from megatron_minitron.train import checkpoint as ckpt
 from megatron_minitron.train.engine import (MicroBatches, build_trainable, lm_forward_step,
                                             load_weights, reduce_reports, resume_trainable,
                                             save_trainable, train_step)
 from megatron_minitron.train.pretrain import datasets
 
-MODEL = ModelConfig(
-    pattern="M-*-M-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=4,
-    mamba_head_dim=16, mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16,
-    num_attention_heads=4, num_query_groups=2, kv_channels=16, vocab_size=4096,
-    seq_length=64,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.dist.tiny_teacher import TEACHER  # noqa: E402
+
+MODEL = TEACHER  # the tiny hybrid the dist workers share
 BF16 = dataclasses.replace(MODEL, params_dtype="bf16")
 TRAIN = TrainConfig(steps=100, global_batch_size=4, micro_batch_size=1, lr=3e-3, min_lr=3e-4,
                     warmup_steps=2, clip_grad=1.0)

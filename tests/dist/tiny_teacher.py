@@ -1,6 +1,7 @@
 """The tiny teacher shared by the search and ablations workers: its config, the data config
 read from <work>/data.json, and make_teacher (4 real training steps, saved to <work>/teacher,
-then `stats` on it into <work>/stats)."""
+then `stats` on it into <work>/stats). The features and foundation workers train the same
+tiny hybrid (TEACHER) as their model."""
 
 import json
 from pathlib import Path
