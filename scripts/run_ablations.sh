@@ -6,16 +6,10 @@
 # minutes on 2 idle cores (configs/ablations_default.yaml: 2 seeds x 40 KD steps); re-running
 # resumes from runs/ablations/results.json. Extra arguments go to the ablations stage, e.g.
 #   bash scripts/run_ablations.sh seeds=[1] kd.steps=20 only=[group,heads]
+JOB=ablations
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONWARNINGS=ignore
-bash scripts/setup_env.sh .venv
-PY=.venv/bin/python
-RUN=${RUN_DIR:-runs/default}
+source "$(dirname "$0")/_common.sh"  # cd to the repo, .venv, PY RUN M t0 stamp
 OUT=${ABLATIONS_DIR:-runs/ablations}
-M="$PY -m megatron_minitron"
-t0=$(date +%s)
-stamp() { echo "[ablations] $1 done at +$(( $(date +%s) - t0 )) s"; }
 $M prepare-data -c configs/prepare_data_default.yaml;                              stamp prepare-data
 $M pretrain -c configs/pretrain_default.yaml output_dir=$RUN/teacher;              stamp "pretrain (reused when trained)"
 # the ablations need the Mamba x/z/y, FLAP, both FFN scores and both depth rankings

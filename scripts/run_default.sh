@@ -7,18 +7,12 @@
 # KD (forward KL, the paper's recipe), CE (plain cross-entropy) and KD+CE (alpha_kd=0.5);
 # and a report (runs/default/report/report.md) with the spread over seeds and the paired
 # differences to CE. The two seeds run side by side, one core each.
+JOB="main job"
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONWARNINGS=ignore
-bash scripts/setup_env.sh .venv
-PY=.venv/bin/python
-RUN=${RUN_DIR:-runs/default}
+source "$(dirname "$0")/_common.sh"  # cd to the repo, .venv, PY RUN M t0 stamp
 SEEDS=${SEEDS:-"1 2"}
-M="$PY -m megatron_minitron"
 TORCHRUN="$PY -m torch.distributed.run --nproc_per_node 2 --master_port ${MASTER_PORT:-29531}"
 unset MASTER_PORT MASTER_ADDR  # (torchrun's port only) one-process stages pick a free port
-t0=$(date +%s)
-stamp() { echo "[main job] $1 done at +$(( $(date +%s) - t0 )) s"; }
 $M prepare-data -c configs/prepare_data_default.yaml;                              stamp prepare-data
 $M pretrain -c configs/pretrain_default.yaml output_dir=$RUN/teacher;              stamp pretrain
 OMP_NUM_THREADS=1 $TORCHRUN -m megatron_minitron stats -c configs/stats_default.yaml \
