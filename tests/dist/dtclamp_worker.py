@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.real_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.real_tokenizer, tests.dist.hf_models
+
+from tests.dist.hf_models import eval_logits, fixed_tokens, randomize  # noqa: E402
 
 SEQ, BATCH, TMIN = 40, 2, 0.02
 
@@ -35,20 +37,16 @@ def hf_config(time_step_min):
 
 
 def tokens():
-    g = torch.Generator().manual_seed(7)
-    return torch.randint(0, 384, (BATCH, SEQ), generator=g)
+    return fixed_tokens(384, BATCH, SEQ, seed=7)
 
 
 def hf_logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=tokens()).logits.float()
+    return eval_logits(model, tokens())
 
 
 def make(wd: Path):
     from transformers import NemotronHForCausalLM
 
-    from tests.dist.hf_weights import randomize
     from tests.real_tokenizer import make_tokenizer_folder
 
     torch.manual_seed(0)

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.dist.hf_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.dist.hf_models import eval_logits, fixed_tokens, randomize  # noqa: E402
 
 SEQ, BATCH = 40, 2  # 40 is not a multiple of the chunk size (16): the padded path runs
 
@@ -44,22 +46,17 @@ def hf_config(time_step_min):
 
 
 def tokens():
-    g = torch.Generator().manual_seed(7)
-    return torch.randint(0, 256, (BATCH, SEQ), generator=g)
+    return fixed_tokens(256, BATCH, SEQ, seed=7)
 
 
 def hf_logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=tokens()).logits.float()
+    return eval_logits(model, tokens())
 
 
 def make(wd: Path):
     from transformers import NemotronHForCausalLM
 
     from megatron_minitron.hf.mapping import EXPORT_TIME_STEP_MIN
-    from tests.dist.hf_weights import randomize
-
     torch.manual_seed(0)
     model = NemotronHForCausalLM(hf_config(EXPORT_TIME_STEP_MIN)).float()
     randomize(model, dt_bias_mean=-4.0, dt_bias_std=2.0)  # wide: some heads have dt below 0.001

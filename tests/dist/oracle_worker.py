@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.dist.hf_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.dist.hf_models import eval_logits, fixed_tokens, randomize  # noqa: E402
 
 SEQ, BATCH, VOCAB = 40, 2, 256
 BLOCKS = ["linear_attention", "full_attention", "linear_attention", "mlp",
@@ -43,13 +45,11 @@ def hf_config(**over):
 
 
 def tokens():
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(11))
+    return fixed_tokens(VOCAB, BATCH, SEQ, seed=11)
 
 
 def logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=tokens()).logits.float()
+    return eval_logits(model, tokens())
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -147,8 +147,6 @@ def zeroed_logits(model_sd: dict, plan: dict):
 
 def make(wd: Path):
     from transformers import NemotronHForCausalLM
-
-    from tests.dist.hf_weights import randomize
 
     torch.manual_seed(0)
     model = NemotronHForCausalLM(hf_config()).float()

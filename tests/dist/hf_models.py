@@ -1,5 +1,6 @@
-"""Random weights for a small transformers NemotronH model, off every init value so a wrong
-index or a missed tensor shows in the logits. Used by the hf, dtclamp and oracle workers."""
+"""Helpers for the small transformers NemotronH models of the hf, dtclamp and oracle workers:
+random weights off every init value (so a wrong index or a missed tensor shows in the
+logits), fixed input tokens, and the model's fp32 logits on them."""
 
 import torch
 
@@ -19,3 +20,14 @@ def randomize(model, dt_bias_mean: float, dt_bias_std: float = 1.0, seed: int = 
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+
+
+def fixed_tokens(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def eval_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """A transformers causal LM's logits (fp32) in eval mode, without autograd."""
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
