@@ -14,25 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-
 from megatron_minitron import dist as D
-from megatron_minitron.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_minitron.config import ConfigError, ParallelConfig
 from megatron_minitron.importance.stage import StatsConfig, run_stats
-from megatron_minitron.train.engine import MicroBatches, build_trainable, lm_forward_step, save_trainable, train_step
-from megatron_minitron.train.pretrain import datasets
 
-MODEL = ModelConfig(
-    pattern="M-*-M-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=4,
-    mamba_head_dim=16, mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16,
-    num_attention_heads=4, num_query_groups=2, kv_channels=16, vocab_size=4096,
-    seq_length=64,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.dist.tiny_teacher import data_cfg, train_and_save  # noqa: E402
+
 SAMPLES, MBS, DEPTH = 10, 2, 6  # 10 = uneven over DP=2 (last step: rank 1 gets nothing)
-
-
-def data_cfg(workdir: Path) -> DataConfig:
-    info = json.loads((workdir / "data.json").read_text())
-    return DataConfig(prefix=info["prefix"], tokenizer=info["tokenizer"], split="90,10,0")
 
 
 def stats(workdir: Path, name: str, pc: ParallelConfig, **kw) -> dict:
@@ -45,14 +34,7 @@ def stats(workdir: Path, name: str, pc: ParallelConfig, **kw) -> dict:
 
 
 def make_checkpoint(workdir: Path, par, pc) -> None:
-    train = TrainConfig(steps=10, global_batch_size=4, micro_batch_size=2, lr=3e-3,
-                        min_lr=3e-4, warmup_steps=1)
-    t = build_trainable(MODEL, par, train, pc)
-    ds, _, _ = datasets(data_cfg(workdir), MODEL.seq_length, 40, 4)
-    data = MicroBatches(ds, 2, 4, par.dp, par.dp_rank)
-    for _ in range(3):
-        train_step(t, data, lm_forward_step, 2, MODEL.seq_length, 2)
-    save_trainable(t, workdir / "ckpt")
+    train_and_save(workdir, workdir / "ckpt", par, pc, steps=3)
 
 
 def main():

@@ -1,7 +1,7 @@
 """The tiny teacher shared by the search and ablations workers: its config, the data config
 read from <work>/data.json, and make_teacher (4 real training steps, saved to <work>/teacher,
-then `stats` on it into <work>/stats). The features and foundation workers train the same
-tiny hybrid (TEACHER) as their model."""
+then `stats` on it into <work>/stats). The features, foundation and stats workers use the
+same tiny hybrid (TEACHER) as their model; the stats worker trains it with train_and_save."""
 
 import json
 from pathlib import Path
@@ -24,17 +24,22 @@ def data_cfg(work: Path) -> DataConfig:
     return DataConfig(prefix=info["prefix"], tokenizer=info["tokenizer"], split="90,10,0")
 
 
-def make_teacher(work: Path) -> None:
-    pc = ParallelConfig()
-    par = D.init(pc, seed=3)
+def train_and_save(work: Path, out: Path, par, pc: ParallelConfig, steps: int) -> None:
+    """`steps` real training steps of TEACHER (global batch 4, micro-batch 2) on the work's
+    data, saved as a checkpoint at `out`; par: the initialised parallel state."""
     train = TrainConfig(steps=10, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
                         warmup_steps=1)
     t = build_trainable(TEACHER, par, train, pc)
     ds, _, _ = datasets(data_cfg(work), TEACHER.seq_length, 40, 4)
     data = MicroBatches(ds, 2, 4, par.dp, par.dp_rank)
-    for _ in range(4):
+    for _ in range(steps):
         train_step(t, data, lm_forward_step, 2, TEACHER.seq_length, 2)
-    save_trainable(t, work / "teacher")
+    save_trainable(t, out)
+
+
+def make_teacher(work: Path) -> None:
+    pc = ParallelConfig()
+    train_and_save(work, work / "teacher", D.init(pc, seed=3), pc, steps=4)
     D.shutdown()
     run_stats(StatsConfig(checkpoint=str(work / "teacher"), output_dir=str(work / "stats"),
                           data=data_cfg(work), samples=8, micro_batch_size=2, depth_samples=4,
