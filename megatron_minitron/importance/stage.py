@@ -92,9 +92,6 @@ def validate(cfg: StatsConfig) -> ModelConfig:
             f"{ckpt.CONFIG_FILE}); train one with `pretrain`, import one with `import-hf`, or "
             "point checkpoint at a run directory / iteration folder")
     model_cfg = ckpt.read_model_config(path)
-    from ..compat.torch_dist import check_files
-
-    check_files(path)  # a missing / truncated shard or .metadata: refused before any work
     if "M" not in model_cfg.pattern:
         raise ConfigError(
             f"checkpoint={cfg.checkpoint!r} is not a hybrid Mamba model (pattern "
@@ -106,6 +103,9 @@ def validate(cfg: StatsConfig) -> ModelConfig:
     from ..train.pretrain import check_data
 
     check_data(cfg.data, model_cfg)
+    from ..compat.torch_dist import check_files
+
+    check_files(path)  # last (it reads the files): a missing / truncated shard or .metadata
     return model_cfg
 
 

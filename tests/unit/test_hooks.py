@@ -208,7 +208,10 @@ def _fake_ckpt(tmp_path, cfg: ModelConfig):
 def test_bad_input_fails_before_any_work(tmp_path, real_data):
     data = DataConfig(prefix=real_data["prefix"], tokenizer=real_data["tokenizer"])
     good = _fake_ckpt(tmp_path, SMALL)
-    validate(StatsConfig(checkpoint=good, data=data))  # the reference case passes
+    # the reference case passes every config check and reaches the file check, which refuses
+    # the fake checkpoint's missing shards by name
+    with pytest.raises(ConfigError, match="metadata.json"):
+        validate(StatsConfig(checkpoint=good, data=data))
     with pytest.raises(ConfigError, match=r"unknown source\(s\) \['w'\]"):
         validate(StatsConfig(checkpoint=good, data=data, sources=["x", "w"]))
     with pytest.raises(ConfigError, match="depth_samples=9 exceeds samples=8"):
