@@ -39,8 +39,6 @@ original at <dst>.orig, which the next run restores.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import shutil
@@ -58,7 +56,6 @@ from . import rules
 
 FAULT_ENV = "MINITRON_PRUNE_FAULT"  # test hook: SIGKILL rank 0 at this phase
 PHASES = ("staged", "loaded", "written", "verified", "exchanged", "backed_up", "renamed_away")
-NO_EXCHANGE_ENV = "MINITRON_PRUNE_NO_EXCHANGE"  # test hook: act as if renameat2 were missing
 
 
 @dataclass
@@ -82,25 +79,6 @@ class PruneConfig:
 def _fault(phase: str) -> None:
     if os.environ.get(FAULT_ENV) == phase:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (renameat2 RENAME_EXCHANGE). False if unsupported."""
-    if os.environ.get(NO_EXCHANGE_ENV) == "1":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    r = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE)
-    if r != 0:
-        err = ctypes.get_errno()
-        if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: filesystem lacks it
-            return False
-        raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
-    return True
 
 
 def _paths(dst: Path) -> dict:
@@ -399,7 +377,7 @@ def run_prune(cfg: PruneConfig) -> dict:
         (partial / "summary.json").write_text(json.dumps(summary, indent=2))
         _fault("verified")
         if dst.exists():
-            if _exchange(partial, dst):  # dst = new, partial = old: one atomic step
+            if ckpt.exchange(partial, dst):  # dst = new, partial = old: one atomic step
                 _fault("exchanged")
                 if cfg.keep_backup:
                     os.replace(partial, p["orig"])

@@ -41,6 +41,9 @@ def resolve(path: str | Path) -> Optional[Path]:
             it = base / latest.read_text().strip()
             if (it / META_FILE).is_file():
                 return it
+            old = it.with_name(it.name + ".old")  # killed while re-saving that iteration
+            if not it.exists() and (old / META_FILE).is_file():
+                return old
     return None
 
 
@@ -84,6 +87,33 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+
+# test hook: act as if renameat2 were missing (the kill sweep covers the two-rename fallback)
+NO_EXCHANGE_ENV = "MINITRON_PRUNE_NO_EXCHANGE"
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get(NO_EXCHANGE_ENV) == "1":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    r = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE)
+    if r != 0:
+        err = ctypes.get_errno()
+        if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: filesystem lacks it
+            return False
+        raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
+    return True
+
+
 def save(
     run_dir: str | Path,
     iteration: int,
@@ -110,9 +140,18 @@ def save(
         _write_json_atomic(partial / CONFIG_FILE, model_cfg.to_dict())
         _write_json_atomic(partial / META_FILE, dict(meta, iteration=iteration,
                                                      megatron_core=mcore.MCORE_VERSION))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        if final.exists():  # re-saving the iteration `latest` may name (a resumed run that
+            # stopped before its first step): never leave `latest` pointing at nothing
+            if exchange(partial, final):  # final = new, partial = old, in one step
+                shutil.rmtree(partial)
+            else:  # two renames; resolve() falls back to the .old copy if killed between them
+                old = final.with_name(final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(partial, final)
+                shutil.rmtree(old)
+        else:
+            os.replace(partial, final)
         tmp = final.parent / "latest.tmp"
         tmp.write_text(final.name)
         os.replace(tmp, final.parent / "latest")
