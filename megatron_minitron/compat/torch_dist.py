@@ -440,6 +440,18 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+# test hook for the kill sweep: "RANK:N" SIGKILLs rank RANK right after its Nth shard reached
+# the file (mid-write: a partial shard file, no .metadata); "metadata" SIGKILLs rank 0 halfway
+# through writing .metadata
+WRITE_FAULT_ENV = "MINITRON_WRITE_FAULT"
+
+
+def _write_fault(where: str, f) -> None:
+    if os.environ.get(WRITE_FAULT_ENV) == where:
+        f.flush()
+        os.kill(os.getpid(), 9)
+
+
 def save(tensors, objects, folder: str | Path, rank: int, group=None, fsync: bool = True,
          common: dict | None = None) -> dict:
     """Collective over `group` (every rank calls it; None = the default group): write the
@@ -469,6 +481,7 @@ def save(tensors, objects, folder: str | Path, rank: int, group=None, fsync: boo
                         _write(f, part)
                 records.append(("t", st.key, tuple(st.global_shape), t.dtype, tuple(st.global_offset),
                                 tuple(t.shape), start, f.tell() - start))
+                _write_fault(f"{rank}:{len(records)}", f)
             for ob in objs:
                 buf = io.BytesIO()
                 torch.save([ob.data], buf)
@@ -523,7 +536,10 @@ def _write_metadata(folder: Path, gathered, common: dict, fsync: bool) -> None:
             _check_tiling(key, m)
     tmp = folder / ".metadata.tmp"
     with open(tmp, "wb") as f:
-        pickle.dump(Metadata(state_dict_metadata=sd_meta, storage_data=storage), f)
+        blob = pickle.dumps(Metadata(state_dict_metadata=sd_meta, storage_data=storage))
+        f.write(blob[:len(blob) // 2])
+        _write_fault("metadata", f)
+        f.write(blob[len(blob) // 2:])
         f.flush()
         if fsync:
             os.fsync(f.fileno())

@@ -7,6 +7,8 @@ to the end; each trial kills at a uniform random moment of 1.1 x that window, th
 shrunk by 20% whenever a run ended before its kill):
   prune_tp2       in-place prune of an iteration folder at TP=2 (torchrun, 2 ranks); the
                   victim is rank 0, rank 1 or the whole launch (its session), at random;
+                  plus two placed kills mid-write (rank 1 after its third shard, rank 0
+                  halfway through .metadata: a random moment rarely lands in a tiny write);
   prune_fallback  in-place prune of a RUN directory with renameat2 disabled (the two-rename
                   swap), plus one kill placed exactly between the two renames; the run's
                   other files (metrics, TensorBoard, the older iteration, config, latest)
@@ -38,7 +40,7 @@ from tests.conftest import REPO, child_env, free_port, launch, write_data_json
 
 WORKER = Path(__file__).with_name("killsweep_worker.py")
 SEED = 15
-FULL_TRIALS, CI_TRIALS = 20, 1  # CI: 1 per target (+1 placed kill), ~10 launches
+FULL_TRIALS, CI_TRIALS = 20, 1  # CI: 1 per target (+3 placed kills), ~14 launches
 TINY = ["model.pattern=M-*-", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.mamba_num_heads=4",
         "model.mamba_head_dim=8", "model.mamba_state_dim=8", "model.mamba_chunk_size=16",
         "model.num_attention_heads=2", "model.num_query_groups=2", "model.kv_channels=16",
@@ -230,6 +232,8 @@ def trial_prune(e, target: str, n: int, t: int, rng) -> str:
         shutil.copytree(wd / "run" / "checkpoints" / "iter_0000002", p)
         args, nproc, env, journal = e["prune_args"](p) + ["parallel.tp=2"], 2, None, p.with_name("iter.prune_journal.json")
         new, window, run_dir = e["new_tp2"], e["w_tp2"], None
+        if t >= n:  # placed kills: rank 1 mid-way through its shard file; rank 0 mid-.metadata
+            env = {"MINITRON_WRITE_FAULT": "1:3" if t == n else "metadata"}
     else:
         run_dir = tdir / "run"
         shutil.copytree(wd / "run", run_dir)
@@ -241,7 +245,10 @@ def trial_prune(e, target: str, n: int, t: int, rng) -> str:
             env = dict(env, MINITRON_PRUNE_FAULT="renamed_away")
         others = digest(run_dir, skip=("checkpoints/iter_0000002",))
     delay = rng.uniform(0, 1.1 * window)
-    if t == n:  # the process kills itself (SIGKILL) between the renames
+    if t >= n and target == "prune_tp2":  # a rank kills itself; torchrun ends the other
+        assert run(args, tdir, nproc=nproc, env=env) != 0
+        victim = f"fault hook {env['MINITRON_WRITE_FAULT']}"
+    elif t == n:  # the process kills itself (SIGKILL) between the renames
         assert run(args, tdir, env=env) == -signal.SIGKILL
         victim = "fault hook"
     else:
@@ -254,6 +261,8 @@ def trial_prune(e, target: str, n: int, t: int, rng) -> str:
         what = "absent (between the two renames), original at .orig"
     elif digest(p) == e["old_iter"]:
         what = f"old ({state})"
+        if t >= n and target == "prune_tp2":  # the placed kills did land mid-write
+            assert state.startswith("mid-write"), (target, t, state)
     else:
         assert same(tensors(p), new), (target, t, victim, state)
         what = f"new ({'backup pending' if p.with_name(p.name + '.partial').exists() else 'swapped'})"
@@ -310,7 +319,8 @@ def sweep(e, n: int) -> dict:
     rng = random.Random(SEED)
     res = {k: Counter() for k in TARGETS}
     log = open(e["wd"] / f"kill_sweep_{n}.jsonl", "a")
-    plan = [(k, t) for t in range(n) for k in TARGETS] + [("prune_fallback", n)]
+    plan = ([(k, t) for t in range(n) for k in TARGETS]  # + the placed kills
+            + [("prune_fallback", n), ("prune_tp2", n), ("prune_tp2", n + 1)])
     for k, t in plan:
         what = TARGETS[k](e, n, t, rng)
         res[k][what] += 1
