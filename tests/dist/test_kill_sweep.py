@@ -224,7 +224,8 @@ def _adapt(e, key: str, victim: str) -> None:
 
 
 def trial_prune(e, target: str, n: int, t: int, rng) -> str:
-    """One kill (t == n on prune_fallback: the placed kill between the two renames)."""
+    """One kill at a random moment (t >= 0), or a placed one (t < 0): on prune_fallback
+    exactly between the two renames; on prune_tp2 mid-write (rank 1's shards, .metadata)."""
     wd = e["wd"]
     tdir = wd / f"{target}_{n}_{t}"
     if target == "prune_tp2":
@@ -232,8 +233,8 @@ def trial_prune(e, target: str, n: int, t: int, rng) -> str:
         shutil.copytree(wd / "run" / "checkpoints" / "iter_0000002", p)
         args, nproc, env, journal = e["prune_args"](p) + ["parallel.tp=2"], 2, None, p.with_name("iter.prune_journal.json")
         new, window, run_dir = e["new_tp2"], e["w_tp2"], None
-        if t >= n:  # placed kills: rank 1 mid-way through its shard file; rank 0 mid-.metadata
-            env = {"MINITRON_WRITE_FAULT": "1:3" if t == n else "metadata"}
+        if t < 0:  # placed kills: rank 1 mid-way through its shard file; rank 0 mid-.metadata
+            env = {"MINITRON_WRITE_FAULT": "1:3" if t == -1 else "metadata"}
     else:
         run_dir = tdir / "run"
         shutil.copytree(wd / "run", run_dir)
@@ -241,14 +242,14 @@ def trial_prune(e, target: str, n: int, t: int, rng) -> str:
         journal = p.with_name(p.name + ".prune_journal.json")
         args, nproc, new, window = e["prune_args"](run_dir), 1, e["new_fb"], e["w_fb"]
         env = {"MINITRON_PRUNE_NO_EXCHANGE": "1"}
-        if t == n:  # one kill exactly between the two renames
+        if t < 0:  # one kill exactly between the two renames
             env = dict(env, MINITRON_PRUNE_FAULT="renamed_away")
         others = digest(run_dir, skip=("checkpoints/iter_0000002",))
     delay = rng.uniform(0, 1.1 * window)
-    if t >= n and target == "prune_tp2":  # a rank kills itself; torchrun ends the other
+    if t < 0 and target == "prune_tp2":  # a rank kills itself; torchrun ends the other
         assert run(args, tdir, nproc=nproc, env=env) != 0
         victim = f"fault hook {env['MINITRON_WRITE_FAULT']}"
-    elif t == n:  # the process kills itself (SIGKILL) between the renames
+    elif t < 0:  # the process kills itself (SIGKILL) between the renames
         assert run(args, tdir, env=env) == -signal.SIGKILL
         victim = "fault hook"
     else:
@@ -261,7 +262,7 @@ def trial_prune(e, target: str, n: int, t: int, rng) -> str:
         what = "absent (between the two renames), original at .orig"
     elif digest(p) == e["old_iter"]:
         what = f"old ({state})"
-        if t >= n and target == "prune_tp2":  # the placed kills did land mid-write
+        if t < 0 and target == "prune_tp2":  # the placed kills did land mid-write
             assert state.startswith("mid-write"), (target, t, state)
     else:
         assert same(tensors(p), new), (target, t, victim, state)
@@ -313,25 +314,38 @@ TARGETS = {"prune_tp2": lambda e, n, t, rng: trial_prune(e, "prune_tp2", n, t, r
            "distill": lambda e, n, t, rng: trial_train(e, "distill", n, t, rng)}
 
 
-def sweep(e, n: int) -> dict:
-    """Round-robin over the targets (a cut-short sweep still covers each); every trial is
-    logged to <wd>/kill_sweep_<n>.jsonl as it finishes."""
+def _live(c: Counter) -> int:
+    return sum(v for w, v in c.items() if not w.startswith("finished"))
+
+
+def sweep(e, n: int, cap: int = 0) -> dict:
+    """Round-robin over the targets (a cut-short sweep still covers each): n rounds, then
+    (cap > n) more rounds for the targets with fewer than n kills of a live run, up to cap
+    trials each; then the placed kills. Every trial is logged to <wd>/kill_sweep_<n>.jsonl
+    as it finishes."""
     rng = random.Random(SEED)
     res = {k: Counter() for k in TARGETS}
     log = open(e["wd"] / f"kill_sweep_{n}.jsonl", "a")
-    plan = ([(k, t) for t in range(n) for k in TARGETS]  # + the placed kills
-            + [("prune_fallback", n), ("prune_tp2", n), ("prune_tp2", n + 1)])
-    for k, t in plan:
+
+    def one(k, t):
         what = TARGETS[k](e, n, t, rng)
         res[k][what] += 1
         log.write(json.dumps({"target": k, "trial": t, "result": what}) + "\n")
         log.flush()
         print(f"kill sweep {k} #{t}: {what}", flush=True)
+
+    for t in range(max(n, cap)):
+        todo = list(TARGETS) if t < n else [k for k in TARGETS if _live(res[k]) < n]
+        if not todo:
+            break
+        for k in todo:
+            one(k, t)
+    for k, t in [("prune_fallback", -1), ("prune_tp2", -1), ("prune_tp2", -2)]:
+        one(k, t)
     total = sum(sum(c.values()) for c in res.values())
     print(f"\nkill sweep: {total} trials over {len(res)} targets, every one intact and recovered")
     for k, c in res.items():
-        live = sum(v for w, v in c.items() if not w.startswith("finished"))
-        print(f"  {k}: {sum(c.values())} trials, {live} killed a live run: {dict(sorted(c.items()))}")
+        print(f"  {k}: {sum(c.values())} trials, {_live(c)} killed a live run: {dict(sorted(c.items()))}")
     (e["wd"] / f"kill_sweep_{n}.json").write_text(json.dumps({k: dict(c) for k, c in res.items()}, indent=2))
     return res
 
@@ -356,5 +370,5 @@ def test_kill_sweep_full(env, request):
     # on request only (also when pytest.ini's addopts is absent): -m sweep, or KILL_SWEEP=full
     if (request.config.getoption("markexpr") or "").strip() != "sweep" and os.environ.get("KILL_SWEEP") != "full":
         pytest.skip("the full kill sweep runs on request: pytest -m sweep tests/dist/test_kill_sweep.py")
-    res = sweep(env, FULL_TRIALS)
-    assert all(sum(c.values()) >= FULL_TRIALS for c in res.values())
+    res = sweep(env, FULL_TRIALS, cap=FULL_TRIALS + 10)
+    assert all(_live(c) >= FULL_TRIALS for c in res.values()), {k: _live(c) for k, c in res.items()}
