@@ -17,7 +17,6 @@ tiny Shakespeare public domain.
 from __future__ import annotations
 
 import hashlib
-import io
 import subprocess
 import sys
 import tarfile

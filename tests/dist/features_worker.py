@@ -222,7 +222,7 @@ def sp(wd: Path, dcfg: DataConfig) -> dict:
 def main():
     wd = Path(sys.argv[1])
     dcfg = data_cfg(wd)
-    par = D.init(ParallelConfig(), seed=1234)
+    D.init(ParallelConfig(), seed=1234)
     train_ds, _, _ = datasets(dcfg, MODEL.seq_length, 400, 8)
     res = {"precision": precision(wd, train_ds)}
     res["recompute"] = recompute(wd, train_ds)
