@@ -5,6 +5,7 @@ make it fit, and the 8B recipe fits 8 x 80 GB nodes."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -51,11 +52,13 @@ def test_estimate_matches_measured_cpu_peak(tmp_path, shape, mbs, nm, request):
     print(f"{shape['pattern']} h={shape['hidden_size']} s={shape['seq_length']} "
           f"V={shape['vocab_size']} mbs={mbs}: measured {r['measured'] / 2**20:.0f} MiB, "
           f"estimated {r['estimate'] / 2**20:.0f} MiB ({100 * r['error']:+.1f}%)")
-    # observed -6.7%, -5.1%, -9.1% (aim: 15%) on a quiet machine. Late in a long test session
-    # the same worker measured 584-644 MiB instead of ~1050 MiB for shape 0 (the growth of
-    # ru_maxrss depends on the machine's memory state), so CI only catches gross errors;
-    # `-m sweep` (all shapes, on a quiet machine) holds the estimate to 20%.
-    strict = "sweep" in (request.config.getoption("markexpr") or "")
+    # observed -6.7%, -5.1%, -9.1% (aim: 15%) on a quiet machine. ru_maxrss depends on glibc's
+    # allocator state: shape 0 measured 868-1147 MiB under different MALLOC_* settings of one
+    # process and 584-644 MiB late in a long test session, so CI only catches gross errors;
+    # `-m sweep` (all shapes, on a quiet machine) holds the estimate to 20%. pytest.ini's
+    # default "not sweep" must not count as asking for the sweep.
+    markexpr = request.config.getoption("markexpr") or ""
+    strict = re.search(r"(?<!not )\bsweep\b", markexpr) is not None
     if strict:
         assert abs(r["error"]) <= 0.2, r
     else:
