@@ -3,9 +3,11 @@
 1. DP scaling: the real stage under torchrun with 1 and 2 data-parallel processes, the same
    threads per rank (--threads, default 1), the same samples; samples/s of the steady loop
    (`samples_per_second_steady` in summary.json: the first step excluded: it includes
-   torch.compile of megatron's fused MLP activation, ~2-5 s per process on CPU, which
+   torch.compile of megatron's fused MLP activation, 1.6-2.2 s per process on CPU, which
    every rank pays in parallel) and of the whole loop. Partial saves ON (the recipe's save_interval, asynchronous) so their cost
-   is part of the figure. Target: DP=2 >= 1.8 x DP=1 on an idle 2-core machine.
+   is part of the figure. Target: DP=2 >= 1.8 x DP=1 on an idle 2-core machine. Beside
+   them, two independent DP=1 stages at once (half the samples each, no collective): the
+   machine's own limit for two busy processes.
 2. Hook overhead on the WHOLE stage, in this process (world of one): the stage with every
    accumulator (Mamba x/z/y, FLAP, FFN, attention, hidden, cosine) plus depth KL, against
    the same stage with only the depth KL (no accumulating hook attached). Same samples,
@@ -16,7 +18,7 @@ The LAST line printed is the whole-stage overhead ratio.
 
     .venv/bin/python scripts/bench_stats.py [--checkpoint runs/default/teacher]
     # idle-machine figures (the coordinator's run):
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_stats.py --dp-samples 256 --reps 3
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_stats.py --dp-samples 1024 --reps 3
 
 Without the checkpoint a randomly initialised model of the same config is saved to a
 temporary folder (neither cost depends on the weights).
@@ -44,26 +46,45 @@ def _stage_args(ckpt: str, out: Path, samples: int, mbs: int, extra: list[str]) 
             f"samples={samples}", f"micro_batch_size={mbs}", "resume=false", *extra]
 
 
+def _stage_cmd(nproc: int, ckpt: str, out: Path, samples: int, mbs: int, threads: int):
+    # without the rendezvous variables an in-process init of this script exported
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), "-m", "megatron_minitron", "stats",
+           *_stage_args(ckpt, out, samples, mbs, ["depth_samples=0"])]
+    return cmd, env
+
+
+def _finish(p: subprocess.Popen, what: str, out: Path) -> dict:
+    so, se = p.communicate()
+    if p.returncode:
+        raise SystemExit(f"{what} run failed:\n{so[-3000:]}\n{se[-3000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
 def dp_run(nproc: int, ckpt: str, samples: int, mbs: int, threads: int, workdir: Path,
-           tries: int) -> dict:
-    """Best (steady samples/s) of `tries` runs of the real stage with `nproc` DP ranks."""
-    best = None
+           tries: int, copies: int = 1) -> dict:
+    """Best (steady samples/s) of `tries` runs of the real stage with `nproc` DP ranks.
+    copies=2: two independent single-process stages at once, each on samples/2 (no
+    collective between them): the machine's own limit for two busy processes; their
+    samples/s are summed."""
+    best, seen = None, []
     for i in range(tries):
-        out = workdir / f"dp{nproc}_{i}"
-        # without the rendezvous variables an in-process init of this script exported
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "megatron_minitron", "stats",
-               *_stage_args(ckpt, out, samples, mbs, ["depth_samples=0"])]
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(f"DP={nproc} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-        s = json.loads((out / "summary.json").read_text())
+        procs = []
+        for c in range(copies):
+            out = workdir / f"dp{nproc}x{copies}_{i}_{c}"
+            cmd, env = _stage_cmd(nproc, ckpt, out, samples // copies, mbs, threads)
+            procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True), out))
+        runs = [_finish(p, f"DP={nproc} x{copies}", out) for p, out in procs]
+        s = {k: sum(r[k] for r in runs) for k in ("samples_per_second_steady",
+                                                  "samples_per_second_this_run")}
+        seen.append(s["samples_per_second_steady"])
         if best is None or s["samples_per_second_steady"] > best["samples_per_second_steady"]:
             best = s
-    return best
+    return dict(best, spread=f"{min(seen):.1f}..{max(seen):.1f}")
 
 
 def whole_stage(ckpt: str, samples: int, depth: int, mbs: int, reps: int, workdir: Path) -> dict:
@@ -149,6 +170,7 @@ def main() -> None:
                     help="default 8 of 64 = the recipe's ratio (16 of 128)")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--skip-dp", action="store_true")
+    ap.add_argument("--skip-stage", action="store_true", help="only the DP scaling runs")
     args = ap.parse_args()
     os.chdir(REPO)
     torch.set_num_threads(args.threads)
@@ -173,22 +195,29 @@ def main() -> None:
         print(f"[bench] no checkpoint at {args.checkpoint}: using a random-init {model_cfg.pattern!r} model")
     mbs, load = args.micro_batch_size, os.getloadavg()[0]
 
-    p, h = one_forward(model_cfg, path, args.batches, mbs, max(args.reps, 3))
-    n = args.batches * mbs
-    print(f"[bench] one forward, {n} samples x {model_cfg.seq_length} tokens, {args.threads} thread(s), "
-          f"CPU time best of {max(args.reps, 3)}: plain {p:.3f}s, all accumulators {h:.3f}s "
-          f"(ratio {h / p:.3f})")
+    if not args.skip_stage:
+        p, h = one_forward(model_cfg, path, args.batches, mbs, max(args.reps, 3))
+        n = args.batches * mbs
+        print(f"[bench] one forward, {n} samples x {model_cfg.seq_length} tokens, {args.threads} thread(s), "
+              f"CPU time best of {max(args.reps, 3)}: plain {p:.3f}s, all accumulators {h:.3f}s "
+              f"(ratio {h / p:.3f})")
 
     if not args.skip_dp:
         s1 = dp_run(1, path, args.dp_samples, mbs, args.threads, tmp, args.reps)
         s2 = dp_run(2, path, args.dp_samples, mbs, args.threads, tmp, args.reps)
-        a, b = s1["samples_per_second_steady"], s2["samples_per_second_steady"]
+        s11 = dp_run(1, path, args.dp_samples, mbs, args.threads, tmp, args.reps, copies=2)
+        a, b, c = (x["samples_per_second_steady"] for x in (s1, s2, s11))
+        w = {k: x["samples_per_second_this_run"] for k, x in (("1", s1), ("2", s2), ("11", s11))}
         print(f"[bench] DP scaling, stats stage, {args.dp_samples} samples, {args.threads} thread(s) per "
-              f"rank, async partial saves every 8 steps: steady DP=1 {a:.2f} samples/s, DP=2 {b:.2f} "
-              f"samples/s: x{b / a:.2f} (whole loop incl. warm-up step: "
-              f"x{s2['samples_per_second_this_run'] / s1['samples_per_second_this_run']:.2f}; ideal x2.00; "
-              f"load average {load:.1f} at start on {os.cpu_count()} cores)")
+              f"rank, async partial saves every 8 steps, best of {args.reps} (range): steady DP=1 {a:.2f} "
+              f"({s1['spread']}) samples/s, DP=2 {b:.2f} ({s2['spread']}) samples/s: x{b / a:.2f} (whole loop incl. warm-up step: x{w['2'] / w['1']:.2f}; ideal "
+              f"x2.00; load average {load:.1f} at start on {os.cpu_count()} cores)")
+        print(f"[bench] the machine's limit: two independent DP=1 stages at once, {args.dp_samples // 2} "
+              f"samples each, summed: steady {c:.2f} ({s11['spread']}) samples/s = x{c / a:.2f} DP=1 (whole loop "
+              f"x{w['11'] / w['1']:.2f}); DP=2 reaches {b / c:.3f} of it (whole loop {w['2'] / w['11']:.3f})")
 
+    if args.skip_stage:
+        return
     best = whole_stage(path, args.stage_samples, args.stage_depth_samples, mbs, args.reps, tmp)
     on, off = best["on"], best["off"]
     print(f"[bench] whole stage, {args.stage_samples} samples ({args.stage_depth_samples} with depth KL, "
