@@ -179,7 +179,7 @@ class Lab:
         self.cfg, self.seq = cfg, seq
         self.par = D.init(ParallelConfig(tp=1, pp=1), seed=cfg.kd.seed)
         _, self.valid_ds, _ = datasets(cfg.data, seq, 1, cfg.eval_iters * cfg.micro_batch_size)
-        teacher = build_model(dataclasses.replace(t_cfg, seq_length=seq), self.par)
+        teacher = build_model(dataclasses.replace(t_cfg, seq_length=seq), self.par, initialize=False)
         ckpt.load_model_weights(ckpt.require(cfg.teacher), teacher)
         self.source = {st.key: st.data.detach().clone() for st in mcore.sharded_tensors(teacher)}
         self.teacher_loss = self.loss(teacher)
@@ -219,7 +219,9 @@ class Lab:
         from ..model import build_model
         from ..rewrite import rules
 
-        model = build_model(dataclasses.replace(plan.target, seq_length=self.seq), self.par)
+        # every sharded tensor is filled below
+        model = build_model(dataclasses.replace(plan.target, seq_length=self.seq), self.par,
+                            initialize=False)
         rule = rules.Rules(plan)
         with torch.no_grad():
             for st in mcore.sharded_tensors(model):

@@ -158,7 +158,7 @@ def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
     folder, mcfg = _check_import(cfg)  # every user error before any model is built
     t0 = time.time()
     par = D.init(cfg.parallel, seed=1234)
-    model = build_model(mcfg, par)
+    model = build_model(mcfg, par, initialize=False)  # every parameter is filled next (checked)
     fill_from_hf(model, mcfg, par, folder.get, log=D.print0)
     folder.close()
     out = Path(cfg.output_dir)
@@ -217,6 +217,9 @@ def fill_from_hf(model, mcfg: ModelConfig, par, get, log=None) -> None:
             key = "embedding.word_embeddings.weight"  # tied: the last stage's copy
         by_unit.setdefault(M.unit_of_key(key), []).append((key, p))
     units = [u for u in M.layer_units(mcfg) if u in by_unit]
+    left = sorted(k for u in set(by_unit) - set(units) for k, _ in by_unit[u])
+    if left:  # the model was built uninitialised: an unfilled parameter would be garbage
+        raise M.HFMappingError(f"internal: no Hugging Face source for parameters {left}")
     from ..train.engine import Progress
 
     prog = Progress(len(units), 0, D.is_rank0(), "import-hf")
@@ -226,8 +229,7 @@ def fill_from_hf(model, mcfg: ModelConfig, par, get, log=None) -> None:
                 k == "embedding.word_embeddings.weight" for k, _ in by_unit[unit]):
             tensors.update(M.hf_to_ours(mcfg, ("embedding", -1), get))
         for key, p in by_unit[unit]:
-            tp_dim = getattr(p, "partition_dim", 0) if getattr(p, "tensor_model_parallel", False) else None
-            local = M.local_from_global(key, tensors, par.tp, par.tp_rank, tp_dim)
+            local = M.local_from_global(key, tensors, par.tp, par.tp_rank, _tp_dim(key, p, tensors, par.tp))
             if tuple(local.shape) != tuple(p.shape):
                 raise M.HFMappingError(f"{key}: converted slice has shape {list(local.shape)}, the "
                                        f"model's parameter {list(p.shape)} (tp_rank {par.tp_rank})")
@@ -236,6 +238,18 @@ def fill_from_hf(model, mcfg: ModelConfig, par, get, log=None) -> None:
         del tensors
         prog.update(n + 1, {"unit": f"{unit[0]}{'' if unit[1] < 0 else unit[1]}"})
     prog.close()
+
+
+def _tp_dim(key: str, p, tensors: dict, tp: int):
+    """The dim along which parameter `p` is this rank's 1/tp of the global tensor, None when
+    replicated. From the shapes: megatron sets `partition_dim` only when it initialises."""
+    if tp == 1 or M.fused_parts(key) is not None:  # fused parts: sliced part by part on dim 0
+        return 0
+    full = tensors[key].shape
+    split = [d for d in range(len(full)) if d < p.dim() and p.shape[d] != full[d]]
+    if len(split) == 1 and p.shape[split[0]] * tp == full[split[0]]:
+        return split[0]
+    return None  # replicated, or a shape mismatch that the caller reports
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> list[str]:

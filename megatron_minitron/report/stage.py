@@ -60,7 +60,7 @@ def _models(cfg: ReportConfig) -> list[tuple[str, Path]]:
 def forward_throughput(checkpoint, par, micro_batch_size: int, iters: int) -> float:
     """Tokens/s of forward passes (random tokens, full sequence) on this machine."""
     mcfg = ckpt.read_model_config(checkpoint)
-    model = build_model(mcfg, par).eval()
+    model = build_model(mcfg, par, initialize=False).eval()  # weights loaded next
     ckpt.load_model_weights(checkpoint, model)
     s = mcfg.seq_length
     g = torch.Generator().manual_seed(0)

@@ -431,7 +431,7 @@ def run_search(cfg: SearchConfig) -> dict:
             ([None] if "__teacher__" not in state.data["zero_shot"] else [])
         if todo:
             if None in todo:  # the teacher's own loss: the reference row of the table
-                teacher = build_model(dataclasses.replace(t_cfg, seq_length=seq), par)
+                teacher = build_model(dataclasses.replace(t_cfg, seq_length=seq), par, initialize=False)
                 ckpt.load_model_weights(teacher_it, teacher)
                 state.put("zero_shot", "__teacher__", {
                     "name": "teacher", "params": _params(t_cfg),
@@ -498,7 +498,7 @@ def run_search(cfg: SearchConfig) -> dict:
             if kd.get("interrupted"):  # it saved its checkpoint; the search stops too
                 stopped, kd_stop = "preempt", kd["interrupted"]
                 break
-            model = build_model(s_cfg, par)
+            model = build_model(s_cfg, par, initialize=False)  # weights loaded next
             ckpt.load_model_weights(cdir / "distilled", model)
             loss = _eval(model, valid_ds, cfg, par, seq)
             tps = throughput(model, par, s_cfg.vocab_size, cfg.micro_batch_size, seq, cfg.throughput_iters)

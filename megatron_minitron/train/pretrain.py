@@ -205,7 +205,7 @@ def eval_checkpoint(checkpoint, data: DataConfig, par, eval_iters: int, micro_ba
     ds = {"train": train_ds, "valid": valid_ds, "test": test_ds}[split]
     if ds is None:
         raise ConfigError(f"the data split {data.split!r} has no {split} part")
-    model = build_model(model_cfg, par)
+    model = build_model(model_cfg, par, initialize=False)  # weights loaded next
     meta = ckpt.load_model_weights(checkpoint, model)
     loss = evaluate(model, valid_batches(ds, micro_batch_size, eval_iters, par),
                     lm_forward_step, eval_iters, par, model_cfg.seq_length, micro_batch_size)
