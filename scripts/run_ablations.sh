@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's ablations as a claims table (runs/ablations/claims.md), one command, on the main
 # job's teacher and importance file. Missing pieces are made first with the main job's own
-# commands (prepare-data, pretrain, stats: about 10 minutes on 2 idle cores); a finished
+# commands (prepare-data, pretrain, stats: about 5 minutes on 2 idle cores); a finished
 # main job (scripts/run_default.sh) is reused as is. The ablations themselves: 814 s measured
 # on 2 idle cores (configs/ablations_default.yaml: 2 seeds x 40 KD steps); re-running
 # resumes from runs/ablations/results.json. Extra arguments go to the ablations stage, e.g.
