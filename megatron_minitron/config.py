@@ -142,6 +142,13 @@ class ModelConfig:
                     f"choose pp in {[d for d in range(1, self.num_layers + 1) if self.num_layers % d == 0]}"
                 )
 
+    def stage_patterns(self, pp: int) -> list[str]:
+        """The layer pattern of each pipeline stage: the '|'-separated parts, else equal parts."""
+        if "|" in self.pattern:
+            return self.pattern.split("|")
+        n = len(self.pattern) // pp
+        return [self.pattern[i * n:(i + 1) * n] for i in range(pp)]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

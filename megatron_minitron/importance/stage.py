@@ -110,9 +110,7 @@ def validate(cfg: StatsConfig) -> ModelConfig:
 
 
 def _layer_offset(cfg: ModelConfig, pp: int, pp_rank: int) -> int:
-    if "|" in cfg.pattern:
-        return len("".join(cfg.pattern.split("|")[:pp_rank]))
-    return pp_rank * (cfg.num_layers // pp)
+    return len("".join(cfg.stage_patterns(pp)[:pp_rank]))
 
 
 def _fingerprint(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par) -> dict:

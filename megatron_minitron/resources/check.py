@@ -39,15 +39,20 @@ def device_limit_gb(limit_gb: float) -> float:
     return psutil.virtual_memory().total / E.GiB / max(local, 1)
 
 
-def _layout(parallel, world: int, mbs: int, seq: int, num_micro: int, recompute: str = "none",
-            dist_opt: Optional[bool] = None) -> E.Layout:
+def _dp(world: int, tp: int, pp: int) -> int:
+    return max(1, world // (tp * pp))
+
+
+def _layout(parallel, world: int, mbs: int, seq: int, global_batch: int = 0,
+            recompute: str = "none") -> E.Layout:
+    """The stage's layout; global_batch > 0 (training): micro-batches per step from it."""
     from ..train.engine import use_distributed_optimizer
 
-    dp = max(1, world // (parallel.tp * parallel.pp))
+    dp = _dp(world, parallel.tp, parallel.pp)
     return E.Layout(tp=parallel.tp, pp=parallel.pp, dp=dp, micro_batch_size=mbs, seq_length=seq,
-                    num_micro=num_micro, sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
-                    recompute=recompute,
-                    distributed_optimizer=use_distributed_optimizer(parallel) if dist_opt is None else dist_opt)
+                    num_micro=global_batch // (mbs * dp) if global_batch else 1,
+                    sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+                    recompute=recompute, distributed_optimizer=use_distributed_optimizer(parallel))
 
 
 def plan_for(stage: str, cfg, world: int):
@@ -57,28 +62,26 @@ def plan_for(stage: str, cfg, world: int):
     kind = impl()
     if stage == "pretrain":
         tr = cfg.train
-        dp = max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
         lay = _layout(cfg.parallel, world, tr.micro_batch_size, cfg.model.seq_length,
-                      tr.global_batch_size // (tr.micro_batch_size * dp), tr.recompute)
+                      tr.global_batch_size, tr.recompute)
         return (lambda l: E.training(cfg.model, l, kind, "pretrain")), lay, cfg.model
     if stage == "distill":
         tr = cfg.train
         s_cfg, t_cfg = ckpt.read_model_config(cfg.student), ckpt.read_model_config(cfg.teacher)
         seq = cfg.seq_length or s_cfg.seq_length
-        dp = max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
-        lay = _layout(cfg.parallel, world, tr.micro_batch_size, seq,
-                      tr.global_batch_size // (tr.micro_batch_size * dp), tr.recompute)
+        lay = _layout(cfg.parallel, world, tr.micro_batch_size, seq, tr.global_batch_size,
+                      tr.recompute)
         chunk = cfg.loss.chunk_size or None
         return (lambda l: E.training(s_cfg, l, kind, "distill", kd_chunk=chunk, teacher=t_cfg)), lay, s_cfg
     if stage == "stats":
         m = ckpt.read_model_config(cfg.checkpoint)
         seq = cfg.seq_length or m.seq_length
-        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, 1)
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq)
         depth = "kl" in cfg.sources and cfg.depth_samples > 0
         return (lambda l: E.stats(m, l, kind, depth, cfg.depth_chunk_tokens)), lay, m
     if stage == "eval":  # forward only, LM loss: the stats estimate without depth KL
         m = ckpt.read_model_config(cfg.checkpoint)
-        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, m.seq_length, 1)
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, m.seq_length)
         return (lambda l: E.stats(m, l, kind, depth=False)), lay, m
     if stage == "prune":
         m = ckpt.read_model_config(cfg.checkpoint)
@@ -121,24 +124,18 @@ def suggestions(fn, lay: E.Layout, m: ModelConfig, world: int, limit_gb: float,
         moves.append((f"parallel.pp={pp}", {"pp": pp}))
     if train and not lay.distributed_optimizer:
         moves.append(("parallel.distributed_optimizer=true", {"distributed_optimizer": True}))
-    out = []
-    for name, change in moves:
+    def fitting(name: str, change: dict) -> Optional[str]:
         new = dataclasses.replace(lay, **change)
-        if "tp" in change or "pp" in change:
-            new.dp = max(1, world // (new.tp * new.pp))
+        new.dp = _dp(world, new.tp, new.pp)
         if not _valid(m, new, world):
-            continue
-        if E.fits(fn(new), limit_gb):
-            out.append(f"{name} ({fn(new).total / E.GiB:.1f} GiB)")
+            return None
+        est = fn(new)
+        return f"{name} ({est.total / E.GiB:.1f} GiB)" if E.fits(est, limit_gb) else None
+
+    out = [f for f in (fitting(n, c) for n, c in moves) if f]
     if not out and train:  # pairs: recompute full with each layout move
-        for name, change in moves:
-            if "recompute" in change:
-                continue
-            new = dataclasses.replace(lay, recompute="full", **change)
-            if "tp" in change or "pp" in change:
-                new.dp = max(1, world // (new.tp * new.pp))
-            if _valid(m, new, world) and E.fits(fn(new), limit_gb):
-                out.append(f"train.recompute=full {name} ({fn(new).total / E.GiB:.1f} GiB)")
+        out = [f for f in (fitting(f"train.recompute=full {n}", dict(c, recompute="full"))
+                           for n, c in moves if "recompute" not in c) if f]
     return out[:6]
 
 

@@ -74,14 +74,6 @@ def _bytes(dtype: str) -> int:
     return 2 if dtype == "bf16" else 4
 
 
-def stage_patterns(cfg: ModelConfig, pp: int) -> list[str]:
-    if "|" in cfg.pattern:
-        return cfg.pattern.split("|")
-    p = cfg.pattern
-    n = len(p) // pp
-    return [p[i * n:(i + 1) * n] for i in range(pp)]
-
-
 def local_params(cfg: ModelConfig, pattern: str, tp: int, first: bool, last: bool) -> int:
     """Parameters one TP rank of one PP stage holds (norm weights are replicated)."""
     per = layer_param_counts(cfg)
@@ -179,7 +171,7 @@ def _runtime(impl: str, rest: float) -> float:
 
 def _stages(cfg: ModelConfig, lay: Layout):
     """Per pipeline stage: (index, layer pattern, first, last, local parameter count)."""
-    for i, pat in enumerate(stage_patterns(cfg, lay.pp)):
+    for i, pat in enumerate(cfg.stage_patterns(lay.pp)):
         first, last = i == 0, i == lay.pp - 1
         yield i, pat, first, last, local_params(cfg, pat, lay.tp, first, last)
 
@@ -223,7 +215,7 @@ def training(cfg: ModelConfig, lay: Layout, impl: str = "gpu", stage: str = "pre
                 chunk = min(kd_chunk or tokens, tokens)
                 items["logits"] = tokens * v * 3 * a + 3 * chunk * v * 4
         if teacher is not None:
-            tpat = stage_patterns(teacher, lay.pp)[i]
+            tpat = teacher.stage_patterns(lay.pp)[i]
             tn = local_params(teacher, tpat, lay.tp, first, last)
             ta = _bytes(teacher.params_dtype)
             one = max((layer_activation_bytes(k, teacher, lay.tp, seq, lay.sequence_parallel,

@@ -87,7 +87,6 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-
 # test hook: act as if renameat2 were missing (the kill sweep covers the two-rename fallback)
 NO_EXCHANGE_ENV = "MINITRON_PRUNE_NO_EXCHANGE"
 
