@@ -26,6 +26,9 @@ def main(argv=None) -> int:
                    help="with --dry-run: the number of GPUs (default: $WORLD_SIZE or 1)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = p.parse_intermixed_args(argv)
+    if args.world_size is not None and (not args.dry_run or args.world_size < 1):
+        p.error(f"--world-size {args.world_size}: give a number of GPUs >= 1, with --dry-run (a "
+                "real run takes its world size from torchrun)")
     try:
         cfg = load_stage_config(args.stage, args.config, args.overrides)
         if args.print_config:

@@ -112,6 +112,15 @@ def test_dry_run_prints_the_itemised_table():
     assert r.returncode == 2 and "DOES NOT FIT" in r.stdout and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("argv", [["--world-size", "8"], ["--dry-run", "--world-size", "0"]])
+def test_world_size_outside_a_dry_run_is_refused(argv, capsys):
+    from megatron_minitron.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "-c", str(REPO / "configs/pretrain_default.yaml"), *argv])
+    assert e.value.code == 2 and "--world-size" in capsys.readouterr().err
+
+
 def test_recompute_sp_and_chunking_lower_the_estimate():
     from megatron_minitron.resources.table import nemotron_h_4b, nemotron_h_8b
 
