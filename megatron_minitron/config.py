@@ -149,6 +149,10 @@ class ModelConfig:
         n = len(self.pattern) // pp
         return [self.pattern[i * n:(i + 1) * n] for i in range(pp)]
 
+    def layer_offset(self, pp: int, pp_rank: int) -> int:
+        """Global id of pipeline stage pp_rank's first layer."""
+        return len("".join(self.stage_patterns(pp)[:pp_rank]))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -208,8 +208,9 @@ def _import_notes(hf: dict, mcfg: ModelConfig) -> list[str]:
 
 def fill_from_hf(model, mcfg: ModelConfig, par, get, log=None) -> None:
     """Copy HF tensors (fetched by name with `get`) into this rank's model shard, one unit
-    (layer) at a time. Works at any TP/PP: local layer j is global layer pp_rank*L/pp + j."""
-    offset = par.pp_rank * (mcfg.num_layers // par.pp)
+    (layer) at a time. Works at any TP/PP: local layer j is global layer
+    mcfg.layer_offset(pp, pp_rank) + j."""
+    offset = mcfg.layer_offset(par.pp, par.pp_rank)
     by_unit: dict = {}
     for name, p in model.named_parameters():
         key = M.global_key_of_param(name, offset)

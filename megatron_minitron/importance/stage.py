@@ -109,10 +109,6 @@ def validate(cfg: StatsConfig) -> ModelConfig:
     return model_cfg
 
 
-def _layer_offset(cfg: ModelConfig, pp: int, pp_rank: int) -> int:
-    return len("".join(cfg.stage_patterns(pp)[:pp_rank]))
-
-
 def _fingerprint(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par) -> dict:
     return {"checkpoint": str(ckpt.require(cfg.checkpoint).resolve()), "model": model_cfg.to_dict(),
             "samples": cfg.samples, "seq_length": seq, "micro_batch_size": cfg.micro_batch_size,
@@ -302,7 +298,7 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
     meta_ckpt = ckpt.load_model_weights(ckpt_dir, model)
     model.eval()
 
-    offset = _layer_offset(model_cfg, par.pp, par.pp_rank)
+    offset = model_cfg.layer_offset(par.pp, par.pp_rank)
     n_local = len(model.decoder.layers)
     sources = list(dict.fromkeys(cfg.sources))
     col = StatsCollector(model, model_cfg, par.tp, offset, [s for s in sources if s != "kl"],
