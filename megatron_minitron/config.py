@@ -30,10 +30,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of a hybrid Mamba2 / attention / MLP model (Nemotron-H style).
+    """Architecture of a hybrid Mamba2 / attention / MLP / MoE model (Nemotron-H style).
 
-    `pattern` has one character per layer: `M` Mamba2 mixer, `*` self-attention, `-` MLP
-    (megatron-core's hybrid_override_pattern).
+    `pattern` has one character per layer: `M` Mamba2 mixer, `*` self-attention, `-` MLP,
+    `E` mixture-of-experts MLP (megatron-core's hybrid_override_pattern).
     """
 
     pattern: str = "M-M*-M-"
@@ -63,6 +63,21 @@ class ModelConfig:
     untie_embeddings: bool = True
     init_method_std: float = 0.02
     params_dtype: str = "fp32"  # fp32 | bf16
+    # Mixture-of-experts layers ('E'): megatron-core MoELayer, as Nemotron 3 (transformers'
+    # NemotronH "moe" layers): ungated experts with `activation`, a sigmoid router whose
+    # top-k weights are normalised (norm_topk_prob) and scaled by routed_scaling_factor.
+    num_moe_experts: int = 0  # routed experts per E layer (n_routed_experts)
+    moe_ffn_hidden_size: int = 0  # each expert's FFN width (moe_intermediate_size)
+    moe_router_topk: int = 2  # experts per token (num_experts_per_tok)
+    moe_shared_expert_intermediate_size: int = 0  # 0 = no shared expert
+    moe_router_score_function: str = "sigmoid"  # sigmoid | softmax
+    # per-expert score-correction bias added to the scores for the choice only (fp32;
+    # transformers' gate.e_score_correction_bias)
+    moe_router_expert_bias: bool = True
+    moe_router_topk_scaling_factor: float = 1.0  # routed_scaling_factor
+    moe_router_num_groups: int = 1  # grouped routing: n_group (1 = off)
+    moe_router_group_topk: int = 1  # groups a token may use: topk_group
+    moe_latent_size: int = 0  # latent MoE: experts work in this width (0 = off)
 
     @property
     def num_layers(self) -> int:
@@ -72,13 +87,17 @@ class ModelConfig:
     def mamba_d_inner(self) -> int:
         return self.mamba_num_heads * self.mamba_head_dim
 
-    def validate(self, tp: int = 1, pp: int = 1, prefix: str = "model") -> None:
+    @property
+    def is_moe(self) -> bool:
+        return "E" in self.pattern
+
+    def validate(self, tp: int = 1, pp: int = 1, prefix: str = "model", ep: int = 1) -> None:
         p = prefix + "."
-        bad = set(self.pattern) - set("M*-|")
+        bad = set(self.pattern) - set(LAYER_SYMBOLS)
         if bad:
             raise ConfigError(
                 f"{p}pattern={self.pattern!r} has unknown layer symbols {sorted(bad)}; "
-                "use M (Mamba), * (attention), - (MLP)"
+                "use M (Mamba), * (attention), - (MLP), E (mixture of experts)"
             )
         if self.num_layers == 0:
             raise ConfigError(f"{p}pattern is empty; give at least one layer, e.g. 'M-*-'")
@@ -129,6 +148,11 @@ class ModelConfig:
                     )
         if "-" in self.pattern:
             divisible("ffn_hidden_size", self.ffn_hidden_size, tp, "parallel.tp")
+        if self.is_moe:
+            self._validate_moe(tp, ep, p, divisible)
+        elif ep > 1:
+            raise ConfigError(f"parallel.ep={ep} needs mixture-of-experts layers ('E' in "
+                              f"{p}pattern={self.pattern!r}); use parallel.ep=1")
         divisible("vocab_size", self.vocab_size, tp, "parallel.tp")
         if pp > 1:
             stages = self.pattern.split("|") if "|" in self.pattern else None
@@ -141,6 +165,49 @@ class ModelConfig:
                     f"{p}pattern has {self.num_layers} layers, not divisible by parallel.pp={pp}; "
                     f"choose pp in {[d for d in range(1, self.num_layers + 1) if self.num_layers % d == 0]}"
                 )
+
+    def _validate_moe(self, tp: int, ep: int, p: str, divisible) -> None:
+        n = self.num_moe_experts
+        if n <= 0:
+            raise ConfigError(f"{p}pattern has E (mixture-of-experts) layers but "
+                              f"{p}num_moe_experts={n}; give the routed experts per layer, e.g. 8")
+        _positive(self, "moe_ffn_hidden_size", p)
+        if not 1 <= self.moe_router_topk <= n:
+            raise ConfigError(f"{p}moe_router_topk={self.moe_router_topk} must be between 1 and "
+                              f"{p}num_moe_experts={n}")
+        if self.moe_router_score_function not in ("sigmoid", "softmax"):
+            raise ConfigError(f"{p}moe_router_score_function={self.moe_router_score_function!r}: "
+                              "use sigmoid (Nemotron 3) or softmax")
+        if self.moe_router_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ConfigError(f"{p}moe_router_expert_bias=true needs "
+                              f"{p}moe_router_score_function=sigmoid (megatron-core's rule); set "
+                              f"{p}moe_router_expert_bias=false for softmax routing")
+        if not self.moe_router_topk_scaling_factor > 0:
+            raise ConfigError(f"{p}moe_router_topk_scaling_factor="
+                              f"{self.moe_router_topk_scaling_factor} must be positive (1 = none)")
+        for name in ("moe_shared_expert_intermediate_size", "moe_latent_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{p}{name}={getattr(self, name)} must be >= 0 (0 = none)")
+        g, gk = self.moe_router_num_groups, self.moe_router_group_topk
+        if g < 1 or not 1 <= gk <= g:
+            raise ConfigError(f"{p}moe_router_num_groups={g}, {p}moe_router_group_topk={gk}: "
+                              "give 1 <= group_topk <= num_groups (1, 1 = no grouped routing)")
+        divisible("num_moe_experts", n, g, "model.moe_router_num_groups")
+        if g > 1:
+            divisible("moe_router_topk", self.moe_router_topk, gk, "model.moe_router_group_topk")
+            if self.moe_router_topk > gk * (n // g):
+                raise ConfigError(f"{p}moe_router_topk={self.moe_router_topk} exceeds the "
+                                  f"{gk} groups x {n // g} experts a token may use")
+        if ep < 1:
+            raise ConfigError(f"parallel.ep={ep} must be >= 1")
+        if n % ep:
+            ok = [d for d in range(1, n + 1) if n % d == 0]
+            raise ConfigError(f"{p}num_moe_experts={n} is not divisible by parallel.ep={ep}; "
+                              f"choose parallel.ep in {ok}")
+        divisible("moe_ffn_hidden_size", self.moe_ffn_hidden_size, tp, "parallel.tp")
+        if self.moe_shared_expert_intermediate_size:
+            divisible("moe_shared_expert_intermediate_size",
+                      self.moe_shared_expert_intermediate_size, tp, "parallel.tp")
 
     def stage_patterns(self, pp: int) -> list[str]:
         """The layer pattern of each pipeline stage: the '|'-separated parts, else equal parts."""
@@ -158,6 +225,7 @@ class ModelConfig:
 
 
 ACTIVATIONS = {"squared_relu", "relu", "gelu", "swiglu"}
+LAYER_SYMBOLS = "M*-E|"
 
 
 def _positive(obj: Any, name: str, p: str) -> None:
@@ -171,10 +239,19 @@ def _positive(obj: Any, name: str, p: str) -> None:
 
 @dataclass
 class ParallelConfig:
-    """Model-parallel layout. Data parallel size = world size / (tp * pp)."""
+    """Model-parallel layout. Data parallel size = world size / (tp * pp). Expert parallel
+    (ep) splits each MoE layer's experts over ep ranks of the data-parallel group (as in
+    megatron: dp must be a multiple of ep); expert weights are TP-sharded like the MLP's."""
 
     tp: int = 1
     pp: int = 1
+    ep: int = 1
+    # MoE token dispatcher: auto = alltoall on GPU, allgather on CPU (megatron's alltoall
+    # records CUDA stream events) | allgather | alltoall | flex (GPU; flex needs DeepEP)
+    moe_dispatcher: str = "auto"
+    # experts as one grouped GEMM (Transformer Engine's TEGroupedMLP) instead of a loop of
+    # SequentialMLP experts: auto = on where TE runs (GPU); the checkpoint keys are the same
+    moe_grouped_gemm: str = "auto"  # auto | true | false
     sequence_parallel: bool = False
     # "auto": Megatron's distributed optimizer on GPU; the plain fp32 optimizer on CPU,
     # where megatron-core's distributed optimizer refuses non-CUDA tensors.
@@ -198,9 +275,13 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
 
     def validate(self, prefix: str = "parallel") -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ConfigError(f"{prefix}.tp={self.tp}, {prefix}.pp={self.pp}: both must be >= 1")
-        for key in ("distributed_optimizer", "mamba_mem_eff_path"):
+        if self.tp < 1 or self.pp < 1 or self.ep < 1:
+            raise ConfigError(f"{prefix}.tp={self.tp}, {prefix}.pp={self.pp}, {prefix}.ep={self.ep}: "
+                              "all must be >= 1")
+        if self.moe_dispatcher not in ("auto", "allgather", "alltoall", "flex"):
+            raise ConfigError(f"{prefix}.moe_dispatcher={self.moe_dispatcher!r}: use auto, "
+                              "allgather, alltoall or flex")
+        for key in ("distributed_optimizer", "mamba_mem_eff_path", "moe_grouped_gemm"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r}: use auto, true or false")
         if self.cp != 1:
@@ -276,6 +357,13 @@ class TrainConfig:
     # 0 = no limit. For clusters without a warning signal (preempt.py; Slurm jobs also
     # stop on SIGUSR1 / SIGTERM). Re-running the same command resumes.
     exit_duration_minutes: float = 0.0
+    # MoE router while training (E layers only): the load-balancing loss coefficient
+    # (megatron's aux_loss over the batch; 0 = off) and the update rate of the aux-loss-free
+    # expert bias (DeepSeek-V3 style: after each step the bias of under-used experts rises;
+    # 0 = frozen). Nemotron 3 trains with both; frozen-weight stages (stats, eval, the KD
+    # teacher) never update either.
+    moe_aux_loss_coeff: float = 1e-4
+    moe_router_bias_update_rate: float = 1e-3
 
     def validate(self, dp: int = 1, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval",
@@ -291,6 +379,9 @@ class TrainConfig:
                 f"micro_batch_size x data-parallel size = {self.micro_batch_size} x {dp}; "
                 f"use e.g. {max(mb, self.global_batch_size - self.global_batch_size % mb)}"
             )
+        for name in ("moe_aux_loss_coeff", "moe_router_bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be >= 0 (0 = off)")
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(f"{prefix}.recompute={self.recompute!r}: use none, selective or full")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):

@@ -26,8 +26,10 @@ class Parallel:
     tp_rank: int
     pp_rank: int
     dp_rank: int
-    pg: Any  # megatron ProcessGroupCollection (tp, pp, dp, cp, mp, ...)
+    pg: Any  # megatron ProcessGroupCollection (tp, pp, dp, cp, mp, ep, expt_dp, ...)
     device: torch.device
+    ep: int = 1  # expert parallel: MoE experts split over ep ranks of the DP group
+    ep_rank: int = 0
 
     @property
     def rank(self) -> int:
@@ -92,15 +94,12 @@ def init(parallel: ParallelConfig, seed: int = 1234) -> Parallel:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     world = dist.get_world_size()
+    check_world(parallel, world)
     mp = parallel.tp * parallel.pp
-    if world % mp:
-        raise ConfigError(
-            f"world size {world} is not divisible by parallel.tp x parallel.pp = {mp}; "
-            f"launch a multiple of {mp} processes or change the layout"
-        )
     mcore.parallel_state.destroy_model_parallel()
     mcore.parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
     )
     set_seed(seed)
     ps = mcore.parallel_state
@@ -114,7 +113,27 @@ def init(parallel: ParallelConfig, seed: int = 1234) -> Parallel:
         dp_rank=ps.get_data_parallel_rank(),
         pg=pg,
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+        ep=parallel.ep,
+        ep_rank=ps.get_expert_model_parallel_rank(),
     )
+
+
+def check_world(parallel: ParallelConfig, world: int) -> None:
+    """The layout fits `world` processes: tp x pp divides it, and the data-parallel size is
+    a multiple of ep (megatron's expert-parallel ranks are drawn from the DP group)."""
+    mp = parallel.tp * parallel.pp
+    if world % mp:
+        raise ConfigError(
+            f"world size {world} is not divisible by parallel.tp x parallel.pp = {mp}; "
+            f"launch a multiple of {mp} processes or change the layout"
+        )
+    dp = world // mp
+    if dp % parallel.ep:
+        ok = [e for e in range(1, dp + 1) if dp % e == 0]
+        raise ConfigError(
+            f"parallel.ep={parallel.ep} does not divide the data-parallel size {dp} (world {world} "
+            f"/ tp x pp = {mp}); choose parallel.ep in {ok}, or launch "
+            f"{mp * parallel.ep * max(1, -(-dp // parallel.ep))} processes")
 
 
 def set_seed(seed: int) -> None:

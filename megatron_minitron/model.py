@@ -43,6 +43,13 @@ class Runtime:
     recompute: str = "none"
     mamba_mem_eff_path: bool = False
     fp8: str = ""
+    # MoE (E layers): expert parallel size, token dispatcher, grouped-GEMM experts, and the
+    # router's training behaviour (0 = no load-balancing loss / frozen expert bias)
+    ep: int = 1
+    moe_dispatcher: str = "allgather"
+    moe_grouped_gemm: bool = False
+    moe_aux_loss_coeff: float = 0.0
+    moe_bias_update_rate: float = 0.0
 
 
 def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_parallel=False,
@@ -63,6 +70,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_para
                          recompute_num_layers=1)
     return mcore.TransformerConfig(
         **recompute,
+        **(moe_kwargs(cfg, rt) if cfg.is_moe else {}),
         **(dict(fp8=rt.fp8, fp8_recipe="delayed") if rt.fp8 else {}),
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -105,6 +113,31 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_para
     )
 
 
+def moe_kwargs(cfg: ModelConfig, rt: Runtime) -> dict:
+    """megatron TransformerConfig fields of the E layers."""
+    return dict(
+        num_moe_experts=cfg.num_moe_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None,
+        moe_shared_expert_overlap=False,
+        moe_router_score_function=cfg.moe_router_score_function,
+        moe_router_enable_expert_bias=cfg.moe_router_expert_bias,
+        moe_router_bias_update_rate=rt.moe_bias_update_rate,
+        moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
+        moe_router_num_groups=cfg.moe_router_num_groups if cfg.moe_router_num_groups > 1 else None,
+        moe_router_group_topk=cfg.moe_router_group_topk if cfg.moe_router_num_groups > 1 else None,
+        moe_latent_size=cfg.moe_latent_size or None,
+        # routing in fp32 whatever the weights' dtype (as transformers' NemotronH router)
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if rt.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=rt.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=rt.moe_dispatcher,
+        moe_grouped_gemm=rt.moe_grouped_gemm,
+        expert_model_parallel_size=rt.ep,
+    )
+
+
 def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None, initialize: bool = True,
                 runtime: Optional[Runtime] = None):
     """Build this rank's stage of the hybrid model (embedding on the first PP stage, output
@@ -113,11 +146,14 @@ def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None,
     from .compat import mcore, setup_runtime
 
     setup_runtime()
-    cfg.validate(tp=parallel.tp, pp=parallel.pp)
+    rt = runtime or Runtime(ep=parallel.ep)
+    if rt.ep != parallel.ep:
+        raise ValueError(f"runtime ep={rt.ep} but the process groups have ep={parallel.ep}")
+    cfg.validate(tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)
     pattern = cfg.pattern.replace("|", "")
-    rt = runtime or Runtime()
     tcfg = transformer_config(cfg, parallel.tp, parallel.pp, initialize=initialize, runtime=rt)
-    spec = mcore.hybrid_stack_spec(mcore.te_usable(), cfg.mamba_conv_kernel, cfg.mamba_chunk_size)
+    spec = mcore.hybrid_stack_spec(mcore.te_usable(), cfg.mamba_conv_kernel, cfg.mamba_chunk_size,
+                                   moe=cfg.is_moe, grouped_gemm=rt.moe_grouped_gemm)
     model = mcore.make_hybrid_model(
         spec,
         pattern,
@@ -144,6 +180,11 @@ def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None,
         # torch norms are created fp32): its optimizers keep one fp32 main copy per 16-bit
         # parameter and assume no fp32 parameter shares a param group with them.
         model.bfloat16()
+        # the MoE routers' score-correction bias and token counts stay fp32 (as megatron's
+        # router maintains them): a bias step of 1e-3 is lost next to a bf16 sigmoid score
+        for name, buf in model.named_buffers():
+            if name.endswith(("router.expert_bias", "router.local_tokens_per_expert")):
+                buf.data = buf.data.float()
     return model
 
 
@@ -173,24 +214,52 @@ def layer_param_counts(cfg: ModelConfig) -> dict:
     q = cfg.num_attention_heads * cfg.kv_channels
     kv = 2 * cfg.num_query_groups * cfg.kv_channels
     attn = h + h * (q + kv) + q * h
-    fc1 = cfg.ffn_hidden_size * (2 if cfg.activation == "swiglu" else 1)
-    mlp = h + h * fc1 + cfg.ffn_hidden_size * h
-    return {"M": mamba, "*": attn, "-": mlp}
+    gate = 2 if cfg.activation == "swiglu" else 1
+    mlp = h + h * cfg.ffn_hidden_size * gate + cfg.ffn_hidden_size * h
+    out = {"M": mamba, "*": attn, "-": mlp}
+    if cfg.is_moe:
+        out["E"] = sum(moe_param_counts(cfg).values())
+    return out
+
+
+def moe_param_counts(cfg: ModelConfig) -> dict:
+    """Parameters of one E layer by part: norm, router (weight; the expert bias is a buffer,
+    not a parameter), routed experts (all of them), shared expert, latent projections."""
+    h, gate = cfg.hidden_size, 2 if cfg.activation == "swiglu" else 1
+    d = cfg.moe_latent_size or h  # the experts' input / output width
+    f, s = cfg.moe_ffn_hidden_size, cfg.moe_shared_expert_intermediate_size
+    return {
+        "norm": h,
+        "router": cfg.num_moe_experts * h,
+        "experts": cfg.num_moe_experts * (d * f * gate + f * d),
+        "shared_expert": h * s * gate + s * h,
+        "latent": 2 * h * cfg.moe_latent_size,
+    }
 
 
 def count_parameters(cfg: ModelConfig) -> dict:
-    """Analytic parameter count of the whole model (all stages, all TP shards)."""
+    """Analytic parameter count of the whole model (all stages, all TP / EP shards).
+    `active`: the parameters one token's forward pass uses (each E layer's top-k experts of
+    its routed experts, all else), with and without the embedding and output layer."""
     per = layer_param_counts(cfg)
-    layers = sum(per[c] for c in cfg.pattern.replace("|", ""))
+    pattern = cfg.pattern.replace("|", "")
+    layers = sum(per[c] for c in pattern)
     emb = cfg.vocab_size * cfg.hidden_size
     out = emb if cfg.untie_embeddings else 0
     total = layers + emb + out + cfg.hidden_size  # + final norm
+    inactive = 0
+    if cfg.is_moe:
+        per_expert = moe_param_counts(cfg)["experts"] // cfg.num_moe_experts
+        inactive = pattern.count("E") * (cfg.num_moe_experts - cfg.moe_router_topk) * per_expert
     return {
         "total": total,
         "embedding": emb,
         "output_layer": out,
         "layers": layers,
         "non_embedding": total - emb - out,
+        "active": total - inactive,
+        # the output layer is a full GEMM per token; the input embedding is a row lookup
+        "active_non_embedding": total - inactive - emb - out,
         "per_layer_kind": per,
     }
 

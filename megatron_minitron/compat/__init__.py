@@ -25,6 +25,16 @@ def setup_runtime() -> list[str]:
         # the hybrid stack hard-codes TENorm for its final norm
         mcore.STACK_MODULE.TENorm = mcore.LocalNorm
         FALLBACKS.append("local-specs(no TE)")
+    if not mcore.HAVE_TE:
+        from megatron.core.transformer.moe import moe_layer, moe_utils
+
+        from . import latent
+
+        # the router's gating linear tests `te_general_gemm is not None`, a name that is
+        # only bound when TE imported (NameError otherwise)
+        if not hasattr(moe_utils, "te_general_gemm"):
+            moe_utils.te_general_gemm = None
+        latent.install(moe_layer)
     if cpu.install():
         FALLBACKS.append("cpu-device-patches")
     _done = True

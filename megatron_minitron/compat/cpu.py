@@ -62,6 +62,13 @@ _CUDA_MODULES = (
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.exchange_utils",
+    # mixture of experts (router, dispatcher, experts) and the pipeline-layout helpers
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.shared_experts",
 )
 
 _installed = False

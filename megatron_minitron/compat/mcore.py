@@ -109,13 +109,16 @@ def te_usable() -> bool:
     return HAVE_TE and torch.cuda.is_available()
 
 
-def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int) -> ModuleSpec:
+def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int, moe: bool = False,
+                      grouped_gemm: bool = False) -> ModuleSpec:
     """Layer specs for the hybrid stack.
 
     With Transformer Engine: TE's fused norm+linear modules. Without it: plain
     Column/RowParallelLinear, torch norms and DotProductAttention; their norms are saved
     under TE's key names (`sharded_state_dict_keys_map`), so a checkpoint written by either
-    spec loads in the other.
+    spec loads in the other. moe: E layers as megatron's MoELayer (SequentialMLP experts,
+    or TE's grouped GEMM with grouped_gemm; both store one [experts, ...] tensor per
+    projection under `mlp.experts.experts.linear_fc{1,2}.weight`) behind a separate norm.
     """
     mixer_params = {"d_conv": d_conv, "chunk_size": chunk_size}
     if use_te:
@@ -177,12 +180,24 @@ def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int) -> ModuleSpec:
             sharded_state_dict_keys_map=keymaps["mlp"],
         ),
     )
-    return ModuleSpec(
-        module=HybridStackCls,
-        submodules=HybridStackSubmodulesCls(
-            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer
-        ),
-    )
+    layers = dict(mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer)
+    if moe:
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+        from megatron.core.transformer.transformer_layer import MoETransformerLayer
+
+        if use_te:
+            from megatron.core.extensions.transformer_engine import TENorm as moe_norm
+        else:
+            moe_norm = LocalNorm
+        layers["moe_layer"] = ModuleSpec(
+            module=MoETransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                pre_mlp_layernorm=moe_norm,
+                mlp=get_moe_module_spec(use_te=use_te, num_experts=1, moe_grouped_gemm=grouped_gemm),
+                mlp_bda=get_bias_dropout_add,
+            ),
+        )
+    return ModuleSpec(module=HybridStackCls, submodules=HybridStackSubmodulesCls(**layers))
 
 
 def sharded_parts(model) -> tuple[list, list]:

@@ -5,6 +5,7 @@ accumulation via micro-batches, checkpoint save/resume. Shared by pretrain and d
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -144,11 +145,32 @@ def runtime_for(parallel: ParallelConfig, train: Optional[TrainConfig] = None,
     if parallel.overlap_param_gather and not use_distributed_optimizer(parallel):
         raise ConfigError("parallel.overlap_param_gather=true needs the distributed optimizer "
                           "(parallel.distributed_optimizer=auto or true)")
+    dispatcher = parallel.moe_dispatcher
+    if dispatcher == "auto":
+        dispatcher = "alltoall" if cuda else "allgather"
+    if dispatcher != "allgather" and not cuda:
+        raise ConfigError(f"parallel.moe_dispatcher={dispatcher} runs on GPU only (megatron's "
+                          "alltoall dispatcher records CUDA stream events, flex needs DeepEP); "
+                          "use parallel.moe_dispatcher=auto or allgather on CPU")
+    if dispatcher == "flex" and importlib.util.find_spec("deep_ep") is None:
+        raise ConfigError("parallel.moe_dispatcher=flex needs DeepEP (deep_ep), which is not "
+                          "installed; use parallel.moe_dispatcher=alltoall")
+    grouped = parallel.moe_grouped_gemm
+    if grouped == "true" and not mcore.te_usable():
+        raise ConfigError("parallel.moe_grouped_gemm=true needs Transformer Engine on a GPU "
+                          "(TEGroupedMLP); use parallel.moe_grouped_gemm=auto or false here")
+    fit = train is not None and training
     return Runtime(
         sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
-        recompute=train.recompute if (train is not None and training) else "none",
+        recompute=train.recompute if fit else "none",
         mamba_mem_eff_path=training and kernels and mem_eff in ("auto", "true"),
         fp8=parallel.fp8,
+        ep=parallel.ep,
+        moe_dispatcher=dispatcher,
+        moe_grouped_gemm=grouped == "true" or (grouped == "auto" and mcore.te_usable()),
+        # the router learns only where the model trains (not in stats, eval, a KD teacher)
+        moe_aux_loss_coeff=train.moe_aux_loss_coeff if fit else 0.0,
+        moe_bias_update_rate=train.moe_router_bias_update_rate if fit else 0.0,
     )
 
 
