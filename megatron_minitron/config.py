@@ -150,9 +150,6 @@ class ModelConfig:
             divisible("ffn_hidden_size", self.ffn_hidden_size, tp, "parallel.tp")
         if self.is_moe:
             self._validate_moe(tp, ep, p, divisible)
-        elif ep > 1:
-            raise ConfigError(f"parallel.ep={ep} needs mixture-of-experts layers ('E' in "
-                              f"{p}pattern={self.pattern!r}); use parallel.ep=1")
         divisible("vocab_size", self.vocab_size, tp, "parallel.tp")
         if pp > 1:
             stages = self.pattern.split("|") if "|" in self.pattern else None
@@ -222,6 +219,15 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_ep_used(ep: int, *models: "ModelConfig") -> None:
+    """parallel.ep > 1 splits MoE experts; refused when no model of the stage has any (it
+    would change nothing). A dense model beside an MoE one (a dense KD student) is fine."""
+    if ep > 1 and not any(m.is_moe for m in models):
+        pats = ", ".join(repr(m.pattern) for m in models)
+        raise ConfigError(f"parallel.ep={ep} splits mixture-of-experts layers, but pattern {pats} "
+                          "has no E layer; use parallel.ep=1")
 
 
 ACTIVATIONS = {"squared_relu", "relu", "gelu", "swiglu"}

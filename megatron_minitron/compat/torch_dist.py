@@ -452,6 +452,18 @@ def _write_fault(where: str, f) -> None:
         os.kill(os.getpid(), 9)
 
 
+def shard_data(st) -> torch.Tensor:
+    """A ShardedTensor's data with its prepended axes as leading size-1 dims (a view), so
+    that its shape matches global_offset / global_shape (megatron's SequentialMLP prepends
+    the expert axis: each local expert is one [1, ...] chunk of the [experts, ...] tensor)."""
+    if st.flattened_range is not None:
+        raise FormatError(f"{st.key}: flattened shards are not supported")
+    t = st.data
+    for _ in range(st.prepend_axis_num):
+        t = t.unsqueeze(0)
+    return t
+
+
 def save(tensors, objects, folder: str | Path, rank: int, group=None, fsync: bool = True,
          common: dict | None = None) -> dict:
     """Collective over `group` (every rank calls it; None = the default group): write the
@@ -469,9 +481,7 @@ def save(tensors, objects, folder: str | Path, rank: int, group=None, fsync: boo
     if mine or objs:
         with open(folder / path, "wb") as f, _no_crc32():
             for st in mine:
-                if st.prepend_axis_num or st.flattened_range is not None:
-                    raise FormatError(f"{st.key}: prepended axes / flattened shards are not supported")
-                t = _exact(st.data)
+                t = _exact(shard_data(st))
                 start = f.tell()
                 parts = torch_save_parts(t)
                 if parts is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, dump_json
+from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, check_ep_used, dump_json
 from ..model import count_parameters
 from ..train import checkpoint as ckpt
 from ..train.engine import (MicroBatches, Progress, build_trainable, load_weights, runtime_for, evaluate, fmt_eta,
@@ -100,7 +100,7 @@ class DistillConfig:
         self.data.validate()
 
 
-def check_pair(student: ModelConfig, teacher: ModelConfig, tp: int, pp: int) -> None:
+def check_pair(student: ModelConfig, teacher: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
     """Teacher and student may differ in every pruned dimension but must share the
     vocabulary (the KL is over the same token ids) and both fit the (tp, pp) layout."""
     if student.vocab_size != teacher.vocab_size:
@@ -109,8 +109,9 @@ def check_pair(student: ModelConfig, teacher: ModelConfig, tp: int, pp: int) -> 
             f"vocab_size={teacher.vocab_size}; logit distillation needs the same tokenizer and "
             "vocabulary (prune the teacher without touching the vocabulary)"
         )
-    student.validate(tp, pp, prefix="student model")
-    teacher.validate(tp, pp, prefix="teacher model")
+    student.validate(tp, pp, prefix="student model", ep=ep)
+    teacher.validate(tp, pp, prefix="teacher model", ep=ep)
+    check_ep_used(ep, student, teacher)
 
 
 def _kd_loss_func(loss_cfg: LossConfig, tp_group, batch: dict, teacher_logits, student_logits):
@@ -140,7 +141,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     cfg.validate(dp)
     s_cfg = ckpt.read_model_config(cfg.student)
     t_cfg = ckpt.read_model_config(cfg.teacher)
-    check_pair(s_cfg, t_cfg, cfg.parallel.tp, cfg.parallel.pp)
+    check_pair(s_cfg, t_cfg, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     seq = cfg.seq_length or s_cfg.seq_length
     s_cfg = replace(s_cfg, seq_length=seq)
     t_cfg = replace(t_cfg, seq_length=seq)
@@ -292,7 +293,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         "train_seconds": time.time() - t_loop,
         "elapsed_seconds": time.time() - t_start,
         "unigram_baseline": data_summary.get("unigram_entropy"),
-        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+        "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
         "teacher_checksum_rank0": teacher_sum,
         "teacher_unchanged": True,
         "history": history,

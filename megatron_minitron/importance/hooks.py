@@ -16,7 +16,8 @@ Keys (``L`` = GLOBAL layer id; local = this TP rank's slice, contiguous in globa
   L{L}.ffn_pre         [ffn_local]     fp32  linear_fc1 output, BEFORE the activation
                                              (paper eq. 26; plan ffn_source=pre)
   L{L}.attn            [heads_local*kv] fp32 core-attention output = linear_proj input
-  L{L}.hidden          [hidden]        fp32  this layer's input-norm output (eq. 27)
+  L{L}.hidden          [hidden]        fp32  this layer's input-norm output (eq. 27; MoE
+                                             layers too: their pre_mlp_layernorm)
   final_norm           [hidden]        fp32  final norm output (last PP stage only)
   L{L}.cos_sum/.cos_n  []              fp64  sum over tokens of 1 - cos(in, out), tokens
   samples              []              fp64  calibration samples seen by this rank
@@ -64,11 +65,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
 
 
 def layer_kind(layer) -> str:
-    """'M' Mamba, '*' attention, '-' MLP for a layer of the hybrid stack."""
+    """'M' Mamba, '*' attention, '-' MLP, 'E' mixture of experts for a layer of the stack."""
     if hasattr(layer, "mixer"):
         return "M"
     if not _is_identity(getattr(layer, "self_attention", None)):
         return "*"
+    if hasattr(getattr(layer, "mlp", None), "router"):
+        return "E"
     return "-"
 
 
@@ -190,6 +193,7 @@ class StatsCollector:
             "M": ("norm", "mixer.in_proj"),
             "*": ("input_layernorm", "self_attention.linear_qkv"),
             "-": ("pre_mlp_layernorm", "mlp.linear_fc1"),
+            "E": ("pre_mlp_layernorm", "mlp.router"),  # MoE: a separate norm in every spec
         }[kind]
         norm = getattr(layer, norm_name, None)
         if not _is_identity(norm):

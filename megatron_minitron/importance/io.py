@@ -74,8 +74,10 @@ class ImportanceFile:
                              "flap": r(model.mamba_d_inner)}
             elif t == "-":
                 layers[i] = {"ffn": r(model.ffn_hidden_size)}
-            else:
+            elif t == "*":
                 layers[i] = {"attn": r(model.num_attention_heads)}
+            else:  # E: the dense axes only read its norm (in `hidden`)
+                layers[i] = {}
         return cls(model=model, layers=layers, hidden=r(model.hidden_size),
                    depth={"kl": r(model.num_layers), "cosine": r(model.num_layers)})
 
@@ -135,7 +137,7 @@ class ImportanceFile:
                 for k in ("ffn", "ffn_pre"):
                     if k in e:
                         want(f"layer {i} {k}", e[k], (m.ffn_hidden_size,))
-            elif "attn" in e:
+            elif t == "*" and "attn" in e:
                 want(f"layer {i} attn", e["attn"], (m.num_attention_heads,))
         if not isinstance(self.depth, dict):
             raise ConfigError("depth must be a mapping {kl, cosine}")

@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-COLORS = {"M": "#1f77b4", "*": "#d62728", "-": "#2ca02c"}
-NAMES = {"M": "Mamba", "*": "attention", "-": "MLP"}
+COLORS = {"M": "#1f77b4", "*": "#d62728", "-": "#2ca02c", "E": "#9467bd"}
+NAMES = {"M": "Mamba", "*": "attention", "-": "MLP", "E": "MoE"}
 
 
 def plot_layer_importance(depth: dict[str, torch.Tensor], pattern: str, path: str | Path,
@@ -43,7 +43,7 @@ def plot_layer_importance(depth: dict[str, torch.Tensor], pattern: str, path: st
     axes[-1, 0].set_xlabel("layer index")
     from matplotlib.patches import Patch
 
-    present = [k for k in "M*-" if k in kinds]
+    present = [k for k in "M*-E" if k in kinds]
     axes[0, 0].legend(handles=[Patch(color=COLORS[k], label=NAMES[k]) for k in present],
                       loc="upper right", fontsize=8)
     if title:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, dump_json
+from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, check_ep_used, dump_json
 from ..train import checkpoint as ckpt
 from . import scores as S
 from .hooks import MAMBA_SOURCES, SOURCES, StatsCollector, out_proj_col_sq
@@ -96,7 +96,8 @@ def validate(cfg: StatsConfig) -> ModelConfig:
         raise ConfigError(
             f"checkpoint={cfg.checkpoint!r} is not a hybrid Mamba model (pattern "
             f"{model_cfg.pattern!r} has no 'M' layer); the stats stage needs a Mamba2 hybrid")
-    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="checkpoint model")
+    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="checkpoint model", ep=cfg.parallel.ep)
+    check_ep_used(cfg.parallel.ep, model_cfg)
     if "ffn_pre" in cfg.sources and model_cfg.activation == "swiglu":
         raise ConfigError("sources contains ffn_pre (FFN score before the activation), which is "
                           "undefined for a gated MLP (activation=swiglu); use ffn instead")
@@ -114,7 +115,7 @@ def _fingerprint(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par) -> dic
             "samples": cfg.samples, "seq_length": seq, "micro_batch_size": cfg.micro_batch_size,
             "depth_samples": cfg.depth_samples, "sources": sorted(cfg.sources),
             "data": {"prefix": cfg.data.prefix, "split": cfg.data.split, "seed": cfg.data.seed},
-            "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp}}
+            "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp}}
 
 
 # ----------------------------------------------------------------------------- partial state
@@ -396,7 +397,7 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
             "sources": sources, "checkpoint": str(ckpt_dir),
             "checkpoint_iteration": meta_ckpt.get("iteration"),
             "megatron_core": mcore.MCORE_VERSION,
-            "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+            "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
             "data": {"prefix": cfg.data.prefix, "split": cfg.data.split, "seed": cfg.data.seed},
             "aggregation": "mean |a| over sequence, L2 over samples (fp32); FLAP: ||W_out[:,j]||^2 "
                            "x unbiased Var(y_j) over tokens; depth: mean over tokens",

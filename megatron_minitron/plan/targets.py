@@ -256,7 +256,7 @@ def identity_plan(cfg: ModelConfig) -> Plan:
                          "mamba_channels": list(range(cfg.mamba_head_dim))}
         elif t == "-":
             layers[i] = {"ffn": list(range(cfg.ffn_hidden_size))}
-        else:
+        elif t == "*":
             layers[i] = {"attention_heads": list(range(cfg.num_attention_heads))}
     return assemble_plan(cfg, list(range(cfg.hidden_size)), layers)
 
@@ -303,8 +303,11 @@ def validate_targets(src: ModelConfig, t: TargetConfig, tp: int = 1, pp: int = 1
         div("ffn_hidden_size", t.ffn_hidden_size, tp, "parallel.tp", src.ffn_hidden_size)
     if t.depth_metric not in ("kl", "cosine"):
         raise ConfigError(f"{p}depth_metric={t.depth_metric!r}: use 'kl' or 'cosine'")
-    if t.depth_layer_type not in ("", "M", "*", "-"):
-        raise ConfigError(f"{p}depth_layer_type={t.depth_layer_type!r}: use '', 'M', '*' or '-'")
+    if t.depth_layer_type not in ("", "M", "*", "-", "E"):
+        raise ConfigError(f"{p}depth_layer_type={t.depth_layer_type!r}: use '', 'M', '*', '-' or 'E'")
+    if t.depth_layer_type and t.depth_layer_type not in types:
+        raise ConfigError(f"{p}depth_layer_type={t.depth_layer_type!r}: the pattern {src.pattern!r} "
+                          "has no such layer")
     if t.num_layers and t.drop_layers:
         raise ConfigError(f"give {p}num_layers={t.num_layers} or {p}drop_layers={t.drop_layers}, not both")
     remaining = t.num_layers or len(types) - len(t.drop_layers)
@@ -412,7 +415,7 @@ def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: st
                 raise ConfigError(f"importance layer {i} has no {key!r} scores (ffn_source={ffn_source}); "
                                   f"re-run `stats` with {key} in sources or use the other ffn_source")
             layers[i] = {"ffn": fin(K.ffn_keep(e[key].float(), t.ffn_hidden_size or src.ffn_hidden_size))}
-        else:
+        elif typ == "*":
             na = t.num_attention_heads or src.num_attention_heads
             sc = e.get("attn")
             if sc is None:

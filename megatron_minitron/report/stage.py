@@ -158,7 +158,7 @@ def run_report(cfg: ReportConfig) -> dict:
     report = {"stage": "report", "rows": rows, "eval_tokens": cfg.eval_iters * cfg.micro_batch_size
               * par.dp * ckpt.read_model_config(models[0][1]).seq_length,
               "unigram_baseline": data_summary.get("unigram_entropy"),
-              "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+              "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
               "methods": C.method_summary(rows, cfg.baseline), "baseline": cfg.baseline,
               "train_tokens_available": _train_tokens(data_summary, cfg.data.split)}
     if D.is_rank0():

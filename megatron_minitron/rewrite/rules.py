@@ -21,6 +21,12 @@ reference twin of the sharded path in rewrite/stage.py.
   mlp.linear_fc2.weight                                    [h, F]        (hidden, ffn)
   self_attention.linear_qkv.weight                         [(nq+2g)kv, h](qkv rows, hidden)
   self_attention.linear_proj.weight                        [h, nq*kv]    (hidden, q cols)
+  mlp.router.weight / .expert_bias                         [E, h] / [E]  (-, hidden) / (-)
+  mlp.experts.experts.linear_fc1.weight                    [E, f, d]     (-, -, hidden*)
+  mlp.experts.experts.linear_fc2.weight                    [E, d, f]     (-, hidden*, -)
+  mlp.shared_experts.linear_fc1 / fc2.weight               [s, h] / [h, s]
+  mlp.fc1_latent_proj / fc2_latent_proj.weight             [l, h] / [h, l]
+  (* d = h without a latent projection; with one, d = l is not the residual stream)
 flat = mamba_flat_indices(heads, channels) = {h*headdim + p}; heads never leave their group.
 """
 
@@ -99,6 +105,8 @@ class Rules:
             if part not in table:
                 raise RuleError(f"no pruning rule for Mamba key {key!r}")
             return src_key, table[part]
+        if rest.startswith(MOE_PREFIXES):
+            return src_key, self._moe(key, rest[4:], hid)
         if rest.startswith("mlp."):
             ffn = m_(("ffn", i), lambda: _t(e["ffn"]))
             # swiglu: the global fc1 is [W; V] (2F rows): keep the same neurons in both halves
@@ -121,6 +129,28 @@ class Rules:
                 raise RuleError(f"no pruning rule for attention key {key!r}")
             return src_key, table[part]
         raise RuleError(f"no pruning rule for checkpoint key {key!r}")
+
+
+    def _moe(self, key: str, part: str, hid: Tensor) -> list[Idx]:
+        """An E layer's tensors: the hidden axis wherever the residual stream enters or
+        leaves (router columns, expert projections unless a latent projection sits between,
+        shared expert, latent projections); experts and their FFN are kept whole."""
+        latent = self.plan.source.moe_latent_size > 0
+        table: dict[str, list[Idx]] = {
+            "router.weight": [None, hid], "router.expert_bias": [None],
+            "experts.experts.linear_fc1.weight": [None, None, None if latent else hid],
+            "experts.experts.linear_fc2.weight": [None, None if latent else hid, None],
+            "shared_experts.linear_fc1.weight": [None, hid],
+            "shared_experts.linear_fc2.weight": [hid, None],
+            "fc1_latent_proj.weight": [None, hid], "fc2_latent_proj.weight": [hid, None],
+        }
+        if part not in table:
+            raise RuleError(f"no pruning rule for MoE key {key!r}")
+        return table[part]
+
+
+MOE_PREFIXES = ("mlp.router.", "mlp.experts.", "mlp.shared_experts.", "mlp.fc1_latent_proj.",
+                "mlp.fc2_latent_proj.")
 
 
 def rule(key: str, plan: Plan) -> tuple[str, list[Idx]]:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ParallelConfig
+from ..config import ConfigError, ParallelConfig, check_ep_used
 from ..plan.targets import Plan
 from . import rules
 
@@ -171,21 +171,20 @@ def fill_from_source(model, tensors: list, plan: Plan, src_dir: Path) -> dict:
     rule = rules.Rules(plan)
     with torch_dist.Reader(src_dir) as src, torch.no_grad():
         for st in tensors:
-            if st.prepend_axis_num or st.flattened_range is not None:
-                raise NotImplementedError(f"{st.key}: prepended axes / flattened shards are not supported")
+            data = torch_dist.shard_data(st)  # [1, ...] per expert of a MoE layer
             src_key, idxs = rule(st.key)
             if src_key not in src:
                 raise ConfigError(f"source checkpoint {src_dir} has no tensor {src_key!r} (needed for {st.key})")
             src_shape = src.shape(src_key)
             if len(src_shape) != len(idxs):
                 raise ConfigError(f"{src_key}: source is {len(src_shape)}-D, rule has {len(idxs)} dims")
-            lo, box, local = rules.shard_box(idxs, st.global_offset, st.local_shape, src_shape)
+            lo, box, local = rules.shard_box(idxs, st.global_offset, tuple(data.shape), src_shape)
             region = src.read_box(src_key, lo, box, reuse=True)  # consumed before the next read
             read += region.numel() * region.element_size()
-            rules.take(region, local, out=st.data)
-            written += st.data.numel() * st.data.element_size()
-            ptr = st.data.untyped_storage().data_ptr()
-            filled[ptr] = filled.get(ptr, 0) + st.data.numel()
+            rules.take(region, local, out=data)
+            written += data.numel() * data.element_size()
+            ptr = data.untyped_storage().data_ptr()
+            filled[ptr] = filled.get(ptr, 0) + data.numel()
     short = [n for n, prm in model.named_parameters() if filled.get(prm.untyped_storage().data_ptr()) != prm.numel()]
     if short:
         raise RuntimeError(f"the pruned model's parameters {short[:5]} are not exactly covered by its "
@@ -193,16 +192,18 @@ def fill_from_source(model, tensors: list, plan: Plan, src_dir: Path) -> dict:
     return {"bytes_read": read, "bytes_filled": written}
 
 
-def global_param_count(tensors: list) -> int:
+def global_param_count(tensors: list, model) -> int:
     """Parameters of the whole model, from its sharded tensors: every main-replica shard
-    once (TP-replicated norms, DP replicas and a tied output layer are replicas), summed
-    over all ranks; comparable to model.count_parameters. Collective."""
+    of a parameter once (TP-replicated norms, DP replicas and a tied output layer are
+    replicas; buffers such as the MoE router's expert bias are not parameters), summed over
+    all ranks; comparable to model.count_parameters. Collective."""
     import torch.distributed as dist
 
     from ..compat.mcore import is_main_replica
 
-    t = torch.tensor([sum(st.data.numel() for st in tensors if is_main_replica(st.replica_id))],
-                     dtype=torch.long)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    t = torch.tensor([sum(st.data.numel() for st in tensors if is_main_replica(st.replica_id)
+                          and st.data.untyped_storage().data_ptr() in params)], dtype=torch.long)
     if dist.is_initialized():
         dist.all_reduce(t)
     return int(t)
@@ -266,7 +267,8 @@ def run_prune(cfg: PruneConfig) -> dict:
                 if plan.source.to_dict()[k] != v}
         raise ConfigError(f"plan {cfg.plan} was made for another model than checkpoint {src_it}: "
                           f"(checkpoint, plan) differ in {diff}; re-run `plan` on this checkpoint's stats")
-    plan.target.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp, prefix="plan target")
+    plan.target.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp, prefix="plan target", ep=cfg.parallel.ep)
+    check_ep_used(cfg.parallel.ep, plan.target)
     torch_dist.check_files(src_it)  # a missing / truncated shard or .metadata: refused now
     p = _paths(dst)
     if not in_place and _same_path(str(dst), str(src_it)):
@@ -277,6 +279,7 @@ def run_prune(cfg: PruneConfig) -> dict:
     if cfg.verify_tokens < 1:
         raise ConfigError(f"verify_tokens={cfg.verify_tokens} must be >= 1")
 
+    owns_pg = not D.initialized()  # a process group found up is left up
     par = D.init(cfg.parallel)
     rank0 = D.is_rank0()
     log = D.print0
@@ -294,7 +297,8 @@ def run_prune(cfg: PruneConfig) -> dict:
             err = str(e)
     err = D.broadcast_object(err)
     if err:
-        D.shutdown()
+        if owns_pg:
+            D.shutdown()
         raise ConfigError(err)
 
     prune_id = D.broadcast_object(uuid.uuid4().hex)
@@ -329,7 +333,7 @@ def run_prune(cfg: PruneConfig) -> dict:
         ckpt._write_json_atomic(partial / ckpt.CONFIG_FILE, plan.target.to_dict())
         ckpt._write_json_atomic(partial / ckpt.META_FILE, {
             "iteration": 0, "prune_id": prune_id, "pruned_from": str(src_it), "plan": str(cfg.plan),
-            "written_at": {"tp": par.tp, "pp": par.pp}, "megatron_core": mcore.MCORE_VERSION})
+            "written_at": {"tp": par.tp, "pp": par.pp, "ep": par.ep}, "megatron_core": mcore.MCORE_VERSION})
     D.barrier()
     t_save = time.time() - t
 
@@ -355,20 +359,21 @@ def run_prune(cfg: PruneConfig) -> dict:
             if rank0:
                 shutil.rmtree(partial, ignore_errors=True)
                 p["journal"].unlink(missing_ok=True)
-            D.shutdown()
+            if owns_pg:
+                D.shutdown()
             raise RuntimeError(f"verification of {partial} failed (tensors differ: {mismatch[:5]}, "
                                f"finite logits: {finite}); the original is untouched")
         verified = {"tensors_equal": True, "finite_logits": True, "tokens": cfg.verify_tokens}
         del model2
     t_verify = time.time() - t
-    built = global_param_count(tensors)
+    built = global_param_count(tensors, model)
 
     # ---- summary (inside the new checkpoint) and the swap
     summary = {
         "source": str(src_it), "output": str(dst), "in_place": in_place, "plan": str(cfg.plan),
         "source_model": plan.source.to_dict(), "pruned_model": plan.target.to_dict(),
         "params_before": plan.params_before["total"], "params_after": plan.params_after["total"],
-        "params_built": built, "written_at": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+        "params_built": built, "written_at": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
         "bytes_read_rank0": io["bytes_read"], "bytes_filled_rank0": io["bytes_filled"],
         "seconds": {"build": t_build, "fill": t_fill, "save": t_save, "verify": t_verify}, "verified": verified,
         "backup": str(p["orig"]) if cfg.keep_backup else None,
@@ -399,9 +404,10 @@ def run_prune(cfg: PruneConfig) -> dict:
         s, g = plan.source, plan.target
         log(f"prune: {s.pattern} -> {g.pattern}; params {plan.params_before['total']:,} -> "
             f"{plan.params_after['total']:,} ({plan.params_after['total'] / plan.params_before['total']:.1%}); "
-            f"built {built:,}; written at TP={par.tp} PP={par.pp} to {dst}"
+            f"built {built:,}; written at TP={par.tp} PP={par.pp} EP={par.ep} to {dst}"
             + (f" (original kept at {p['orig']})" if dst.exists() and cfg.keep_backup and p['orig'].exists() else "")
             + f"; verified={bool(verified)}; {summary['seconds']['total']:.1f}s")
     D.barrier()
-    D.shutdown()
+    if owns_pg:
+        D.shutdown()
     return summary

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, DataConfig, ParallelConfig, TrainConfig
+from ..config import ConfigError, DataConfig, ParallelConfig, TrainConfig, check_ep_used
 from ..distill.stage import LossConfig
 from .space import AXES, Candidate, SearchSpace, enumerate_candidates
 
@@ -113,9 +113,9 @@ def validate(cfg: SearchConfig):
     cfg.parallel.validate()
     check_minutes(cfg.exit_duration_minutes)
     world, mp = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp * cfg.parallel.pp
-    if world % mp:
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {mp}; "
-                          f"launch a multiple of {mp} processes or change the layout")
+    from ..dist import check_world
+
+    check_world(cfg.parallel, world)  # tp x pp divides the world, ep divides DP
     dp = world // mp
     cfg.data.validate()
     if not cfg.output_dir:
@@ -149,6 +149,8 @@ def validate(cfg: SearchConfig):
         raise ConfigError(f"teacher={cfg.teacher!r}: no checkpoint there; pretrain or import a teacher "
                           "first (e.g. `pretrain -c configs/pretrain_default.yaml`)")
     t_cfg = ckpt.read_model_config(cfg.teacher)
+    t_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="teacher model", ep=cfg.parallel.ep)
+    check_ep_used(cfg.parallel.ep, t_cfg)
     imp = ImportanceFile.load(cfg.importance)  # ConfigError if missing / not ours
     if imp.model.to_dict() != t_cfg.to_dict():
         diff = {k: (v, imp.model.to_dict().get(k)) for k, v in t_cfg.to_dict().items()

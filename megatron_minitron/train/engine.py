@@ -278,7 +278,7 @@ def save_trainable(t: Trainable, run_dir, extra_meta: Optional[dict] = None) -> 
     # plain (non-sharded) values are stored once, in the checkpoint's common state
     sd["scheduler"] = t.scheduler.state_dict()
     sd["iteration"] = t.iteration
-    meta = {"tp": t.par.tp, "pp": t.par.pp, "dp": t.par.dp,
+    meta = {"tp": t.par.tp, "pp": t.par.pp, "ep": t.par.ep, "dp": t.par.dp,
             "optimizer": {"distributed": t.distributed_optimizer,
                           "format": t.optimizer_checkpoint if t.distributed_optimizer else "plain"},
             **(extra_meta or {})}
@@ -311,13 +311,13 @@ def resume_trainable(t: Trainable, path) -> dict:
             f"{where} holds {'distributed' if saved_dist else 'plain'}-optimizer state; resume "
             f"with parallel.distributed_optimizer={'true' if saved_dist else 'false'}, or start "
             "from its weights only with init_from=<this checkpoint> and resume=false")
-    saved = {k: meta.get(k) for k in ("tp", "pp", "dp")}
-    now = {"tp": t.par.tp, "pp": t.par.pp, "dp": t.par.dp}
+    saved = {k: meta.get(k, 1 if k == "ep" else None) for k in ("tp", "pp", "ep", "dp")}
+    now = {"tp": t.par.tp, "pp": t.par.pp, "ep": t.par.ep, "dp": t.par.dp}
     if saved_dist and fmt == "dp_sharded" and saved != now:
         lay = " ".join(f"{k}={v}" for k, v in saved.items())
         raise ConfigError(
             f"{where} stores the distributed optimizer's state sharded by data-parallel rank "
-            f"at {lay}, not loadable at tp={now['tp']} pp={now['pp']} dp={now['dp']}. Reshard "
+            f"at {lay}, not loadable at tp={now['tp']} pp={now['pp']} ep={now['ep']} dp={now['dp']}. Reshard "
             f"it once: rerun at {lay} with parallel.optimizer_checkpoint=reshardable (it "
             "rewrites the checkpoint on resume), then resume at the new layout")
     from ..compat import mcore
@@ -333,7 +333,7 @@ def resume_trainable(t: Trainable, path) -> dict:
     if saved_dist and fmt != t.optimizer_checkpoint:
         # rewrite in the requested format now (dp_sharded -> reshardable before a layout change)
         save_trainable(t, where.parent.parent, {k: v for k, v in meta.items()
-                                                if k not in ("tp", "pp", "dp", "optimizer",
+                                                if k not in ("tp", "pp", "ep", "dp", "optimizer",
                                                              "iteration", "megatron_core")})
     return meta
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, dump_json  # noqa: F401
+from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, check_ep_used, dump_json  # noqa: F401
 from ..model import build_model, count_parameters
 from . import checkpoint as ckpt
 from .engine import (MicroBatches, load_weights, Progress, build_trainable, evaluate, fmt_eta, lm_forward_step,
@@ -53,7 +53,8 @@ def valid_batches(ds, micro_batch_size: int, eval_iters: int, par) -> MicroBatch
 def run_pretrain(cfg: PretrainConfig) -> dict:
     dp = world_size_from_env() // (cfg.parallel.tp * cfg.parallel.pp)
     cfg.parallel.validate()
-    cfg.model.validate(cfg.parallel.tp, cfg.parallel.pp)
+    cfg.model.validate(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep)
+    check_ep_used(cfg.parallel.ep, cfg.model)
     cfg.train.validate(max(dp, 1))
     cfg.data.validate()
     data_summary = check_data(cfg.data, cfg.model)
@@ -173,7 +174,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         "train_seconds": time.time() - t_loop,
         "steps_this_run": t.iteration - start_it,
         "elapsed_seconds": elapsed,
-        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp},
+        "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
         "losses": [h["loss"] for h in history],
     }
     prev = out / "summary.json"
@@ -224,24 +225,27 @@ def run_eval(cfg: EvalConfig) -> dict:
     cfg.parallel.validate()
     cfg.data.validate()
     model_cfg = ckpt.read_model_config(cfg.checkpoint)
-    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp)
+    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep)
+    check_ep_used(cfg.parallel.ep, model_cfg)
     data_summary = check_data(cfg.data, model_cfg)
     if cfg.split not in ("valid", "test", "train"):
         raise ConfigError(f"split={cfg.split!r}: use valid, test or train")
     from ..resources.check import check
 
     check("eval", cfg)  # per-GPU memory estimate vs parallel.memory_limit_gb
+    owns_pg = not D.initialized()  # a process group found up is left up
     par = D.init(cfg.parallel)
     res = eval_checkpoint(cfg.checkpoint, cfg.data, par, cfg.eval_iters, cfg.micro_batch_size, cfg.split)
     summary = {"stage": "eval", **res, "unigram_baseline": data_summary.get("unigram_entropy"),
-               "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp}}
+               "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp}}
     out = Path(cfg.output_dir or Path(cfg.checkpoint) / "eval")
     if D.is_rank0():
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         D.print0(f"[eval] {summary['checkpoint']}: {cfg.split} loss {res['loss']:.4f} ppl "
                  f"{res['ppl']:.2f} on {res['tokens']:,} tokens")
-    D.shutdown()
+    if owns_pg:
+        D.shutdown()
     return summary
 
 

@@ -218,14 +218,13 @@ def par(wd: Path):
                 layers[i] = {"attention_heads": _grouped(cfg.num_attention_heads, cfg.num_query_groups, 1, g)}
         assemble_plan(cfg, list(range(cfg.hidden_size)), layers).save(wd / "plan_zero.json")
     dist.barrier()
-    # several prunes in one launch: run_prune ends with D.shutdown(), and gloo cannot
-    # re-create the default group in the same torchrun process; D.init re-makes the
-    # model-parallel groups on the live default group instead
-    shutdown, D.shutdown = D.shutdown, lambda: None
+    # several prunes in one launch: run_prune leaves the live process group up (gloo cannot
+    # re-create the default group in the same torchrun process); D.init re-makes the
+    # model-parallel groups on it
     for name, tp in [(n, tp) for n, (tp, _) in PLANS.items()] + [("zero", 2)]:
         run_prune(PruneConfig(checkpoint=str(wd / "src"), plan=str(wd / f"plan_{name}.json"),
                               output=str(wd / f"pruned_{name}"), parallel=ParallelConfig(tp=tp)))
-    shutdown()
+    D.shutdown()
 
 
 def exp(wd: Path):

@@ -137,7 +137,7 @@ def main():
             cfg = ckpt.read_model_config(path)
             model = build_model(cfg, par)
             ckpt.load_model_weights(path, model)
-            n = global_param_count(mcore.sharded_tensors(model))
+            n = global_param_count(mcore.sharded_tensors(model), model)
             logits = forward_logits(model, par, toks)
             tag = f"{name}_tp{tp}pp{pp}"
             if par.is_last_stage and par.tp_rank == 0 and par.dp_rank == 0:

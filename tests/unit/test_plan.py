@@ -78,7 +78,8 @@ def test_plan_param_count_equals_built_model():
     par = D.init(ParallelConfig())
     try:
         for cfg, want in ((p.target, p.params_after["total"]), (p.source, p.params_before["total"])):
-            assert global_param_count(mcore.sharded_tensors(build_model(cfg, par))) == want
+            model = build_model(cfg, par)
+            assert global_param_count(mcore.sharded_tensors(model), model) == want
     finally:
         D.shutdown()
     assert p.params_after["total"] < p.params_before["total"]

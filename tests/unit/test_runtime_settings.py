@@ -25,6 +25,46 @@ def test_gpu_only_settings_are_refused_on_cpu(key, value, match):
         runtime_for(dataclasses.replace(ParallelConfig(), **{key: value}), TrainConfig())
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("moe_dispatcher", "alltoall", "moe_dispatcher=alltoall runs on GPU only"),
+    ("moe_dispatcher", "flex", "moe_dispatcher=flex runs on GPU only"),
+    ("moe_grouped_gemm", "true", "moe_grouped_gemm=true needs Transformer Engine"),
+])
+def test_gpu_only_moe_settings_are_refused_on_cpu(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        runtime_for(dataclasses.replace(ParallelConfig(), **{key: value}), TrainConfig())
+
+
+def test_moe_settings_reach_megatron():
+    """Every MoE field of the model and the router's training settings land in megatron's
+    TransformerConfig; frozen-weight stages (training=False) run the router without its
+    aux loss or bias update."""
+    moe = dataclasses.replace(CFG, pattern="M-*E", num_moe_experts=8, moe_ffn_hidden_size=32,
+                              moe_router_topk=4, moe_shared_expert_intermediate_size=48,
+                              moe_router_topk_scaling_factor=2.5, moe_router_num_groups=4,
+                              moe_router_group_topk=2, moe_latent_size=24)
+    train = TrainConfig(moe_aux_loss_coeff=0.01, moe_router_bias_update_rate=0.002)
+    tc = transformer_config(moe, runtime=runtime_for(ParallelConfig(ep=2), train), initialize=False)
+    got = {k: getattr(tc, k) for k in (
+        "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_intermediate_size",
+        "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
+        "moe_router_num_groups", "moe_router_group_topk", "moe_latent_size", "moe_router_dtype",
+        "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_router_bias_update_rate",
+        "moe_token_dispatcher_type", "moe_grouped_gemm", "expert_model_parallel_size")}
+    assert got == dict(num_moe_experts=8, moe_ffn_hidden_size=32, moe_router_topk=4,
+                       moe_shared_expert_intermediate_size=48, moe_router_score_function="sigmoid",
+                       moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
+                       moe_router_num_groups=4, moe_router_group_topk=2, moe_latent_size=24,
+                       moe_router_dtype="fp32", moe_router_load_balancing_type="aux_loss",
+                       moe_aux_loss_coeff=0.01, moe_router_bias_update_rate=0.002,
+                       moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+                       expert_model_parallel_size=2)
+    frozen = transformer_config(moe, runtime=runtime_for(ParallelConfig(), train, training=False),
+                                initialize=False)
+    assert frozen.moe_aux_loss_coeff == 0 and frozen.moe_router_bias_update_rate == 0
+    assert frozen.moe_router_load_balancing_type == "none"
+
+
 def test_context_parallel_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism is not supported"):
         ParallelConfig(cp=2).validate()
@@ -32,7 +72,8 @@ def test_context_parallel_is_refused_with_the_reason():
 
 def test_settings_reach_megatron():
     rt = runtime_for(ParallelConfig(tp=2, sequence_parallel=True), TrainConfig(recompute="selective"))
-    assert rt == Runtime(sequence_parallel=True, recompute="selective", mamba_mem_eff_path=False)
+    assert rt == Runtime(sequence_parallel=True, recompute="selective", mamba_mem_eff_path=False,
+                         moe_aux_loss_coeff=1e-4, moe_bias_update_rate=1e-3)
     tc = transformer_config(CFG, tp=2, runtime=rt, initialize=False)
     assert tc.sequence_parallel and tc.recompute_granularity == "selective"
     assert "core_attn" in tc.recompute_modules and "mlp" in tc.recompute_modules
