@@ -221,6 +221,17 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def check_moe_train(train: "TrainConfig", model: "ModelConfig", prefix: str = "train") -> None:
+    """The router's training settings act on E layers only: set on a model without any,
+    they would change nothing, so they are refused (the defaults pass)."""
+    if model.is_moe:
+        return
+    for f in ("moe_aux_loss_coeff", "moe_router_bias_update_rate"):
+        if getattr(train, f) != getattr(TrainConfig, f):
+            raise ConfigError(f"{prefix}.{f}={getattr(train, f)} acts on mixture-of-experts layers, but "
+                              f"pattern {model.pattern!r} has no E layer; leave {prefix}.{f} at its default")
+
+
 def check_ep_used(ep: int, *models: "ModelConfig") -> None:
     """parallel.ep > 1 splits MoE experts; refused when no model of the stage has any (it
     would change nothing). A dense model beside an MoE one (a dense KD student) is fine."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, check_ep_used, dump_json
+from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, check_ep_used, check_moe_train, dump_json
 from ..model import count_parameters
 from ..train import checkpoint as ckpt
 from ..train.engine import (MicroBatches, Progress, build_trainable, load_weights, runtime_for, evaluate, fmt_eta,
@@ -142,6 +142,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     s_cfg = ckpt.read_model_config(cfg.student)
     t_cfg = ckpt.read_model_config(cfg.teacher)
     check_pair(s_cfg, t_cfg, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
+    check_moe_train(cfg.train, s_cfg)
     seq = cfg.seq_length or s_cfg.seq_length
     s_cfg = replace(s_cfg, seq_length=seq)
     t_cfg = replace(t_cfg, seq_length=seq)

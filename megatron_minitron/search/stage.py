@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, DataConfig, ParallelConfig, TrainConfig, check_ep_used
+from ..config import ConfigError, DataConfig, ParallelConfig, TrainConfig, check_ep_used, check_moe_train
 from ..distill.stage import LossConfig
 from .space import AXES, Candidate, SearchSpace, enumerate_candidates
 
@@ -151,6 +151,7 @@ def validate(cfg: SearchConfig):
     t_cfg = ckpt.read_model_config(cfg.teacher)
     t_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="teacher model", ep=cfg.parallel.ep)
     check_ep_used(cfg.parallel.ep, t_cfg)
+    check_moe_train(cfg.kd, t_cfg, "kd")  # candidates keep the teacher's E layers
     imp = ImportanceFile.load(cfg.importance)  # ConfigError if missing / not ours
     if imp.model.to_dict() != t_cfg.to_dict():
         diff = {k: (v, imp.model.to_dict().get(k)) for k, v in t_cfg.to_dict().items()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, check_ep_used, dump_json  # noqa: F401
+from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, check_ep_used, check_moe_train, dump_json  # noqa: F401
 from ..model import build_model, count_parameters
 from . import checkpoint as ckpt
 from .engine import (MicroBatches, load_weights, Progress, build_trainable, evaluate, fmt_eta, lm_forward_step,
@@ -55,6 +55,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     cfg.parallel.validate()
     cfg.model.validate(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep)
     check_ep_used(cfg.parallel.ep, cfg.model)
+    check_moe_train(cfg.train, cfg.model)
     cfg.train.validate(max(dp, 1))
     cfg.data.validate()
     data_summary = check_data(cfg.data, cfg.model)

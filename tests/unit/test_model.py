@@ -172,7 +172,21 @@ def test_expert_parallel_layout_refusals():
 
     with pytest.raises(ConfigError, match=r"choose parallel.ep in \[1, 2, 4, 8\]"):
         SMALL_MOE.validate(ep=3)
-    with pytest.raises(ConfigError, match="parallel.ep=2 needs mixture-of-experts"):
-        SMALL.validate(ep=2)
+    from megatron_minitron.config import check_ep_used
+
+    with pytest.raises(ConfigError, match="parallel.ep=2 splits mixture-of-experts layers"):
+        check_ep_used(2, SMALL)
+    check_ep_used(2, SMALL, SMALL_MOE)  # a dense student beside an MoE teacher
     with pytest.raises(ConfigError, match=r"choose parallel.ep in \[1, 2\]"):
         D.check_world(ParallelConfig(tp=2, ep=4), 4)
+
+
+def test_router_training_settings_on_a_dense_model_are_refused():
+    from megatron_minitron.config import ConfigError, TrainConfig, check_moe_train
+
+    check_moe_train(TrainConfig(), SMALL)  # the defaults pass
+    check_moe_train(TrainConfig(moe_aux_loss_coeff=0.0), SMALL_MOE)
+    with pytest.raises(ConfigError, match="train.moe_aux_loss_coeff=0.01 acts on mixture-of-experts"):
+        check_moe_train(TrainConfig(moe_aux_loss_coeff=0.01), SMALL)
+    with pytest.raises(ConfigError, match="kd.moe_router_bias_update_rate=0.0"):
+        check_moe_train(TrainConfig(moe_router_bias_update_rate=0.0), SMALL, "kd")
