@@ -1,23 +1,36 @@
-"""The 8B recipe's resource table (README): per-GPU estimates of each stage at the layouts
-of configs/*nemotron_h_8b*.yaml on 8 x 80 GB GPUs per node, from the model YAMLs alone.
+"""Resource tables of the big recipes: per-GPU estimates of each stage at the layouts of
+their recipe YAMLs on 8 x 80 GB GPUs per node, from the model YAMLs alone.
 
-    python -m megatron_minitron.resources.table [--limit-gb 80]
+    python -m megatron_minitron.resources.table [--recipe nemotron_h_8b] [--limit-gb 80]
+    python -m megatron_minitron.resources.table --recipe nemotron_3_nano [--search]
+
+nemotron_h_8b: configs/*nemotron_h_8b*.yaml (the README's table). nemotron_3_nano: Nemotron
+3 Nano 30B-A3B (configs/model/nemotron_3_nano_30b_a3b.yaml) at configs/stats_ and
+distill_nemotron_3_nano_30b_a3b.yaml, beside the same layouts without expert parallelism;
+--search lists every (tp, pp, ep, recompute) of its distill job that fits.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from pathlib import Path
 
 from ..config import ModelConfig, build, load_yaml
 from . import estimate as E
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ORDER = ["weights", "grads", "optimizer", "activations", "logits", "moe_dispatch", "teacher",
+         "depth_kl", "tensor buffers", "runtime"]
+
+
+def _model(name: str) -> ModelConfig:
+    return build(ModelConfig, load_yaml(CONFIGS / "model" / name)["model"], "model.")
 
 
 def nemotron_h_8b() -> ModelConfig:
-    return build(ModelConfig, load_yaml(CONFIGS / "model" / "nemotron_h_8b.yaml")["model"], "model.")
+    return _model("nemotron_h_8b.yaml")
 
 
 def nemotron_h_4b() -> ModelConfig:
@@ -26,41 +39,114 @@ def nemotron_h_4b() -> ModelConfig:
                                mamba_num_heads=112)
 
 
-def rows(world: int = 64) -> list[tuple[str, str, E.Estimate]]:
-    """(stage, layout, estimate) of the 8B recipe, world = GPUs of the job."""
-    from ..config import load_yaml as ly
+def nemotron_3_nano_30b_a3b() -> ModelConfig:
+    return _model("nemotron_3_nano_30b_a3b.yaml")
 
-    t8, s4 = nemotron_h_8b(), nemotron_h_4b()
-    st = ly(CONFIGS / "stats_nemotron_h_8b.yaml")
-    sp = st["parallel"]
-    lay = E.Layout(tp=sp["tp"], pp=sp.get("pp", 1), dp=8 // (sp["tp"] * sp.get("pp", 1)),
-                   micro_batch_size=st["micro_batch_size"], seq_length=st["seq_length"],
-                   sequence_parallel=sp.get("sequence_parallel", False))
-    out = [("stats (1024 x 8192, depth KL)", f"1 node: tp={lay.tp} dp={lay.dp} mbs={lay.micro_batch_size}",
-            E.stats(t8, lay, "gpu", True, st.get("depth_chunk_tokens", 1024)))]
-    out.append(("prune (host)", "1 process", E.prune(t8)))
-    dc = ly(CONFIGS / "distill_nemotron_h_8b_to_4b.yaml")
+
+def nemotron_3_nano_22b_a3b() -> ModelConfig:
+    """A pruned Nemotron 3 Nano student: hidden 2304, 104 routed experts (FFN 1856), shared
+    expert 3072, all 52 layers and the teacher's Mamba / attention heads: 22.3B total,
+    3.0B active per token (2.4B without the embedding and output layer)."""
+    return dataclasses.replace(nemotron_3_nano_30b_a3b(), hidden_size=2304, num_moe_experts=104,
+                               moe_shared_expert_intermediate_size=3072)
+
+
+def _stats_layout(st: dict, gpus: int = 8) -> E.Layout:
+    p = st["parallel"]
+    tp, pp = p.get("tp", 1), p.get("pp", 1)
+    return E.Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), ep=p.get("ep", 1),
+                    micro_batch_size=st["micro_batch_size"], seq_length=st["seq_length"],
+                    sequence_parallel=p.get("sequence_parallel", False) and tp > 1)
+
+
+def _distill_layout(dc: dict, world: int, moe: bool) -> E.Layout:
     p, tr = dc["parallel"], dc["train"]
     tp, pp = p["tp"], p.get("pp", 1)
     dp = world // (tp * pp)
-    lay = E.Layout(tp=tp, pp=pp, dp=dp, micro_batch_size=tr["micro_batch_size"],
-                   seq_length=dc["seq_length"],
-                   num_micro=tr["global_batch_size"] // (tr["micro_batch_size"] * dp),
-                   sequence_parallel=p.get("sequence_parallel", False),
-                   recompute=tr.get("recompute", "none"), distributed_optimizer=True)
-    out.append(("distill 8B -> 4B (KD)", f"{world // 8} nodes: tp={tp} pp={pp} dp={dp} sp={lay.sequence_parallel} "
-                f"recompute={lay.recompute}",
+    return E.Layout(tp=tp, pp=pp, dp=dp, ep=p.get("ep", 1), micro_batch_size=tr["micro_batch_size"],
+                    seq_length=dc["seq_length"],
+                    num_micro=tr["global_batch_size"] // (tr["micro_batch_size"] * dp),
+                    sequence_parallel=p.get("sequence_parallel", False) and tp > 1,
+                    recompute=tr.get("recompute", "none"), distributed_optimizer=True,
+                    moe_aux_loss=moe and tr.get("moe_aux_loss_coeff", 1e-4) > 0)
+
+
+def layout_text(lay: E.Layout, nodes: int) -> str:
+    ep = f" ep={lay.ep}" if lay.ep > 1 else ""
+    sp = f" sp={lay.sequence_parallel}" if lay.tp > 1 else ""
+    rc = f" recompute={lay.recompute}" if lay.recompute != "none" or lay.num_micro > 1 else ""
+    return (f"{nodes} node{'s' if nodes > 1 else ''}: tp={lay.tp} pp={lay.pp}{ep} dp={lay.dp}"
+            f"{sp} mbs={lay.micro_batch_size}{rc}")
+
+
+def rows(world: int = 64) -> list[tuple[str, str, E.Estimate]]:
+    """(stage, layout, estimate) of the 8B recipe, world = GPUs of the job."""
+    t8, s4 = nemotron_h_8b(), nemotron_h_4b()
+    st = load_yaml(CONFIGS / "stats_nemotron_h_8b.yaml")
+    lay = _stats_layout(st)
+    out = [("stats (1024 x 8192, depth KL)", f"1 node: tp={lay.tp} dp={lay.dp} mbs={lay.micro_batch_size}",
+            E.stats(t8, lay, "gpu", True, st.get("depth_chunk_tokens", 1024)))]
+    out.append(("prune (host)", "1 process", E.prune(t8)))
+    dc = load_yaml(CONFIGS / "distill_nemotron_h_8b_to_4b.yaml")
+    lay = _distill_layout(dc, world, False)
+    out.append(("distill 8B -> 4B (KD)", f"{world // 8} nodes: tp={lay.tp} pp={lay.pp} dp={lay.dp} "
+                f"sp={lay.sequence_parallel} recompute={lay.recompute}",
                 E.training(s4, lay, "gpu", "distill", kd_chunk=dc["loss"]["chunk_size"], teacher=t8)))
     return out
 
 
-def markdown(world: int = 64, limit_gb: float = 80.0) -> str:
-    rs = rows(world)
-    order = ["weights", "grads", "optimizer", "activations", "logits", "teacher", "depth_kl",
-             "tensor buffers", "runtime"]
+def rows_nemotron_3_nano(world: int = 64) -> list[tuple[str, str, E.Estimate]]:
+    """Nemotron 3 Nano 30B-A3B: stats on one node, prune, KD 30B-A3B -> 22B-A3B on
+    world / 8 nodes, each at its recipe's layout and (for comparison) without EP."""
+    t, s = nemotron_3_nano_30b_a3b(), nemotron_3_nano_22b_a3b()
+    st = load_yaml(CONFIGS / "stats_nemotron_3_nano_30b_a3b.yaml")
+    chunk = st.get("depth_chunk_tokens", 1024)
+    lay = _stats_layout(st)
+    out = []
+    for ep in dict.fromkeys((lay.ep, 1)):
+        x = dataclasses.replace(lay, ep=ep)
+        out.append(("stats 30B-A3B (1024 x 8192, depth KL)", layout_text(x, 1),
+                    E.stats(t, x, "gpu", True, chunk)))
+    out.append(("prune 30B-A3B (host)", "1 process", E.prune(t)))
+    dc = load_yaml(CONFIGS / "distill_nemotron_3_nano_30b_a3b.yaml")
+    lay = _distill_layout(dc, world, True)
+    kd = dc["loss"]["chunk_size"]
+    variants = [lay, dataclasses.replace(lay, ep=1),
+                dataclasses.replace(lay, tp=1, sequence_parallel=False, dp=world // lay.pp,
+                                    num_micro=lay.num_micro * lay.tp)]
+    for x in variants:
+        out.append(("distill 30B-A3B -> 22B-A3B (KD, 8192)", layout_text(x, world // 8),
+                    E.training(s, x, "gpu", "distill", kd_chunk=kd, teacher=t)))
+    return out
+
+
+def search_distill(world: int = 64, limit_gb: float = 80.0, global_batch: int = 768,
+                   seq: int = 8192, kd_chunk: int = 1024) -> list[tuple[E.Layout, E.Estimate]]:
+    """Every (tp, pp, ep, recompute) layout of the 30B-A3B -> 22B-A3B KD job at
+    micro-batch 1 that the resource check accepts (check.layout_problem) and fits, smallest
+    total first."""
+    from .check import layout_problem
+
+    t, s = nemotron_3_nano_30b_a3b(), nemotron_3_nano_22b_a3b()
+    out = []
+    for tp, pp, ep, rc in itertools.product((1, 2), (1, 2, 4), (1, 2, 4, 8), ("none", "selective", "full")):
+        dp = world // (tp * pp)
+        lay = E.Layout(tp=tp, pp=pp, dp=dp, ep=ep, micro_batch_size=1, seq_length=seq,
+                       num_micro=global_batch // dp, sequence_parallel=tp > 1, recompute=rc,
+                       moe_aux_loss=True)
+        if layout_problem([s, t], lay, world, True) is None:
+            est = E.training(s, lay, "gpu", "distill", kd_chunk=kd_chunk, teacher=t)
+            if E.fits(est, limit_gb):
+                out.append((lay, est))
+    return sorted(out, key=lambda x: x[1].total)
+
+
+def markdown(world: int = 64, limit_gb: float = 80.0, recipe: str = "nemotron_h_8b") -> str:
+    rs = rows(world) if recipe == "nemotron_h_8b" else rows_nemotron_3_nano(world)
     present = {k for _, _, e in rs for k in e.items}
-    keys = [k for k in order if k in present] + sorted(present - set(order))
-    head = "| stage | layout | " + " | ".join(keys) + " | total | fits 80 GB |"
+    keys = [k for k in ORDER if k in present] + sorted(present - set(ORDER))
+    gb = f"{limit_gb:g}"
+    head = "| stage | layout | " + " | ".join(keys) + f" | total | fits {gb} GB |"
     sep = "|" + "---|" * (len(keys) + 4)
     lines = [head, sep]
     for name, lay, e in rs:
@@ -74,8 +160,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", type=int, default=64, help="GPUs in the job (8 nodes x 8)")
     ap.add_argument("--limit-gb", type=float, default=80.0)
+    ap.add_argument("--recipe", choices=("nemotron_h_8b", "nemotron_3_nano"), default="nemotron_h_8b")
+    ap.add_argument("--search", action="store_true",
+                    help="nemotron_3_nano: every distill layout that fits, smallest first")
     a = ap.parse_args(argv)
-    print(markdown(a.world, a.limit_gb))
+    print(markdown(a.world, a.limit_gb, a.recipe))
+    if a.search:
+        print()
+        for lay, est in search_distill(a.world, a.limit_gb):
+            print(f"  {layout_text(lay, a.world // 8)}: {est.total / E.GiB:.1f} GiB")
     return 0
 
 
