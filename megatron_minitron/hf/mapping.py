@@ -19,6 +19,14 @@ stores, TE names, whatever spec built the model), one layer at a time:
   backbone.layers.i.mixer.o_proj.weight             decoder.layers.i.self_attention.linear_proj.weight
   backbone.layers.i.mixer.up_proj.weight            decoder.layers.i.mlp.linear_fc1.weight
   backbone.layers.i.mixer.down_proj.weight          decoder.layers.i.mlp.linear_fc2.weight
+                                      E          decoder.layers.i.pre_mlp_layernorm.weight
+  backbone.layers.i.mixer.gate.weight [E, h]        decoder.layers.i.mlp.router.weight
+  backbone.layers.i.mixer.gate.e_score_correction_bias  decoder.layers.i.mlp.router.expert_bias (fp32 buffer)
+  backbone.layers.i.mixer.experts.{e}.up_proj.weight    decoder.layers.i.mlp.experts.experts.linear_fc1.weight [E, f, d]
+  backbone.layers.i.mixer.experts.{e}.down_proj.weight  decoder.layers.i.mlp.experts.experts.linear_fc2.weight [E, d, f]
+                                                 (one tensor per expert <-> one stacked tensor, row e)
+  backbone.layers.i.mixer.shared_experts.{up,down}_proj.weight  decoder.layers.i.mlp.shared_experts.linear_fc{1,2}.weight
+  backbone.layers.i.mixer.fc{1,2}_latent_proj.weight            decoder.layers.i.mlp.fc{1,2}_latent_proj.weight
   backbone.norm_f.weight                            decoder.final_norm.weight
   lm_head.weight                                 output_layer.weight (absent when tied)
 
@@ -26,12 +34,14 @@ Both sides order in_proj rows [z | x | B | C | dt] and conv channels [x | B | C]
 head-major (row h*head_dim + p) on both sides, so only the fused attention projection is
 re-ordered. On disk transformers (and NVIDIA's released checkpoints) name the base model
 `backbone.`; in memory it is `model.` (transformers renames on load): we write `backbone.`
-and read either.
+and read either. Multi-token-prediction tensors (`mtp.*`) have no counterpart (megatron-core
+0.16's hybrid model has no MTP): import refuses them unless told to drop them.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -56,7 +66,7 @@ ACT_TO_HF = {"squared_relu": "relu2", "relu": "relu", "gelu": "gelu"}
 ACT_FROM_HF = {v: k for k, v in ACT_TO_HF.items()}
 PATTERN_FROM_HF = {"mamba": "M", "linear_attention": "M", "attention": "*",
                    "full_attention": "*", "mlp": "-", "moe": "E"}
-LAYER_TYPE_TO_HF = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+LAYER_TYPE_TO_HF = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 
 MAMBA_PARTS = ("z", "x", "B", "C", "dt")  # in_proj rows, in order
 CONV_PARTS = ("x", "B", "C")  # conv1d channels, in order
@@ -96,15 +106,12 @@ def model_config_from_hf(hf: dict, params_dtype: str = "fp32",
     if mt != "nemotron_h":
         refuse("model_type", mt, "only Nemotron-H (model_type nemotron_h) folders can be imported")
     pattern = hf_pattern(hf)
-    if "E" in pattern:
-        refuse("layers_block_type", "moe", "mixture-of-experts layers (pattern symbol E) have no "
-               "counterpart in our hybrid model (M, *, - only)")
-    bad = set(pattern) - set("M*-")
+    bad = set(pattern) - set("M*-E")
     if bad:
         refuse("hybrid_override_pattern", pattern, f"unknown layer symbols {sorted(bad)}")
     act = g("mlp_hidden_act", "relu2")
-    if "-" in pattern and act not in ACT_FROM_HF:
-        refuse("mlp_hidden_act", act, f"supported: {sorted(ACT_FROM_HF)}")
+    if ("-" in pattern or "E" in pattern) and act not in ACT_FROM_HF:
+        refuse("mlp_hidden_act", act, f"supported: {sorted(ACT_FROM_HF)} (MLPs and experts are ungated)")
     if g("mamba_hidden_act", "silu") not in ("silu", "swish"):
         refuse("mamba_hidden_act", g("mamba_hidden_act"), "megatron's Mamba mixer uses silu")
     for key in ("use_bias", "mlp_bias", "attention_bias"):
@@ -144,9 +151,61 @@ def model_config_from_hf(hf: dict, params_dtype: str = "fp32",
         untie_embeddings=not bool(g("tie_word_embeddings", False)),
         init_method_std=float(g("initializer_range", 0.02)),
         params_dtype=params_dtype,
+        **(moe_config_from_hf(hf) if "E" in pattern else {}),
     )
     cfg.validate()
     return cfg
+
+
+def moe_config_from_hf(hf: dict) -> dict:
+    """The ModelConfig MoE fields of an HF config with "moe" layers. transformers' router
+    (NemotronHTopkRouter) is always sigmoid + e_score_correction_bias; refused, naming the
+    field: whatever megatron's router / MoELayer would compute differently."""
+    g = lambda k, d=None: hf.get(k, d)  # noqa: E731
+
+    def refuse(field: str, value, why: str) -> None:
+        raise HFMappingError(f"config.json {field}={value!r} is not supported: {why}")
+
+    n = int(g("n_routed_experts") or g("num_local_experts") or 0)
+    k = int(g("num_experts_per_tok", 2))
+    if n <= 0:
+        refuse("n_routed_experts", n, "layers_block_type has moe layers; give the routed experts per layer")
+    ns = int(g("n_shared_experts", 1) or 0)
+    if ns not in (0, 1):
+        refuse("n_shared_experts", ns, "one shared expert or none (transformers' NemotronHMoE builds "
+               "a single shared MLP of width moe_shared_expert_intermediate_size)")
+    norm = bool(g("norm_topk_prob", True))
+    if k > 1 and not norm:
+        refuse("norm_topk_prob", False, f"megatron's sigmoid router always divides the top-k weights "
+               f"by their sum when num_experts_per_tok > 1 (here {k})")
+    if k == 1 and norm:
+        refuse("norm_topk_prob", True, "with num_experts_per_tok=1 transformers' weight is score/score "
+               "= 1 (x routed_scaling_factor); megatron's sigmoid router keeps the sigmoid score "
+               "itself for top-1 (a folder with norm_topk_prob=false imports)")
+    ng, tg = int(g("n_group", 1) or 1), int(g("topk_group", 1) or 1)
+    if ng > 1 and n % ng:
+        refuse("n_group", ng, f"n_routed_experts={n} is not divisible by it")
+    if ng > 1 and tg >= ng:
+        ng = tg = 1  # every group is selected: grouped routing is the identity on both sides
+    if ng > 1 and (k % tg or k // tg != 2):
+        refuse("topk_group", tg, f"grouped routing (n_group={ng}): transformers scores each group by "
+               f"the sum of its top 2 experts, megatron by its top num_experts_per_tok / topk_group = "
+               f"{k}/{tg} experts; only num_experts_per_tok = 2 x topk_group agrees")
+    # transformers' shared MLP: NemotronHMLP(intermediate_size=moe_shared_expert_intermediate_size
+    # or intermediate_size), built whatever n_shared_experts says (0: stage checks it is zero)
+    s = int(g("moe_shared_expert_intermediate_size") or g("intermediate_size")) if ns else 0
+    return dict(
+        num_moe_experts=n,
+        moe_ffn_hidden_size=int(g("moe_intermediate_size")),
+        moe_router_topk=k,
+        moe_shared_expert_intermediate_size=s,
+        moe_router_score_function="sigmoid",
+        moe_router_expert_bias=True,
+        moe_router_topk_scaling_factor=float(g("routed_scaling_factor", 1.0) or 1.0),
+        moe_router_num_groups=ng,
+        moe_router_group_topk=tg,
+        moe_latent_size=int(g("moe_latent_size") or 0),
+    )
 
 
 def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
@@ -162,8 +221,9 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
         refuse("position_embedding", cfg.position_embedding,
                "transformers' NemotronHAttention applies no positional embedding; only models "
                "built with model.position_embedding=none (as Nemotron-H is) can be exported")
-    if "-" in pattern and cfg.activation not in ACT_TO_HF:
-        refuse("activation", cfg.activation, f"NemotronH MLPs are not gated; exportable: {sorted(ACT_TO_HF)}")
+    if ("-" in pattern or "E" in pattern) and cfg.activation not in ACT_TO_HF:
+        refuse("activation", cfg.activation, f"NemotronH MLPs and experts are not gated; exportable: "
+               f"{sorted(ACT_TO_HF)}")
     if "M" in pattern and cfg.norm_epsilon != MAMBA_GATED_NORM_EPS:
         refuse("norm_epsilon", cfg.norm_epsilon, "transformers uses layer_norm_epsilon in the "
                f"Mamba gated norm where megatron-core uses {MAMBA_GATED_NORM_EPS}")
@@ -214,10 +274,51 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
         "tie_word_embeddings": not cfg.untie_embeddings,
         "use_cache": True,
         "num_logits_to_keep": 1,
+        # our hybrid model has no multi-token-prediction layers (import drops them, drop_mtp)
+        "num_nextn_predict_layers": 0,
     }
+    if "E" in pattern:
+        hf.update(moe_hf_config(cfg, refuse))
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf[k] = st.get(k)
     return hf
+
+
+# the shared-MLP width written for a model without a shared expert: transformers always builds
+# one (width moe_shared_expert_intermediate_size, or intermediate_size when 0); export writes
+# zero weights of this width, whose output is exactly 0 (every exportable activation has f(0) = 0)
+NO_SHARED_EXPERT_WIDTH = 1
+
+
+def moe_hf_config(cfg: ModelConfig, refuse) -> dict:
+    """HF config fields of our E layers; refuses what transformers' router computes otherwise."""
+    n, k = cfg.num_moe_experts, cfg.moe_router_topk
+    if cfg.moe_router_score_function != "sigmoid":
+        refuse("moe_router_score_function", cfg.moe_router_score_function, "transformers' "
+               "NemotronHTopkRouter always scores experts with a sigmoid")
+    g, gk = cfg.moe_router_num_groups, cfg.moe_router_group_topk
+    if g > 1 and gk < g and k // gk != 2:
+        refuse("moe_router_group_topk", gk, f"grouped routing: megatron scores each of the "
+               f"{g} groups by the sum of its top moe_router_topk / group_topk = {k}/{gk} experts, "
+               "transformers by its top 2; only moe_router_topk = 2 x group_topk agrees")
+    if n // g < 2:
+        refuse("num_moe_experts", n, f"transformers' router takes the top 2 scores of each group of "
+               f"experts; {g} group(s) of {n // g} expert(s) cannot run there")
+    s = cfg.moe_shared_expert_intermediate_size
+    return {
+        "n_routed_experts": n,
+        "num_experts_per_tok": k,
+        "moe_intermediate_size": cfg.moe_ffn_hidden_size,
+        "n_shared_experts": 1 if s else 0,
+        "moe_shared_expert_intermediate_size": s or NO_SHARED_EXPERT_WIDTH,
+        "moe_shared_expert_overlap": False,
+        "moe_latent_size": cfg.moe_latent_size or None,
+        "routed_scaling_factor": cfg.moe_router_topk_scaling_factor,
+        "n_group": g,
+        "topk_group": gk,
+        # megatron normalises the top-k sigmoid weights exactly when k > 1
+        "norm_topk_prob": k > 1,
+    }
 
 
 # ----------------------------------------------------------------------------- layout
@@ -258,7 +359,42 @@ def _norm_key(kind: str, i: int) -> str:
         "M": f"decoder.layers.{i}.mixer.in_proj.layer_norm_weight",
         "*": f"decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
         "-": f"decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight",
+        "E": f"decoder.layers.{i}.pre_mlp_layernorm.weight",  # a separate norm before the MoELayer
     }[kind]
+
+
+# routed experts: one HF tensor per expert <-> one stacked global tensor [E, ...] (row e)
+EXPERT_PROJ = (("up_proj", "linear_fc1"), ("down_proj", "linear_fc2"))
+
+
+def moe_shapes(cfg: ModelConfig) -> dict:
+    """HF name suffix (after backbone.layers.i.mixer.) -> shape, for one E layer. No shared
+    expert: no shared tensors here (export writes zeros, see ours_to_hf; import checks any in
+    the folder are zero, see hf_zero_tensors)."""
+    h, n, f = cfg.hidden_size, cfg.num_moe_experts, cfg.moe_ffn_hidden_size
+    d = cfg.moe_latent_size or h  # the experts' input / output width
+    out = {"gate.weight": (n, h), "gate.e_score_correction_bias": (n,)}
+    for e in range(n):
+        out[f"experts.{e}.up_proj.weight"] = (f, d)
+        out[f"experts.{e}.down_proj.weight"] = (d, f)
+    s = cfg.moe_shared_expert_intermediate_size
+    if s:
+        out.update({"shared_experts.up_proj.weight": (s, h), "shared_experts.down_proj.weight": (h, s)})
+    if cfg.moe_latent_size:
+        out.update({"fc1_latent_proj.weight": (cfg.moe_latent_size, h),
+                    "fc2_latent_proj.weight": (h, cfg.moe_latent_size)})
+    return out
+
+
+def hf_zero_tensors(cfg: ModelConfig, unit: tuple[str, int]) -> list[str]:
+    """HF tensors of a unit that our model does not have and that must therefore be absent or
+    all zero: the shared MLP of an E layer imported as having none (config.json
+    n_shared_experts=0; transformers ignores that field and applies the shared MLP anyway)."""
+    if unit[0] != "layer" or cfg.pattern.replace("|", "")[unit[1]] != "E" or \
+            cfg.moe_shared_expert_intermediate_size:
+        return []
+    p = f"backbone.layers.{unit[1]}.mixer.shared_experts."
+    return [p + "up_proj.weight", p + "down_proj.weight"]
 
 
 def layer_units(cfg: ModelConfig) -> list[tuple[str, int]]:
@@ -298,10 +434,42 @@ def expected_hf_shapes(cfg: ModelConfig, unit: tuple[str, int]) -> dict:
         kv = cfg.num_query_groups * cfg.kv_channels
         out.update({p + "mixer.q_proj.weight": (q, h), p + "mixer.k_proj.weight": (kv, h),
                     p + "mixer.v_proj.weight": (kv, h), p + "mixer.o_proj.weight": (h, q)})
+    elif kind == "E":
+        out.update({p + "mixer." + k: v for k, v in moe_shapes(cfg).items()})
     else:
         out.update({p + "mixer.up_proj.weight": (cfg.ffn_hidden_size, h),
                     p + "mixer.down_proj.weight": (h, cfg.ffn_hidden_size)})
     return out
+
+
+def exported_hf_shapes(cfg: ModelConfig, unit: tuple[str, int]) -> dict:
+    """HF tensor name -> shape of what export writes for one unit: expected_hf_shapes plus
+    the zero shared MLP of an E layer without a shared expert."""
+    out = expected_hf_shapes(cfg, unit)
+    w, h = NO_SHARED_EXPERT_WIDTH, cfg.hidden_size
+    for name in hf_zero_tensors(cfg, unit):
+        out[name] = (w, h) if name.endswith("up_proj.weight") else (h, w)
+    return out
+
+
+# tensors transformers keeps in fp32 whatever the model's dtype (its
+# _keep_in_fp32_modules_strict): export writes them in fp32
+HF_FP32_SUFFIXES = ("mixer.gate.e_score_correction_bias",)
+
+# multi-token-prediction tensors (NVIDIA's Nemotron 3 releases): `mtp.layers.k....`
+_MTP_RE = re.compile(r"^(?:(?:backbone|model)\.)?mtp\.")
+
+
+def is_mtp(name: str) -> bool:
+    return bool(_MTP_RE.match(name))
+
+
+def mtp_layers(hf: dict, names) -> tuple[int, int]:
+    """(MTP layers, mtp.* tensors) of an HF folder. Layers: config.json
+    num_nextn_predict_layers (the `mtp.layers.k` indices count sub-layers of its
+    mtp_layers_block_type, not MTP depths), at least 1 when there are mtp.* tensors."""
+    n = sum(1 for x in names if is_mtp(x))
+    return max(int(hf.get("num_nextn_predict_layers") or 0), 1 if n else 0), n
 
 
 def hf_optional(name: str) -> bool:
@@ -350,6 +518,19 @@ def hf_to_ours(cfg: ModelConfig, unit: tuple[str, int], get: Callable[[str], Opt
         out[o + "self_attention.linear_qkv.weight"] = qkv_merge(
             t[p + "q_proj.weight"], t[p + "k_proj.weight"], t[p + "v_proj.weight"], cfg)
         out[o + "self_attention.linear_proj.weight"] = t[p + "o_proj.weight"]
+    elif kind == "E":
+        out[o + "mlp.router.weight"] = t[p + "gate.weight"]
+        if cfg.moe_router_expert_bias:
+            out[o + "mlp.router.expert_bias"] = t[p + "gate.e_score_correction_bias"].float()
+        for hf_n, ours_n in EXPERT_PROJ:
+            out[o + f"mlp.experts.experts.{ours_n}.weight"] = torch.stack(
+                [t[p + f"experts.{e}.{hf_n}.weight"] for e in range(cfg.num_moe_experts)])
+        if cfg.moe_shared_expert_intermediate_size:
+            out[o + "mlp.shared_experts.linear_fc1.weight"] = t[p + "shared_experts.up_proj.weight"]
+            out[o + "mlp.shared_experts.linear_fc2.weight"] = t[p + "shared_experts.down_proj.weight"]
+        if cfg.moe_latent_size:
+            for n in ("fc1_latent_proj.weight", "fc2_latent_proj.weight"):
+                out[o + "mlp." + n] = t[p + n]
     else:
         out[o + "mlp.linear_fc1.weight"] = t[p + "up_proj.weight"]
         out[o + "mlp.linear_fc2.weight"] = t[p + "down_proj.weight"]
@@ -372,6 +553,14 @@ def our_keys(cfg: ModelConfig, unit: tuple[str, int]) -> list[str]:
         keys += [o + "mixer." + n for n in ("A_log", "D", "dt_bias", "norm.weight", "out_proj.weight")]
     elif kind == "*":
         keys += [o + "self_attention.linear_qkv.weight", o + "self_attention.linear_proj.weight"]
+    elif kind == "E":
+        keys += [o + "mlp.router.weight"]
+        keys += [o + "mlp.router.expert_bias"] if cfg.moe_router_expert_bias else []
+        keys += [o + f"mlp.experts.experts.{n}.weight" for _, n in EXPERT_PROJ]
+        if cfg.moe_shared_expert_intermediate_size:
+            keys += [o + "mlp.shared_experts.linear_fc1.weight", o + "mlp.shared_experts.linear_fc2.weight"]
+        if cfg.moe_latent_size:
+            keys += [o + "mlp.fc1_latent_proj.weight", o + "mlp.fc2_latent_proj.weight"]
     else:
         keys += [o + "mlp.linear_fc1.weight", o + "mlp.linear_fc2.weight"]
     return keys
@@ -400,10 +589,33 @@ def ours_to_hf(cfg: ModelConfig, unit: tuple[str, int], t: dict) -> dict:
         q, k, v = qkv_split(t[o + "self_attention.linear_qkv.weight"], cfg)
         out.update({p + "q_proj.weight": q, p + "k_proj.weight": k, p + "v_proj.weight": v,
                     p + "o_proj.weight": t[o + "self_attention.linear_proj.weight"]})
+    elif kind == "E":
+        n, h = cfg.num_moe_experts, cfg.hidden_size
+        out[p + "gate.weight"] = t[o + "mlp.router.weight"]
+        # transformers always adds the correction bias: a model without one adds zeros
+        out[p + "gate.e_score_correction_bias"] = (t[o + "mlp.router.expert_bias"].float()
+                                                   if cfg.moe_router_expert_bias else torch.zeros(n))
+        for hf_n, ours_n in EXPERT_PROJ:
+            w = t[o + f"mlp.experts.experts.{ours_n}.weight"]
+            if w.shape[0] != n:
+                raise HFMappingError(f"checkpoint tensor {o}mlp.experts.experts.{ours_n}.weight has "
+                                     f"{w.shape[0]} experts but model_config.json num_moe_experts={n}")
+            for e in range(n):
+                out[p + f"experts.{e}.{hf_n}.weight"] = w[e]
+        if cfg.moe_shared_expert_intermediate_size:
+            out[p + "shared_experts.up_proj.weight"] = t[o + "mlp.shared_experts.linear_fc1.weight"]
+            out[p + "shared_experts.down_proj.weight"] = t[o + "mlp.shared_experts.linear_fc2.weight"]
+        else:  # transformers builds a shared MLP regardless: zero weights, zero output
+            w = NO_SHARED_EXPERT_WIDTH
+            out[p + "shared_experts.up_proj.weight"] = torch.zeros(w, h, dtype=t[o + "mlp.router.weight"].dtype)
+            out[p + "shared_experts.down_proj.weight"] = torch.zeros(h, w, dtype=t[o + "mlp.router.weight"].dtype)
+        if cfg.moe_latent_size:
+            for m in ("fc1_latent_proj.weight", "fc2_latent_proj.weight"):
+                out[p + m] = t[o + "mlp." + m]
     else:
         out[p + "up_proj.weight"] = t[o + "mlp.linear_fc1.weight"]
         out[p + "down_proj.weight"] = t[o + "mlp.linear_fc2.weight"]
-    exp = expected_hf_shapes(cfg, unit)
+    exp = exported_hf_shapes(cfg, unit)
     for name, x in out.items():
         if tuple(x.shape) != tuple(exp[name]):
             raise HFMappingError(f"checkpoint tensor for {name} has shape {list(x.shape)} but "
@@ -430,18 +642,48 @@ _LOCAL_NORM_KEYS = {
 }
 
 
-def global_key_of_param(name: str, layer_offset: int) -> str:
-    """Local parameter name of this rank's model -> its global checkpoint key (without the
-    fused-part suffix): local layer j -> global layer j + layer_offset, norm names -> TE names."""
+def global_key_of_param(name: str, layer_offset: int, pattern: str = "") -> str:
+    """Local parameter (or buffer) name of this rank's model -> its global checkpoint key
+    (without the fused-part suffix): local layer j -> global layer j + layer_offset, norm
+    names -> TE names (not an E layer's pre_mlp_layernorm, which the MoE layer stores as is).
+    Routed-expert names stay local here: expert_of_key maps them. `pattern`: the full layer
+    pattern ('|' ignored), needed to tell an E layer's norm from an MLP's."""
     if name.startswith("decoder.layers."):
         rest = name[len("decoder.layers."):]
         j, tail = rest.split(".", 1)
+        i = int(j) + layer_offset
         tail = "." + tail
+        moe = i < len(pattern.replace("|", "")) and pattern.replace("|", "")[i] == "E"
         for a, b in _LOCAL_NORM_KEYS.items():
-            if tail == a:
+            if tail == a and not (moe and a == ".pre_mlp_layernorm.weight"):
                 tail = b
-        name = f"decoder.layers.{int(j) + layer_offset}{tail}"
+        name = f"decoder.layers.{i}{tail}"
     return name
+
+
+# a routed expert's local parameter: SequentialMLP `local_experts.{le}.linear_fc1.weight`, or
+# TE's grouped GEMM `linear_fc1.weight{le}`; both are row ep_rank * E/ep + le of the global
+# stacked tensor `mlp.experts.experts.linear_fc1.weight` [E, ...]
+_LOCAL_EXPERT_RE = (re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12])\.weight$"),
+                    re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$"))
+
+
+def expert_of_key(key: str, num_experts: int, ep: int, ep_rank: int) -> tuple[str, Optional[int]]:
+    """(global key, expert row) of a key from global_key_of_param: a local expert ->
+    (`...mlp.experts.experts.linear_fc{1,2}.weight`, its global expert index); else (key, None)."""
+    m = _LOCAL_EXPERT_RE[0].match(key)
+    if m:
+        base, le, proj = m.group(1), int(m.group(2)), m.group(3)
+    else:
+        m = _LOCAL_EXPERT_RE[1].match(key)
+        if not m:
+            return key, None
+        base, proj, le = m.group(1), m.group(2), int(m.group(3))
+    per_rank = num_experts // ep
+    if le >= per_rank:
+        raise HFMappingError(f"internal: {key} is local expert {le} but each of the ep={ep} ranks "
+                             f"holds {per_rank} of num_moe_experts={num_experts}")
+    return f"{base}.experts.{proj}.weight", ep_rank * per_rank + le
 
 
 def fused_parts(key: str) -> Optional[tuple]:
@@ -458,12 +700,14 @@ def tp_slice(x: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
     return x.narrow(dim, rank * n, n)
 
 
-def local_from_global(key: str, tensors: dict, tp: int, rank: int, tp_dim: Optional[int]) -> torch.Tensor:
-    """This rank's value of the parameter whose global key is `key` (tp_dim None: replicated)."""
+def local_from_global(key: str, tensors: dict, tp: int, rank: int, tp_dim: Optional[int],
+                      expert: Optional[int] = None) -> torch.Tensor:
+    """This rank's value of the parameter whose global key is `key` (tp_dim None: replicated;
+    expert: the row of a stacked [E, ...] expert tensor, tp_dim then counts within the row)."""
     parts = fused_parts(key)
     if parts is not None:
         return torch.cat([tp_slice(tensors[f"{key}.{p}"], 0, tp, rank) for p in parts])
-    x = tensors[key]
+    x = tensors[key] if expert is None else tensors[key][expert]
     return x if tp_dim is None or tp == 1 else tp_slice(x, tp_dim, tp, rank)
 
 

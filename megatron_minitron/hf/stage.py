@@ -1,10 +1,11 @@
 """`import-hf` and `export-hf` stages: Hugging Face Nemotron-H folders <-> our checkpoints.
 
-import-hf (torchrun at any TP/PP): every rank builds its own shard of the megatron model,
+import-hf (torchrun at any TP/PP/EP): every rank builds its own shard of the megatron model,
 then walks its layers one at a time: it reads that layer's tensors from the safetensors
 shards (only the files that hold them), converts them to the checkpoint's global layout
-(mapping.hf_to_ours), cuts out this rank's TP slice and copies it in. Memory: the rank's
-model shard plus one layer's full tensors. The result is saved with train/checkpoint.save
+(mapping.hf_to_ours; routed experts stacked [E, ...]), cuts out this rank's TP slice (and
+its EP ranks' experts) and copies it in, parameters and persistent buffers (the MoE
+routers' expert_bias) alike. Memory: the rank's model shard plus one layer's full tensors. The result is saved with train/checkpoint.save
 (model_config.json included); tokenizer files go to <output_dir>/tokenizer/.
 
 export-hf (one process, no model built): reads the checkpoint's metadata, then loads one
@@ -49,6 +50,10 @@ class ImportHFConfig:
     # megatron trained (Nemotron-H was trained without it).
     ignore_time_step_min: bool = False
     seq_length: int = 0  # 0: config.json max_position_embeddings
+    # multi-token-prediction layers (config.json num_nextn_predict_layers > 0, mtp.* tensors):
+    # megatron-core 0.16's hybrid model has none, so a folder with them is refused unless
+    # drop_mtp=true, which imports the main model without them (summary.json says so)
+    drop_mtp: bool = False
 
 
 @dataclass
@@ -117,9 +122,13 @@ class HFFolder:
         return self._open[fname], name
 
     def check_shapes(self, mcfg: ModelConfig) -> None:
-        """Every tensor the model needs is present with the shape config.json implies."""
+        """Every tensor the model needs is present with the shape config.json implies; the
+        tensors our model has no place for are zero (hf_zero_tensors) or MTP (checked by the
+        caller); anything else in the folder is refused rather than dropped."""
+        used = set()
         for unit in M.layer_units(mcfg):
             for name, shape in M.expected_hf_shapes(mcfg, unit).items():
+                used.add(name)
                 got = self.shape(name)
                 if got is None and not M.hf_optional(name):
                     raise M.HFMappingError(f"tensor {name} is missing from hf_dir={str(self.path)!r} "
@@ -128,6 +137,24 @@ class HFFolder:
                     raise M.HFMappingError(
                         f"tensor {name} in hf_dir={str(self.path)!r} has shape {list(got)} but "
                         f"config.json implies {list(shape)}; the folder's config.json and weights disagree")
+            for name in M.hf_zero_tensors(mcfg, unit):
+                used.add(name)
+                x = self.get(name)
+                if x is not None and x.count_nonzero():
+                    raise M.HFMappingError(
+                        f"config.json n_shared_experts=0 but tensor {name} in hf_dir={str(self.path)!r} "
+                        "is not zero: transformers' NemotronH ignores n_shared_experts and applies the "
+                        "shared MLP; set n_shared_experts=1 (and moe_shared_expert_intermediate_size) "
+                        "to import it")
+        if not mcfg.untie_embeddings:
+            used.add("lm_head.weight")  # tied: transformers ties it to the embedding whatever is stored
+        stored = {"backbone." + n[len("model."):] if n.startswith("model.") else n for n in self.weight_map}
+        extra = sorted(n for n in stored - used if not M.is_mtp(n))
+        if extra:
+            raise M.HFMappingError(
+                f"hf_dir={str(self.path)!r} has {len(extra)} tensor(s) that config.json gives no place "
+                f"in the model, e.g. {extra[:4]}; refusing to drop them (the folder's config.json and "
+                "weights disagree)")
 
     def close(self):
         self._open.clear()
@@ -146,8 +173,21 @@ def _check_import(cfg: ImportHFConfig) -> tuple[HFFolder, ModelConfig]:
     model_cfg = M.model_config_from_hf(folder.config, cfg.params_dtype, cfg.ignore_time_step_min)
     if cfg.seq_length:
         model_cfg.seq_length = cfg.seq_length
-    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp)
-    folder.check_shapes(model_cfg)  # headers only: fails before any model is built
+    par = cfg.parallel
+    if par.ep > 1 and not model_cfg.is_moe:
+        raise ConfigError(f"parallel.ep={par.ep} splits mixture-of-experts layers, but hf_dir's "
+                          f"pattern {model_cfg.pattern!r} has none; use parallel.ep=1")
+    model_cfg.validate(par.tp, par.pp, ep=par.ep)
+    n_mtp, n_mtp_tensors = M.mtp_layers(folder.config, folder.weight_map)
+    if n_mtp and not cfg.drop_mtp:
+        raise ConfigError(
+            f"hf_dir={cfg.hf_dir!r} has {n_mtp} multi-token-prediction layer(s) (config.json "
+            f"num_nextn_predict_layers={folder.config.get('num_nextn_predict_layers', 0)}, "
+            f"{n_mtp_tensors} mtp.* tensors): megatron-core 0.16's hybrid model has no MTP, so they "
+            "cannot be imported. Set drop_mtp=true to import the main model without them (the "
+            "checkpoint then predicts the next token only; summary.json records the drop)")
+    # headers only (plus the tensors that must be zero): fails before any model is built
+    folder.check_shapes(model_cfg)
     return folder, model_cfg
 
 
@@ -162,8 +202,11 @@ def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
     fill_from_hf(model, mcfg, par, folder.get, log=D.print0)
     folder.close()
     out = Path(cfg.output_dir)
-    meta = {"tp": par.tp, "pp": par.pp, "source": "import-hf", "hf_dir": str(Path(cfg.hf_dir).resolve()),
-            "hf_time_step_min": folder.config.get("time_step_min")}
+    meta = {"tp": par.tp, "pp": par.pp, "ep": par.ep, "source": "import-hf",
+            "hf_dir": str(Path(cfg.hf_dir).resolve()), "hf_time_step_min": folder.config.get("time_step_min")}
+    n_mtp, n_mtp_tensors = M.mtp_layers(folder.config, folder.weight_map)
+    if n_mtp:
+        meta["dropped_mtp_layers"] = n_mtp
     it = ckpt.save(out, 0, mcfg, {"model": model.sharded_state_dict()}, meta)
     summary = {}
     if D.is_rank0():
@@ -171,12 +214,14 @@ def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
         summary = {
             "stage": "import-hf", "hf_dir": str(Path(cfg.hf_dir).resolve()), "checkpoint": str(it),
             "model": mcfg.to_dict(), "parameters": count_parameters(mcfg)["total"],
-            "tp": par.tp, "pp": par.pp, "tokenizer_files": tok, "seconds": round(time.time() - t0, 2),
-            "notes": _import_notes(folder.config, mcfg),
+            "tp": par.tp, "pp": par.pp, "ep": par.ep, "tokenizer_files": tok,
+            "seconds": round(time.time() - t0, 2),
+            "dropped_mtp": {"layers": n_mtp, "tensors": n_mtp_tensors} if n_mtp else None,
+            "notes": _import_notes(folder.config, mcfg, (n_mtp, n_mtp_tensors)),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         D.print0(f"[import-hf] {cfg.hf_dir} -> {it} ({summary['parameters']:,} parameters, "
-                 f"pattern {mcfg.pattern}, TP={par.tp} PP={par.pp}); tokenizer: {tok or 'none found'}")
+                 f"pattern {mcfg.pattern}, TP={par.tp} PP={par.pp} EP={par.ep}); tokenizer: {tok or 'none found'}")
         for n in summary["notes"]:
             D.print0(f"[import-hf] note: {n}")
     D.barrier()
@@ -185,7 +230,7 @@ def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
     return summary
 
 
-def _import_notes(hf: dict, mcfg: ModelConfig) -> list[str]:
+def _import_notes(hf: dict, mcfg: ModelConfig, mtp: tuple[int, int] = (0, 0)) -> list[str]:
     notes = []
     tmin = float(hf.get("time_step_min", 0.001))
     if "M" in M.hf_pattern(hf) and tmin > M.EXPORT_TIME_STEP_MIN:
@@ -201,24 +246,32 @@ def _import_notes(hf: dict, mcfg: ModelConfig) -> list[str]:
     if "M" in M.hf_pattern(hf) and lim and tuple(num(x) for x in lim) != (0.0, float("inf")):
         notes.append(f"config.json time_step_limit={list(lim)} is not used, as in transformers' "
                      "NemotronH (it clamps at time_step_min only)")
-    if hf.get("num_nextn_predict_layers", 0):
-        notes.append("multi-token-prediction (mtp.*) weights were not imported (transformers ignores them too)")
+    if mtp[0]:
+        notes.append(f"dropped {mtp[0]} multi-token-prediction layer(s) ({mtp[1]} mtp.* tensors; "
+                     "drop_mtp=true): megatron-core 0.16's hybrid model has no MTP; the checkpoint "
+                     "predicts the next token only, as transformers' NemotronH does")
+    if "E" in mcfg.pattern and not int(hf.get("n_shared_experts", 1) or 0):
+        notes.append("config.json n_shared_experts=0: imported without a shared expert (its "
+                     "shared_experts tensors, which transformers applies regardless, are zero)")
     return notes
 
 
 def fill_from_hf(model, mcfg: ModelConfig, par, get, log=None) -> None:
     """Copy HF tensors (fetched by name with `get`) into this rank's model shard, one unit
-    (layer) at a time. Works at any TP/PP: local layer j is global layer
-    mcfg.layer_offset(pp, pp_rank) + j."""
+    (layer) at a time: every parameter and every persistent buffer (the MoE routers'
+    expert_bias, which named_parameters does not list). Works at any TP/PP/EP: local layer j
+    is global layer mcfg.layer_offset(pp, pp_rank) + j; local expert le of EP rank r is
+    expert r * E/ep + le."""
     offset = mcfg.layer_offset(par.pp, par.pp_rank)
     by_unit: dict = {}
-    for name, p in model.named_parameters():
-        key = M.global_key_of_param(name, offset)
+    for name, p in list(model.named_parameters()) + persistent_buffers(model):
+        key = M.global_key_of_param(name, offset, mcfg.pattern)
+        key, expert = M.expert_of_key(key, mcfg.num_moe_experts, par.ep, par.ep_rank)
         if key == "output_layer.weight" and not mcfg.untie_embeddings:
             key = "embedding.word_embeddings.weight"  # tied: the last stage's copy
-        by_unit.setdefault(M.unit_of_key(key), []).append((key, p))
+        by_unit.setdefault(M.unit_of_key(key), []).append((key, expert, p))
     units = [u for u in M.layer_units(mcfg) if u in by_unit]
-    left = sorted(k for u in set(by_unit) - set(units) for k, _ in by_unit[u])
+    left = sorted(k for u in set(by_unit) - set(units) for k, _, _ in by_unit[u])
     if left:  # the model was built uninitialised: an unfilled parameter would be garbage
         raise M.HFMappingError(f"internal: no Hugging Face source for parameters {left}")
     from ..train.engine import Progress
@@ -227,13 +280,19 @@ def fill_from_hf(model, mcfg: ModelConfig, par, get, log=None) -> None:
     for n, unit in enumerate(units):
         tensors = M.hf_to_ours(mcfg, unit, get)
         if unit[0] == "final" and not mcfg.untie_embeddings and any(
-                k == "embedding.word_embeddings.weight" for k, _ in by_unit[unit]):
+                k == "embedding.word_embeddings.weight" for k, _, _ in by_unit[unit]):
             tensors.update(M.hf_to_ours(mcfg, ("embedding", -1), get))
-        for key, p in by_unit[unit]:
-            local = M.local_from_global(key, tensors, par.tp, par.tp_rank, _tp_dim(key, p, tensors, par.tp))
+        for key, expert, p in by_unit[unit]:
+            if key not in tensors and M.fused_parts(key) is None:
+                raise M.HFMappingError(f"internal: no Hugging Face source for {key} (unit {unit})")
+            # routed experts: TP over the expert-TP group, whose size and rank are the TP
+            # ones (megatron's default expert_tensor_parallel_size = tp; dist.init sets no other)
+            local = M.local_from_global(key, tensors, par.tp, par.tp_rank,
+                                        _tp_dim(key, p, tensors, par.tp, expert), expert)
             if tuple(local.shape) != tuple(p.shape):
                 raise M.HFMappingError(f"{key}: converted slice has shape {list(local.shape)}, the "
-                                       f"model's parameter {list(p.shape)} (tp_rank {par.tp_rank})")
+                                       f"model's parameter {list(p.shape)} (tp_rank {par.tp_rank}, "
+                                       f"expert {expert})")
             with torch.no_grad():
                 p.copy_(local)
         del tensors
@@ -241,12 +300,24 @@ def fill_from_hf(model, mcfg: ModelConfig, par, get, log=None) -> None:
     prog.close()
 
 
-def _tp_dim(key: str, p, tensors: dict, tp: int):
-    """The dim along which parameter `p` is this rank's 1/tp of the global tensor, None when
-    replicated. From the shapes: megatron sets `partition_dim` only when it initialises."""
+def persistent_buffers(model) -> list:
+    """(name, buffer) of the buffers a state dict holds (not the non-persistent ones, such as
+    the routers' local_tokens_per_expert counters, which start at zero)."""
+    out = []
+    for mname, mod in model.named_modules():
+        for bname, buf in mod._buffers.items():
+            if buf is not None and bname not in mod._non_persistent_buffers_set:
+                out.append((f"{mname}.{bname}" if mname else bname, buf))
+    return out
+
+
+def _tp_dim(key: str, p, tensors: dict, tp: int, expert=None):
+    """The dim along which parameter `p` is this rank's 1/tp of the global tensor (of its
+    row, for a routed expert), None when replicated. From the shapes: megatron sets
+    `partition_dim` only when it initialises."""
     if tp == 1 or M.fused_parts(key) is not None:  # fused parts: sliced part by part on dim 0
         return 0
-    full = tensors[key].shape
+    full = tensors[key].shape if expert is None else tensors[key].shape[1:]
     split = [d for d in range(len(full)) if d < p.dim() and p.shape[d] != full[d]]
     if len(split) == 1 and p.shape[split[0]] * tp == full[split[0]]:
         return split[0]
@@ -404,7 +475,7 @@ def run_export_hf(cfg: ExportHFConfig, shutdown: bool = True) -> dict:
     dtype, dtype_name = HF_DTYPES[cfg.dtype]
     esize = torch.empty((), dtype=dtype).element_size()
     units = M.layer_units(mcfg)
-    sizes = [(u, sum(M.numel(s) for s in M.expected_hf_shapes(mcfg, u).values()) * esize) for u in units]
+    sizes = [(u, sum(M.numel(s) for s in M.exported_hf_shapes(mcfg, u).values()) * esize) for u in units]
     shards = M.shard_plan(sizes, max_bytes)
     out = Path(cfg.output_dir)
     if out.exists() and cfg.overwrite:
@@ -421,9 +492,10 @@ def run_export_hf(cfg: ExportHFConfig, shutdown: bool = True) -> dict:
         for unit in shard:
             got = reader.load(M.our_keys(mcfg, unit))
             for name, x in M.ours_to_hf(mcfg, unit, got).items():
-                buf[name] = x.to(dtype).contiguous()
+                fp32 = name.endswith(M.HF_FP32_SUFFIXES)  # the router's correction bias
+                buf[name] = x.to(torch.float32 if fp32 else dtype).contiguous()
                 weight_map[name] = fname
-                total += buf[name].numel() * esize
+                total += buf[name].numel() * buf[name].element_size()
             del got
             done += 1
             prog.update(done, {"unit": f"{unit[0]}{'' if unit[1] < 0 else unit[1]}"})

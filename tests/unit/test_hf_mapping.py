@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.hf import mapping as M
 
 CFG = ModelConfig(pattern="M*-M", hidden_size=32, ffn_hidden_size=40, mamba_num_heads=6,
@@ -92,7 +92,8 @@ def test_config_roundtrip():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("layers_block_type", ["linear_attention", "moe"], "layers_block_type"),
+    ("layers_block_type", ["linear_attention", "conv"], "layers_block_type"),
+    ("layers_block_type", ["linear_attention", "moe"], "n_routed_experts"),  # moe needs its fields
     ("mlp_hidden_act", "silu", "mlp_hidden_act"),
     ("use_bias", True, "use_bias"),
     ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon"),
@@ -206,7 +207,258 @@ def test_unsupported_field_in_folder(hf_folder, tmp_path):
 
     d = _copy(hf_folder, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["layers_block_type"][1] = "moe"
+    cfg["mlp_hidden_act"] = "silu"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="moe"):
+    with pytest.raises(ConfigError, match="mlp_hidden_act='silu'"):
         _check_import(ImportHFConfig(hf_dir=str(d)))
+
+
+def test_dense_export_config_has_no_moe_fields():
+    hf = M.hf_config_from_model(CFG)
+    assert "E" not in hf["hybrid_override_pattern"] and hf["num_nextn_predict_layers"] == 0
+    assert not [k for k in hf if "expert" in k or k in ("n_group", "topk_group", "norm_topk_prob",
+                                                         "routed_scaling_factor", "moe_latent_size")]
+
+
+# ----------------------------------------------------------------------------- MoE (E layers)
+
+MOE = ModelConfig(**{**CFG.to_dict(), "pattern": "ME*E-", "num_moe_experts": 4, "moe_ffn_hidden_size": 12,
+                     "moe_router_topk": 2, "moe_shared_expert_intermediate_size": 20,
+                     "moe_router_topk_scaling_factor": 2.5})
+MOE_VARIANTS = {
+    "shared": {},
+    "no_shared": {"moe_shared_expert_intermediate_size": 0},
+    "latent": {"moe_latent_size": 8},
+    "grouped": {"moe_router_num_groups": 2, "moe_router_group_topk": 1},
+    "top1": {"moe_router_topk": 1},
+}
+
+
+def moe(**change):
+    return ModelConfig(**{**MOE.to_dict(), **change})
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("variant", sorted(MOE_VARIANTS))
+def test_moe_tensor_mapping_roundtrip_is_exact(variant):
+    cfg = moe(**MOE_VARIANTS[variant])
+    for unit in [("layer", 1), ("layer", 3)]:
+        hf = rand_hf(cfg, unit, seed=unit[1])
+        ours = M.hf_to_ours(cfg, unit, hf.get)
+        assert sorted(ours) == sorted(M.our_keys(cfg, unit))
+        back = M.ours_to_hf(cfg, unit, ours)
+        zero = M.hf_zero_tensors(cfg, unit)  # no shared expert: export writes a zero shared MLP
+        assert sorted(back) == sorted(list(hf) + zero)
+        for n in hf:
+            assert torch.equal(back[n], hf[n]), n
+        for n in zero:
+            assert back[n].abs().sum() == 0 and n in M.exported_hf_shapes(cfg, unit)
+
+
+def test_moe_experts_are_stacked_in_expert_order():
+    unit = ("layer", 1)
+    hf = rand_hf(MOE, unit)
+    ours = M.hf_to_ours(MOE, unit, hf.get)
+    p, o = "backbone.layers.1.mixer.", "decoder.layers.1."
+    fc1, fc2 = ours[o + "mlp.experts.experts.linear_fc1.weight"], ours[o + "mlp.experts.experts.linear_fc2.weight"]
+    assert fc1.shape == (4, 12, 32) and fc2.shape == (4, 32, 12)
+    for e in range(4):
+        assert torch.equal(fc1[e], hf[p + f"experts.{e}.up_proj.weight"])
+        assert torch.equal(fc2[e], hf[p + f"experts.{e}.down_proj.weight"])
+    assert torch.equal(ours[o + "mlp.router.weight"], hf[p + "gate.weight"])
+    assert torch.equal(ours[o + "mlp.router.expert_bias"], hf[p + "gate.e_score_correction_bias"])
+    assert ours[o + "mlp.router.expert_bias"].dtype == torch.float32
+    assert torch.equal(ours[o + "pre_mlp_layernorm.weight"], hf["backbone.layers.1.norm.weight"])
+    assert torch.equal(ours[o + "mlp.shared_experts.linear_fc2.weight"], hf[p + "shared_experts.down_proj.weight"])
+    hf[p + "experts.3.up_proj.weight"] = torch.zeros(12, 31)
+    with pytest.raises(M.HFMappingError, match=r"experts.3.up_proj.weight has shape \[12, 31\].*\[12, 32\]"):
+        M.hf_to_ours(MOE, unit, hf.get)
+    hf = rand_hf(MOE, unit)
+    del hf[p + "experts.2.down_proj.weight"]
+    with pytest.raises(M.HFMappingError, match="experts.2.down_proj.weight is missing"):
+        M.hf_to_ours(MOE, unit, hf.get)
+
+
+def test_moe_export_without_expert_bias_writes_zeros():
+    cfg = moe(moe_router_expert_bias=False)
+    unit = ("layer", 1)
+    ours = M.hf_to_ours(cfg, unit, rand_hf(cfg, unit).get)
+    assert "decoder.layers.1.mlp.router.expert_bias" not in ours
+    back = M.ours_to_hf(cfg, unit, ours)
+    b = back["backbone.layers.1.mixer.gate.e_score_correction_bias"]
+    assert b.dtype == torch.float32 and b.shape == (4,) and b.abs().sum() == 0
+    assert M.hf_config_from_model(cfg)["n_routed_experts"] == 4
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("variant", sorted(MOE_VARIANTS))
+def test_moe_config_roundtrip(variant):
+    cfg = moe(**MOE_VARIANTS[variant])
+    hf = json.loads(json.dumps(M.hf_config_from_model(cfg)))
+    assert hf["layers_block_type"][1] == "moe" and hf["num_nextn_predict_layers"] == 0
+    assert hf["norm_topk_prob"] == (cfg.moe_router_topk > 1)
+    assert hf["n_shared_experts"] == (1 if cfg.moe_shared_expert_intermediate_size else 0)
+    assert M.model_config_from_hf(hf).to_dict() == cfg.to_dict()
+
+
+def test_moe_config_from_transformers_fields():
+    hf = M.hf_config_from_model(MOE)
+    hf.update(n_group=4, topk_group=4, num_experts_per_tok=3)  # every group chosen: no grouping
+    cfg = M.model_config_from_hf(hf)
+    assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk, cfg.moe_router_topk) == (1, 1, 3)
+    hf = M.hf_config_from_model(MOE)
+    hf.update(moe_shared_expert_intermediate_size=None, moe_latent_size=None)  # transformers' fallback
+    cfg = M.model_config_from_hf(hf)
+    assert cfg.moe_shared_expert_intermediate_size == CFG.ffn_hidden_size and cfg.moe_latent_size == 0
+    assert (cfg.moe_router_score_function, cfg.moe_router_expert_bias) == ("sigmoid", True)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"norm_topk_prob": False}, r"norm_topk_prob=False .*always divides"),
+    ({"num_experts_per_tok": 1, "norm_topk_prob": True}, r"norm_topk_prob=True .*num_experts_per_tok=1"),
+    ({"n_shared_experts": 2}, "n_shared_experts=2"),
+    ({"n_group": 2, "topk_group": 1, "num_experts_per_tok": 1, "norm_topk_prob": False}, r"topk_group=1 .*top 2"),
+    ({"n_group": 3}, r"n_group=3 .*not divisible"),
+    ({"mlp_hidden_act": "silu"}, "mlp_hidden_act"),
+    ({"n_routed_experts": 0}, "n_routed_experts=0"),
+])
+def test_moe_hf_fields_megatron_computes_differently_are_refused(change, match):
+    hf = {**M.hf_config_from_model(MOE), **change}
+    with pytest.raises(ConfigError, match=match):
+        M.model_config_from_hf(hf)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"moe_router_score_function": "softmax", "moe_router_expert_bias": False},
+     "moe_router_score_function='softmax'"),
+    ({"moe_router_num_groups": 2, "moe_router_group_topk": 1, "moe_router_topk": 1}, "moe_router_group_topk=1"),
+    ({"activation": "swiglu"}, "model.activation"),
+    ({"num_moe_experts": 2, "moe_router_num_groups": 2, "moe_router_group_topk": 1, "moe_router_topk": 2},
+     "model.num_moe_experts=2"),
+])
+def test_moe_unexportable_models_are_refused(change, match):
+    with pytest.raises(ConfigError, match=match):
+        M.hf_config_from_model(moe(**change))
+
+
+def test_moe_local_parameter_names_to_global_keys():
+    pat = MOE.pattern  # ME*E-
+    # an E layer's norm is stored as is; the dense MLP's under its TE name
+    assert M.global_key_of_param("decoder.layers.0.pre_mlp_layernorm.weight", 1, pat) == \
+        "decoder.layers.1.pre_mlp_layernorm.weight"
+    assert M.global_key_of_param("decoder.layers.4.pre_mlp_layernorm.weight", 0, pat) == \
+        "decoder.layers.4.mlp.linear_fc1.layer_norm_weight"
+    k = M.global_key_of_param("decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight", 3, pat)
+    assert M.expert_of_key(k, 4, 2, 1) == ("decoder.layers.3.mlp.experts.experts.linear_fc2.weight", 3)
+    assert M.expert_of_key("decoder.layers.3.mlp.experts.linear_fc1.weight0", 4, 2, 1) == \
+        ("decoder.layers.3.mlp.experts.experts.linear_fc1.weight", 2)  # TE grouped GEMM names
+    assert M.expert_of_key("decoder.layers.3.mlp.router.expert_bias", 4, 2, 1) == \
+        ("decoder.layers.3.mlp.router.expert_bias", None)
+    with pytest.raises(M.HFMappingError, match="local expert 2"):
+        M.expert_of_key("decoder.layers.3.mlp.experts.local_experts.2.linear_fc1.weight", 4, 2, 0)
+
+
+def test_moe_local_slices_tile_the_global_tensors_at_tp2_ep2():
+    # what every (tp_rank, ep_rank) of a TP=2 x EP=2 layout copies in: together, each global
+    # stacked tensor exactly once (fc1 column-parallel: rows of each expert; fc2: columns)
+    unit = ("layer", 1)
+    ours = M.hf_to_ours(MOE, unit, rand_hf(MOE, unit).get)
+    for proj, dim in (("linear_fc1", 0), ("linear_fc2", 1)):
+        full = ours[f"decoder.layers.1.mlp.experts.experts.{proj}.weight"]
+        got = torch.full_like(full, float("nan"))
+        for ep_rank in range(2):
+            for le in range(2):
+                key, e = M.expert_of_key(f"decoder.layers.1.mlp.experts.local_experts.{le}.{proj}.weight",
+                                         4, 2, ep_rank)
+                for tp_rank in range(2):
+                    x = M.local_from_global(key, ours, 2, tp_rank, dim, e)
+                    assert x.shape[dim] == full.shape[1 + dim] // 2
+                    got[e].narrow(dim, tp_rank * x.shape[dim], x.shape[dim]).copy_(x)
+        assert torch.equal(got, full)
+
+
+def test_mtp_tensors_are_counted():
+    names = ["backbone.embeddings.weight", "mtp.layers.0.mixer.q_proj.weight", "mtp.layers.1.norm.weight",
+             "model.mtp.layers.1.mixer.gate.weight"]
+    assert M.mtp_layers({}, names) == (1, 3)
+    assert M.mtp_layers({"num_nextn_predict_layers": 2}, names) == (2, 3)
+    assert M.mtp_layers({"num_nextn_predict_layers": 3}, names[:1]) == (3, 0)
+    assert M.mtp_layers({"num_nextn_predict_layers": 0}, names[:1]) == (0, 0)
+    assert not M.is_mtp("backbone.layers.0.mixer.mtp.weight")
+
+
+@pytest.fixture(scope="module")
+def hf_moe_folder(tmp_path_factory):
+    tr = pytest.importorskip("transformers")
+    cfg = tr.NemotronHConfig(**{k: v for k, v in M.hf_config_from_model(MOE).items()
+                                if k not in ("architectures", "hybrid_override_pattern", "num_hidden_layers")})
+    model = tr.NemotronHForCausalLM(cfg)
+    d = tmp_path_factory.mktemp("hfmoe") / "hf"
+    model.save_pretrained(d)
+    return d
+
+
+def _edit(d, **change):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _add_tensors(d, extra):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(d / "model.safetensors")
+    save_file({**t, **extra}, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_moe_folder_imports_config(hf_moe_folder, hf_folder):
+    from megatron_minitron.hf.stage import ImportHFConfig, _check_import
+
+    folder, mcfg = _check_import(ImportHFConfig(hf_dir=str(hf_moe_folder)))
+    assert mcfg.to_dict() == MOE.to_dict()
+    assert folder.shape("backbone.layers.3.mixer.experts.2.up_proj.weight") == (12, 32)  # per expert on disk
+    with pytest.raises(ConfigError, match=r"choose parallel.ep in \[1, 2, 4\]"):
+        _check_import(ImportHFConfig(hf_dir=str(hf_moe_folder), parallel=ParallelConfig(ep=3)))
+    with pytest.raises(ConfigError, match="parallel.ep=2 splits mixture-of-experts layers"):
+        _check_import(ImportHFConfig(hf_dir=str(hf_folder), parallel=ParallelConfig(ep=2)))
+
+
+def test_mtp_folder_is_refused_unless_drop_mtp(hf_moe_folder, tmp_path):
+    from megatron_minitron.hf.stage import ImportHFConfig, _check_import
+
+    d = _copy(hf_moe_folder, tmp_path)
+    _edit(d, num_nextn_predict_layers=1)
+    _add_tensors(d, {"mtp.layers.0.norm.weight": torch.ones(32), "mtp.layers.0.mixer.gate.weight": torch.ones(4, 32)})
+    with pytest.raises(ConfigError, match=r"1 multi-token-prediction layer.*2 mtp\.\* tensors.*drop_mtp=true"):
+        _check_import(ImportHFConfig(hf_dir=str(d)))
+    _check_import(ImportHFConfig(hf_dir=str(d), drop_mtp=True))
+    _edit(d, num_nextn_predict_layers=0)  # tensors without the config field: still refused
+    with pytest.raises(ConfigError, match="drop_mtp"):
+        _check_import(ImportHFConfig(hf_dir=str(d)))
+
+
+def test_unplaced_tensor_is_refused_not_dropped(hf_moe_folder, tmp_path):
+    from megatron_minitron.hf.stage import ImportHFConfig, _check_import
+
+    d = _copy(hf_moe_folder, tmp_path)
+    _add_tensors(d, {"backbone.layers.1.mixer.experts.4.up_proj.weight": torch.ones(12, 32)})
+    with pytest.raises(ConfigError, match=r"1 tensor\(s\) that config.json gives no place.*experts.4.up_proj"):
+        _check_import(ImportHFConfig(hf_dir=str(d)))
+
+
+def test_no_shared_expert_needs_zero_shared_tensors(hf_moe_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_minitron.hf.stage import ImportHFConfig, _check_import
+
+    d = _copy(hf_moe_folder, tmp_path)
+    _edit(d, n_shared_experts=0)
+    with pytest.raises(ConfigError, match=r"n_shared_experts=0 but tensor backbone.layers.1.mixer.shared_experts"):
+        _check_import(ImportHFConfig(hf_dir=str(d)))
+    t = load_file(d / "model.safetensors")
+    for k in t:
+        if "shared_experts" in k:
+            t[k] = torch.zeros_like(t[k])
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    _, mcfg = _check_import(ImportHFConfig(hf_dir=str(d)))
+    assert mcfg.moe_shared_expert_intermediate_size == 0
