@@ -51,7 +51,7 @@ def _vals(summary):
 def test_parallel_layout_matches_single_rank(runs, layout):
     ref, par = runs["ref"], runs[layout]
     assert par["layout"] == {"tp": 2 if layout == "tp2" else 1,
-                             "pp": 2 if layout == "pp2" else 1, "dp": 1}
+                             "pp": 2 if layout == "pp2" else 1, "ep": 1, "dp": 1}
     assert len(_losses(par)) == len(_losses(ref)) == 4
     for a, b in zip(_losses(ref), _losses(par)):
         assert abs(a - b) < 1e-5, (layout, _losses(ref), _losses(par))
@@ -65,7 +65,7 @@ def test_parallel_layout_matches_single_rank(runs, layout):
 def test_data_parallel_matches_single_rank(runs):
     """DP=2 splits each global batch over two ranks: the same training losses (the
     validation set is mbs x dp x eval_iters samples, so it differs and is not compared)."""
-    assert runs["dp2"]["layout"] == {"tp": 1, "pp": 1, "dp": 2}
+    assert runs["dp2"]["layout"] == {"tp": 1, "pp": 1, "ep": 1, "dp": 2}
     for a, b in zip(_losses(runs["ref"]), _losses(runs["dp2"])):
         assert abs(a - b) < 1e-5, (_losses(runs["ref"]), _losses(runs["dp2"]))
 

@@ -80,7 +80,7 @@ def test_parallel_search_picks_the_same_candidate(run, par_run, layout):
     # the short KD ran at that layout, from a checkpoint per candidate
     for r in got["table"]:
         s = json.loads((work / layout / "candidates" / r["name"] / "distilled" / "summary.json").read_text())
-        assert s["layout"] == {"tp": 2 if layout == "tp2" else 1, "pp": 1, "dp": 2 if layout == "dp2" else 1}
+        assert s["layout"] == {"tp": 2 if layout == "tp2" else 1, "pp": 1, "ep": 1, "dp": 2 if layout == "dp2" else 1}
 
 
 def _strip(rows):

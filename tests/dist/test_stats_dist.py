@@ -85,9 +85,9 @@ def test_reference_file_is_complete(runs):
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_layout_independence(runs, layout):
     wd, res = runs
-    assert res[layout]["layout"] == {"tp2": {"tp": 2, "pp": 1, "dp": 1},
-                                     "pp2": {"tp": 1, "pp": 2, "dp": 1},
-                                     "dp2": {"tp": 1, "pp": 1, "dp": 2}}[layout]
+    assert res[layout]["layout"] == {"tp2": {"tp": 2, "pp": 1, "ep": 1, "dp": 1},
+                                     "pp2": {"tp": 1, "pp": 2, "ep": 1, "dp": 1},
+                                     "dp2": {"tp": 1, "pp": 1, "ep": 1, "dp": 2}}[layout]
     errs = compare(wd, layout)
     print(layout, "max rel err: act", max(v for k, v in errs.items() if k != "depth.kl"),
           "kl", errs["depth.kl"])

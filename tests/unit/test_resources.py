@@ -93,7 +93,7 @@ def test_moe_layer_terms_equal_its_saved_tensors(change, aux):
         m.register_forward_pre_hook(lambda m, a, i=i: layer.__setitem__(0, i))
     model.decoder.final_norm.register_forward_pre_hook(lambda m, a: layer.__setitem__(0, "other"))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, saved = set(), {}
+    seen, saved, alive = set(), {}, []
 
     def pack(t):
         st = t.untyped_storage()
@@ -101,6 +101,10 @@ def test_moe_layer_terms_equal_its_saved_tensors(change, aux):
         if st.data_ptr() not in params and key not in seen:
             seen.add(key)
             saved[layer[0]] = saved.get(layer[0], 0) + st.nbytes()
+            # held to the end: a storage autograd drops early (a node nothing needs) would
+            # otherwise free its address for a later tensor of the same size, which the
+            # (address, size) key would then miss (it did: an int64 routing index, 8 KiB)
+            alive.append(t)
         return t
 
     b, s = 2, cfg.seq_length
