@@ -20,9 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or override is wrong; the message names the key and the fix."""
+from .errors import ConfigError  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- model
@@ -47,8 +45,9 @@ class ModelConfig:
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 64
     # Mamba dt clamp: dt = softplus(dt_raw + dt_bias) clamped to [min, max] in the scan, as
-    # transformers' NemotronH does at time_step_min (import-hf keeps it); 0 = no bound.
-    # Megatron-trained models have none (compat/dt_limit.py applies it).
+    # transformers' NemotronH and mamba_ssm's kernels do at config.json time_step_limit
+    # (import-hf keeps it, export-hf writes it); 0 = no bound. Megatron-trained models have
+    # none (compat/dt_limit.py applies it).
     mamba_dt_clamp_min: float = 0.0
     mamba_dt_clamp_max: float = 0.0
     num_attention_heads: int = 4
@@ -130,7 +129,8 @@ class ModelConfig:
             if not (lo >= 0 and hi >= 0) or (hi and hi <= lo) or lo == float("inf"):
                 raise ConfigError(
                     f"{p}mamba_dt_clamp_min={lo}, {p}mamba_dt_clamp_max={hi}: give 0 <= min < max "
-                    "(0 = no bound), e.g. mamba_dt_clamp_min=0.001 as transformers' time_step_min")
+                    "(0 = no bound), e.g. mamba_dt_clamp_min=0.001 as transformers' "
+                    "time_step_limit=[0.001, inf]")
             divisible("mamba_num_heads", self.mamba_num_heads, tp, "parallel.tp")
             divisible("mamba_num_groups", self.mamba_num_groups, tp, "parallel.tp")
         if "*" in self.pattern:
@@ -516,6 +516,9 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
+            removed = getattr(cls, "REMOVED_KEYS", {}).get(key)  # a key of earlier versions
+            if removed:
+                raise ConfigError(f"{prefix}{key} was removed: {removed}")
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {sorted(fields)}"
             raise ConfigError(f"unknown key {prefix}{key}{hint}")

@@ -115,7 +115,7 @@ def one_forward(model_cfg, path: str, batches: int, mbs: int, reps: int) -> tupl
     from megatron_minitron.model import build_model, causal_mask
     from megatron_minitron.train import checkpoint as ckpt
     from megatron_minitron.train.engine import collate
-    from megatron_minitron.train.pretrain import datasets
+    from megatron_minitron.data.stage_data import datasets
 
     scfg = build(StatsConfig, load_yaml(REPO / "configs/stats_default.yaml"))
     data: DataConfig = scfg.data

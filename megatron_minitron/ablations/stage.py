@@ -90,7 +90,7 @@ class AblationsConfig:
 def validate(cfg: AblationsConfig):
     from ..importance.io import ImportanceFile
     from ..train import checkpoint as ckpt
-    from ..train.pretrain import check_data
+    from ..data.stage_data import check_data
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("ablations run in one process (python, not torchrun)")
@@ -174,7 +174,7 @@ class Lab:
         from ..compat import mcore
         from ..model import build_model
         from ..train import checkpoint as ckpt
-        from ..train.pretrain import datasets
+        from ..data.stage_data import datasets
 
         self.cfg, self.seq = cfg, seq
         self.par = D.init(ParallelConfig(tp=1, pp=1), seed=cfg.kd.seed)
@@ -187,8 +187,7 @@ class Lab:
         del teacher
 
     def loss(self, model) -> float:
-        from ..train.engine import evaluate, lm_forward_step
-        from ..train.pretrain import valid_batches
+        from ..train.engine import evaluate, lm_forward_step, valid_batches
 
         return evaluate(model, valid_batches(self.valid_ds, self.cfg.micro_batch_size, self.cfg.eval_iters,
                                              self.par), lm_forward_step, self.cfg.eval_iters, self.par,

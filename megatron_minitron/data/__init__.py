@@ -18,6 +18,10 @@ Every step is skipped when its outputs exist and were made from the same inputs 
 Stages read tokens with `datasets.build_gpt_datasets` through megatron-core's
 `BlendedMegatronDatasetBuilder` (one prefix or a blend: `blend.py`), on CPU and in several
 processes; `blend.check_data` refuses missing data or data the model's vocabulary cannot hold.
+The stages' entry points are in `stage_data.py`: `check_data(DataConfig, ModelConfig)` and
+`datasets(DataConfig, seq_length, train_samples, valid_samples)`, exported here as
+`check_stage_data` and `stage_datasets` (`check_data` here is blend's, taking a vocab size,
+and `datasets` is the submodule).
 """
 
 from .blend import all_prefixes, check_data, check_prefixes, parse_blend
@@ -32,13 +36,14 @@ from .default_corpus import (
 )
 from .indexed import IndexedWriter, read_indexed_dataset, write_indexed_dataset
 from .stage import DATASET_NAME, DataPrepConfig, prepare_data
+from .stage_data import check_data as check_stage_data, datasets as stage_datasets
 from .tokenizer import EOD_TOKEN, PAD_TOKEN, Tokenizer, train_tokenizer
 
 __all__ = [
     "DATASET_NAME", "DEFAULT_CORPUS_MEMBER", "DEFAULT_CORPUS_PACKAGE", "DEFAULT_CORPUS_SHA256",
     "DataError", "DataPrepConfig", "IndexedWriter", "all_prefixes", "check_data", "check_prefixes",
     "corpus_files", "iter_documents", "parse_blend", "EOD_TOKEN", "PAD_TOKEN", "Tokenizer", "build_gpt_datasets",
-    "fetch_default_corpus", "prepare_data", "read_corpus", "read_indexed_dataset",
-    "sha256_file", "split_documents", "train_tokenizer", "unigram_entropy",
+    "check_stage_data", "fetch_default_corpus", "prepare_data", "read_corpus", "read_indexed_dataset",
+    "sha256_file", "split_documents", "stage_datasets", "train_tokenizer", "unigram_entropy",
     "write_indexed_dataset",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 class DataError(ConfigError):

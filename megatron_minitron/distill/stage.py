@@ -24,12 +24,13 @@ import torch
 
 from .. import dist as D
 from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, check_ep_used, check_moe_train, dump_json
+from ..data.stage_data import check_data, datasets
 from ..model import count_parameters
 from ..train import checkpoint as ckpt
 from ..train.engine import (MicroBatches, Progress, build_trainable, load_weights, runtime_for, evaluate, fmt_eta,
                             lm_forward_step, reduce_reports, resume_trainable, save_trainable,
-                            train_step)
-from ..train.pretrain import _tensorboard, check_data, datasets, valid_batches, world_size_from_env
+                            train_step, valid_batches)
+from ..train.pretrain import _tensorboard, world_size_from_env
 from ..preempt import StopRequest, clear_record
 from .loss import kd_loss
 from .teacher import checksum, distill_forward_step, load_teacher, pair_shapes_fn

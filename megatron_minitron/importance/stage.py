@@ -101,7 +101,7 @@ def validate(cfg: StatsConfig) -> ModelConfig:
     if "ffn_pre" in cfg.sources and model_cfg.activation == "swiglu":
         raise ConfigError("sources contains ffn_pre (FFN score before the activation), which is "
                           "undefined for a gated MLP (activation=swiglu); use ffn instead")
-    from ..train.pretrain import check_data
+    from ..data.stage_data import check_data
 
     check_data(cfg.data, model_cfg)
     from ..compat.torch_dist import check_files
@@ -279,7 +279,7 @@ def run_stats(cfg: StatsConfig) -> dict:
 def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float) -> dict:
     from ..model import build_model
     from ..train.engine import Progress, collate, fmt_eta
-    from ..train.pretrain import datasets
+    from ..data.stage_data import datasets
     from .depth import accumulate_kl, hidden_out, pipeline_forward
 
     out = _out_dir(cfg)

@@ -19,7 +19,8 @@ from .. import dist as D
 from ..config import ConfigError, DataConfig, ParallelConfig
 from ..model import build_model, causal_mask, count_parameters
 from ..train import checkpoint as ckpt
-from ..train.pretrain import check_data, eval_checkpoint
+from ..data.stage_data import check_data
+from ..train.pretrain import eval_checkpoint
 from . import compare as C
 from . import plots
 

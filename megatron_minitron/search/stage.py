@@ -106,7 +106,7 @@ def validate(cfg: SearchConfig):
     from ..importance.io import ImportanceFile
     from ..plan import keep as K
     from ..train import checkpoint as ckpt
-    from ..train.pretrain import check_data
+    from ..data.stage_data import check_data
 
     from ..preempt import check_minutes
 
@@ -386,7 +386,7 @@ def run_search(cfg: SearchConfig) -> dict:
     from ..preempt import StopRequest
     from ..rewrite.stage import fill_from_source
     from ..train import checkpoint as ckpt
-    from ..train.pretrain import datasets
+    from ..data.stage_data import datasets
 
     t_start = time.time()
     t_cfg, imp, cands, info, drop_order = validate(cfg)

@@ -61,6 +61,13 @@ class MicroBatches:
         return collate(samples, self.device)
 
 
+def valid_batches(ds, micro_batch_size: int, eval_iters: int, par: Parallel) -> MicroBatches:
+    """A fixed validation set: the first eval_iters x mbs x dp samples, the same at every
+    evaluation and for every model evaluated on it."""
+    return MicroBatches(ds, micro_batch_size, micro_batch_size * par.dp * eval_iters, par.dp,
+                        par.dp_rank, start_step=0, device=par.device)
+
+
 def collate(samples: list[dict], device="cpu") -> dict:
     out = {}
     for key in ("tokens", "labels", "loss_mask", "position_ids"):

@@ -10,44 +10,16 @@ from pathlib import Path
 
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig, PretrainConfig, check_ep_used, check_moe_train, dump_json  # noqa: F401
+from ..config import ConfigError, DataConfig, EvalConfig, PretrainConfig, check_ep_used, check_moe_train, dump_json  # noqa: F401
+from ..data.stage_data import check_data, datasets
 from ..model import build_model, count_parameters
 from . import checkpoint as ckpt
 from .engine import (MicroBatches, load_weights, Progress, build_trainable, evaluate, fmt_eta, lm_forward_step,
-                     reduce_reports, resume_trainable, save_trainable, train_step)
+                     reduce_reports, resume_trainable, save_trainable, train_step, valid_batches)
 
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_data(data: DataConfig, model: ModelConfig | None = None) -> dict:
-    """Fail before any model is built if a dataset (one prefix or a blend) or the tokenizer
-    is missing, or holds more tokens than the model's vocabulary (data.blend.check_data)."""
-    from ..data import check_data as _check
-
-    return _check(data, None if model is None else model.vocab_size)
-
-
-def datasets(data: DataConfig, seq_length: int, train_samples: int, valid_samples: int):
-    """(train, valid, test) through megatron's BlendedMegatronDatasetBuilder (one prefix or
-    a blend); every stage that reads tokens builds its datasets here."""
-    from ..data import Tokenizer, build_gpt_datasets
-    from ..data.blend import default_cache_dir
-
-    tok = Tokenizer(data.tokenizer, data.eod_token)
-    return build_gpt_datasets(
-        data.prefix, tok, seq_length, data.split,
-        {"train": train_samples, "valid": valid_samples, "test": 0}, data.seed,
-        cache_dir=str(default_cache_dir(data.prefix)), barrier=D.barrier,
-    )
-
-
-def valid_batches(ds, micro_batch_size: int, eval_iters: int, par) -> MicroBatches:
-    """A fixed validation set: the first eval_iters x mbs x dp samples, the same at every
-    evaluation and for every model evaluated on it."""
-    return MicroBatches(ds, micro_batch_size, micro_batch_size * par.dp * eval_iters, par.dp,
-                        par.dp_rank, start_step=0, device=par.device)
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:

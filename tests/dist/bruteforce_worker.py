@@ -79,7 +79,7 @@ def par(wd: Path):
 
 
 def calibration_tokens(wd: Path) -> torch.Tensor:
-    from megatron_minitron.train.pretrain import datasets
+    from megatron_minitron.data.stage_data import datasets
 
     train, _, _ = datasets(data_cfg(wd), MODEL.seq_length, None, 1)
     return torch.stack([torch.as_tensor(train[i]["tokens"]).long() for i in range(SAMPLES)])

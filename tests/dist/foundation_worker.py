@@ -24,7 +24,7 @@ from megatron_minitron.train import checkpoint as ckpt
 from megatron_minitron.train.engine import (MicroBatches, build_trainable, collate,
                                             reduce_reports, resume_trainable, save_trainable,
                                             train_step, lm_forward_step)
-from megatron_minitron.train.pretrain import datasets
+from megatron_minitron.data.stage_data import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.dist.tiny_teacher import TEACHER  # noqa: E402

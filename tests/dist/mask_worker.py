@@ -73,7 +73,7 @@ def hand(wd: Path, data: DataConfig, res: dict):
     from megatron_minitron.model import build_model
     from megatron_minitron.rewrite.stage import forward_logits
     from megatron_minitron.train import checkpoint as ckpt
-    from megatron_minitron.train.pretrain import datasets
+    from megatron_minitron.data.stage_data import datasets
 
     par = D.init(ParallelConfig(), seed=1)  # world 2 at TP=1: each rank computes the same
     models = {}

@@ -61,7 +61,7 @@ def pretrain(work: Path, name: str, **train_kw):
 def setup(work: Path) -> None:
     from megatron_minitron.train.engine import (MicroBatches, build_trainable, lm_forward_step,
                                                 save_trainable, train_step)
-    from megatron_minitron.train.pretrain import datasets
+    from megatron_minitron.data.stage_data import datasets
 
     par = D.init(ParallelConfig(), seed=3)
     tr = TrainConfig(steps=10, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,

@@ -10,7 +10,7 @@ from megatron_minitron import dist as D
 from megatron_minitron.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
 from megatron_minitron.importance.stage import StatsConfig, run_stats
 from megatron_minitron.train.engine import MicroBatches, build_trainable, lm_forward_step, save_trainable, train_step
-from megatron_minitron.train.pretrain import datasets
+from megatron_minitron.data.stage_data import datasets
 
 TEACHER = ModelConfig(
     pattern="M-*-M-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=4,

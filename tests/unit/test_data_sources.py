@@ -287,10 +287,10 @@ def test_sentencepiece_folder_identical_to_preprocess_data(tmp_path):
 
 
 def test_stages_read_blends(tok_dir, tmp_path):
-    """The stages' data entry points (train.pretrain.check_data / datasets, used by pretrain,
+    """The stages' data entry points (data.stage_data.check_data / datasets, used by pretrain,
     eval, stats, distill and search) take a blend and build megatron's BlendedDataset."""
     from megatron_minitron.config import DataConfig, ModelConfig
-    from megatron_minitron.train.pretrain import check_data, datasets
+    from megatron_minitron.data.stage_data import check_data, datasets
 
     tok = D.Tokenizer(tok_dir)
     a, ids_a = _alphabet_dataset(tmp_path, tok, "letters", "abcdefghijklmnopqrstuvwxyz", 120, 3)
