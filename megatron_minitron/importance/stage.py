@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ def validate(cfg: StatsConfig) -> ModelConfig:
     if cfg.depth_samples > cfg.samples:
         raise ConfigError(f"depth_samples={cfg.depth_samples} exceeds samples={cfg.samples}; "
                           f"use depth_samples <= {cfg.samples}")
+    _check_ep_steps(cfg)
     path = ckpt.resolve(cfg.checkpoint)
     if path is None or not (path / ckpt.CONFIG_FILE).is_file():
         raise ConfigError(
@@ -108,6 +110,28 @@ def validate(cfg: StatsConfig) -> ModelConfig:
 
     check_files(path)  # last (it reads the files): a missing / truncated shard or .metadata
     return model_cfg
+
+
+def _check_ep_steps(cfg: StatsConfig) -> None:
+    """At parallel.ep > 1 an MoE layer's token exchange spans data-parallel ranks, so every
+    rank must run the same forwards with the same batch shape: no rank may sit out a step
+    (samples not filling the last one) or run depth-KL forwards the others skip (depth
+    samples ending inside a step). Otherwise the collectives wait forever; refuse instead."""
+    if cfg.parallel.ep <= 1:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
+    per = cfg.micro_batch_size * dp
+    depth = cfg.depth_samples if "kl" in cfg.sources else 0
+    for key, v in (("samples", cfg.samples), ("depth_samples", depth)):
+        if v % per:
+            lo, hi = v // per * per, -(-v // per) * per
+            raise ConfigError(
+                f"{key}={v} at parallel.ep={cfg.parallel.ep}: the experts' token exchange spans "
+                f"the {dp} data-parallel ranks, so every step must give each rank a full "
+                f"micro-batch (micro_batch_size={cfg.micro_batch_size} x dp={dp} = {per} samples "
+                f"per step, depth samples included); use {key}="
+                + (f"{lo} or {hi}" if lo else f"{hi}"))
 
 
 def _fingerprint(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par) -> dict:

@@ -11,6 +11,7 @@ compares what they write):
                     steps from the teacher's weights, stats, eval, distill, search (EP=2); the teacher
                     (saved at EP=1) and the EP=2-trained checkpoint loaded at other layouts
                     (logits); prune written at EP=2 (the depth plan), then loaded at EP=1.
+  par4 (4 processes): TP=2 x EP=2: pretrain steps, a KD, the teacher's logits.
 Results go to WORKDIR/*.json and *.pt; runs write their own summary.json.
 """
 
@@ -236,6 +237,23 @@ def par(work: Path) -> None:
     D.shutdown()
 
 
+def par4(work: Path) -> None:
+    """4 processes: TP=2 x EP=2 (sequence parallel; DP=2): pretrain steps, a KD, the teacher's
+    logits; compared with EP=1 at DP=2 and with one process."""
+    from megatron_minitron.distill.stage import run_distill
+    from megatron_minitron.train.pretrain import run_pretrain
+
+    pc = ParallelConfig(tp=2, ep=2, sequence_parallel=True)
+    D.init(pc, seed=1)
+    run_pretrain(PretrainConfig(output_dir=str(work / "ft_tp2ep2"), model=TEACHER, data=data_cfg(work),
+                                parallel=pc, train=TRAIN, init_from=str(work / "teacher"), resume=False))
+    run_distill(distill_cfg(work, "kd_moe_student_tp2ep2", "moe_student", pc))
+    logits = logits_of(work, work / "teacher", pc)
+    if D.is_rank0():
+        torch.save(logits, work / "logits_tp2ep2.pt")
+    D.shutdown()
+
+
 if __name__ == "__main__":  # guard: the checkpoint writer's helper process re-imports __main__
     mode, workdir = sys.argv[1], Path(sys.argv[2])
-    {"ref": ref, "par": par}[mode](workdir)
+    {"ref": ref, "par": par, "par4": par4}[mode](workdir)

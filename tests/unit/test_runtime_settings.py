@@ -92,3 +92,23 @@ def test_bad_values_name_the_choices():
         ParallelConfig(optimizer_checkpoint="x").validate()
     with pytest.raises(ConfigError, match="memory_limit_gb=-1"):
         ParallelConfig(memory_limit_gb=-1).validate()
+
+
+@pytest.mark.parametrize("samples,depth,ok", [(16, 8, True), (16, 4, False), (12, 8, False), (16, 0, True)])
+def test_stats_at_ep2_refuses_steps_where_ranks_would_diverge(monkeypatch, tmp_path, samples, depth, ok):
+    """At ep=2 on 4 processes (dp=4, mbs=2: 8 samples a step) a rank with no (depth) samples in
+    a step would skip forwards the experts' exchange waits for: refused before the checkpoint
+    is read (none exists here: an accepted setting fails on it next)."""
+    from megatron_minitron.importance.stage import StatsConfig, validate
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = StatsConfig(checkpoint=str(tmp_path / "none"), samples=samples, depth_samples=depth,
+                      micro_batch_size=2, parallel=ParallelConfig(ep=2))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    bad = "depth_samples" if samples == 16 else "samples"
+    if ok:
+        assert "not a megatron-minitron hybrid checkpoint" in str(e.value)
+    else:
+        assert f"{bad}={depth if bad == 'depth_samples' else samples} at parallel.ep=2" in str(e.value)
+        assert f"use {bad}=" in str(e.value) and "8 samples per step" in str(e.value)
