@@ -27,7 +27,7 @@ setup(
         # CUDA-only kernels for clusters. NVIDIA apex is built from its own source
         # (github NVIDIA/apex); never install PyPI's unrelated `apex` package.
         "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
-        "test": ["pytest>=7", "tensorboard", "transformers>=5.0", "safetensors", "pyarrow",
+        "test": ["pytest>=7", "tensorboard", "transformers>=5.25", "safetensors", "pyarrow",
                  "sentencepiece"],
         # prepare-data: Parquet corpora; SentencePiece tokenizer folders (tokenizer.model)
         "data": ["pyarrow", "sentencepiece", "transformers>=4.48"],

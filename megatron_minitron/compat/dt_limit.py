@@ -1,9 +1,10 @@
 """Mamba dt clamp (dt_limit) for megatron-core's MambaMixer.
 
-transformers' NemotronH (and mamba_ssm's Mamba2) clamp dt = softplus(dt_raw + dt_bias) to
-`dt_limit` = (time_step_min, inf) inside the chunked scan; megatron-core's MambaMixer never
-passes a dt_limit, so it computes the unclamped function. A model imported from
-transformers with a clamp that binds keeps it as `ModelConfig.mamba_dt_clamp_min/max`, and
+mamba_ssm's kernels and transformers' NemotronH (>= 5.25, torch path too) clamp
+dt = softplus(dt_raw + dt_bias) to `dt_limit` = config.json time_step_limit (default
+(0, inf): none) inside the chunked scan; megatron-core's MambaMixer never passes a dt_limit,
+so it computes the unclamped function. A model imported from transformers with a clamp
+keeps it as `ModelConfig.mamba_dt_clamp_min/max`, and
 `apply(model, cfg)` makes every MambaMixer of the model run with it:
 
 - a forward pre-hook / forward hook pair sets a context variable to the mixer's limit for

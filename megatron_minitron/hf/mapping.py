@@ -52,14 +52,16 @@ from ..config import ConfigError, ModelConfig
 # says; transformers uses layer_norm_epsilon for it. Only this value agrees in both.
 MAMBA_GATED_NORM_EPS = 1e-5
 
-# transformers clamps dt = softplus(dt + dt_bias) from below at `time_step_min` (its
-# time_step_limit is (time_step_min, inf), whatever config.json's time_step_limit says);
-# megatron-core never clamps. Import keeps the clamp as model.mamba_dt_clamp_min
-# (compat/dt_limit.py applies it); export writes the clamp the model uses, and for a model
-# without one the smallest normal fp32 number: softplus never returns a positive value
-# below it in fp32 except by underflowing to 0, and at dt <= 1.2e-38 both exp(dt*A) and
-# dt*x*B are exactly 1 and 0 in fp32, so that clamp is a no-op while the value stays a
-# usable (finite-log) init bound for transformers.
+# The Mamba dt clamp: dt = softplus(dt + dt_bias) is clamped to config.json `time_step_limit`
+# [lo, hi] (legacy name mamba_dt_limit; default [0, inf] = none), as mamba_ssm's kernels and
+# transformers >= 5.25's torch path do; time_step_min / time_step_max only set dt_bias's init.
+# megatron-core never clamps: import keeps a clamp as model.mamba_dt_clamp_min / max
+# (compat/dt_limit.py applies it), export writes time_step_limit back.
+# time_step_min is written as the model's lower clamp, or for a model without one as the
+# smallest normal fp32 number: transformers <= 5.24's CPU path clamped at time_step_min (not
+# time_step_limit), and softplus never returns a positive value below it in fp32 except by
+# underflowing to 0; at dt <= 1.2e-38 both exp(dt*A) and dt*x*B are exactly 1 and 0 in fp32,
+# so that clamp is a no-op there while the value stays a usable (finite-log) init bound.
 EXPORT_TIME_STEP_MIN = float(torch.finfo(torch.float32).tiny)
 
 ACT_TO_HF = {"squared_relu": "relu2", "relu": "relu", "gelu": "gelu"}
@@ -93,8 +95,37 @@ def hf_pattern(hf: dict) -> str:
     return pat
 
 
+def _json_float(x) -> float:
+    """A config.json number: plain (Python's json reads Infinity) or transformers' encoding of
+    non-finite floats, {"__float__": "Infinity"}."""
+    if isinstance(x, dict) and set(x) == {"__float__"}:
+        x = x["__float__"]
+    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+        raise ValueError(x)
+    return float(x)
+
+
+def hf_dt_limit(hf: dict) -> tuple[float, float]:
+    """The Mamba dt clamp (lo, hi) config.json asks for: time_step_limit (transformers reads
+    a legacy mamba_dt_limit in its place), default (0, inf) = none. Refused, naming the
+    field, when it is not a range transformers and the kernels clamp to meaningfully."""
+    key = "mamba_dt_limit" if "mamba_dt_limit" in hf else "time_step_limit"
+    lim = hf.get(key)
+    if lim is None:
+        return (0.0, math.inf)
+    try:
+        lo, hi = (_json_float(x) for x in lim)
+    except (TypeError, ValueError):
+        raise HFMappingError(f"config.json {key}={lim!r} is not supported: give [min, max], "
+                             "e.g. [0.0, Infinity] (no clamp)") from None
+    if math.isnan(lo) or math.isnan(hi) or hi <= max(lo, 0.0):
+        raise HFMappingError(f"config.json {key}={lim!r} is not supported: the Mamba dt clamp "
+                             "must be a range min < max with max > 0, e.g. [0.0, Infinity] (no clamp)")
+    return (max(lo, 0.0), hi)  # softplus >= 0: a negative lower bound clamps nothing
+
+
 def model_config_from_hf(hf: dict, params_dtype: str = "fp32",
-                         ignore_time_step_min: bool = False) -> ModelConfig:
+                         ignore_time_step_limit: bool = False) -> ModelConfig:
     """HF NemotronH config.json dict -> ModelConfig. Refuses, naming the field, whatever our
     megatron model would compute differently."""
     g = lambda k, d=None: hf.get(k, d)  # noqa: E731
@@ -123,9 +154,10 @@ def model_config_from_hf(hf: dict, params_dtype: str = "fp32",
     if "M" in pattern and eps != MAMBA_GATED_NORM_EPS:
         refuse("layer_norm_epsilon", eps, f"transformers uses it inside the Mamba gated norm, "
                f"megatron-core hard-codes {MAMBA_GATED_NORM_EPS} there")
-    tmin = float(g("time_step_min", 0.001))
-    # the clamp transformers applies (none when time_step_min is the no-op value we export)
-    dt_clamp_min = 0.0 if ignore_time_step_min or tmin <= EXPORT_TIME_STEP_MIN else tmin
+    # the dt clamp transformers and the kernels apply (time_step_min is an init bound only)
+    lo, hi = hf_dt_limit(hf) if "M" in pattern else (0.0, math.inf)
+    if ignore_time_step_limit:
+        lo, hi = 0.0, math.inf
     hd = g("head_dim") or (g("hidden_size") // g("num_attention_heads"))
     nh = int(g("mamba_num_heads"))
     cfg = ModelConfig(
@@ -139,7 +171,8 @@ def model_config_from_hf(hf: dict, params_dtype: str = "fp32",
         mamba_state_dim=int(g("ssm_state_size")),
         mamba_conv_kernel=int(g("conv_kernel", g("mamba_d_conv", 4))),
         mamba_chunk_size=int(g("chunk_size", g("mamba_chunk_size", 128))),
-        mamba_dt_clamp_min=dt_clamp_min,
+        mamba_dt_clamp_min=lo,
+        mamba_dt_clamp_max=0.0 if math.isinf(hi) else hi,
         num_attention_heads=int(g("num_attention_heads")),
         num_query_groups=int(g("num_key_value_heads") or g("num_attention_heads")),
         kv_channels=int(hd),
@@ -227,9 +260,6 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
     if "M" in pattern and cfg.norm_epsilon != MAMBA_GATED_NORM_EPS:
         refuse("norm_epsilon", cfg.norm_epsilon, "transformers uses layer_norm_epsilon in the "
                f"Mamba gated norm where megatron-core uses {MAMBA_GATED_NORM_EPS}")
-    if "M" in pattern and cfg.mamba_dt_clamp_max:
-        refuse("mamba_dt_clamp_max", cfg.mamba_dt_clamp_max, "transformers' NemotronH clamps "
-               "dt from below only (time_step_min); it has no upper dt clamp")
     st = special_tokens or {}
     hf = {
         "architectures": ["NemotronHForCausalLM"],
@@ -261,11 +291,14 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
         "use_conv_bias": True,
         "use_bias": False,
         "mamba_proj_bias": False,
-        # the dt clamp our model applies (transformers: dt >= time_step_min)
+        # the dt clamp our model applies ([0.0, Infinity] = none; json writes Infinity, as
+        # NVIDIA's released configs spell it, and transformers reads it back as inf)
+        "time_step_limit": [cfg.mamba_dt_clamp_min, cfg.mamba_dt_clamp_max or math.inf],
+        # init bounds only for transformers >= 5.25; <= 5.24 clamped at time_step_min (see
+        # EXPORT_TIME_STEP_MIN), so it is the lower clamp or the no-op value
         "time_step_min": cfg.mamba_dt_clamp_min or EXPORT_TIME_STEP_MIN,
         "time_step_max": 0.1,
         "time_step_floor": 1e-4,
-        # time_step_limit left at its default (0, inf): transformers ignores it anyway
         "layer_norm_epsilon": cfg.norm_epsilon,
         "residual_in_fp32": False,
         "rescale_prenorm_residual": True,

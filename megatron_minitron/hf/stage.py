@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -45,15 +45,26 @@ class ImportHFConfig:
     output_dir: str = "runs/imported"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     params_dtype: str = "fp32"  # fp32 | bf16: dtype of the megatron parameters
-    # transformers clamps Mamba dt at time_step_min; the import keeps that clamp
-    # (model.mamba_dt_clamp_min). true = drop it: the model computes the unclamped function
-    # megatron trained (Nemotron-H was trained without it).
-    ignore_time_step_min: bool = False
+    # config.json time_step_limit [min, max] clamps Mamba dt in transformers (>= 5.25) and in
+    # mamba_ssm's kernels; the import keeps that clamp (model.mamba_dt_clamp_min / max).
+    # true = drop it: the model computes the unclamped function of megatron-core's mixer.
+    # ([0.0, Infinity], as in NVIDIA's releases, is no clamp; time_step_min is init only.)
+    ignore_time_step_limit: bool = False
     seq_length: int = 0  # 0: config.json max_position_embeddings
     # multi-token-prediction layers (config.json num_nextn_predict_layers > 0, mtp.* tensors):
     # megatron-core 0.16's hybrid model has none, so a folder with them is refused unless
     # drop_mtp=true, which imports the main model without them (summary.json says so)
     drop_mtp: bool = False
+
+    # keys of earlier versions, refused with what replaced them (config.build)
+    REMOVED_KEYS: ClassVar[dict] = {
+        "ignore_time_step_min": (
+            "use ignore_time_step_limit. The Mamba dt clamp is now config.json time_step_limit, "
+            "as in transformers >= 5.25 and mamba_ssm's kernels; time_step_min only sets the "
+            "dt_bias init and no longer clamps (transformers <= 5.24's CPU path clamped at it). "
+            "ignore_time_step_limit=true drops a clamp that time_step_limit asks for "
+            "([0.0, Infinity], as in NVIDIA's releases, asks for none)"),
+    }
 
 
 @dataclass
@@ -170,7 +181,7 @@ def _check_import(cfg: ImportHFConfig) -> tuple[HFFolder, ModelConfig]:
         raise ConfigError(f"params_dtype={cfg.params_dtype!r}: use fp32 or bf16")
     cfg.parallel.validate()
     folder = HFFolder(cfg.hf_dir)
-    model_cfg = M.model_config_from_hf(folder.config, cfg.params_dtype, cfg.ignore_time_step_min)
+    model_cfg = M.model_config_from_hf(folder.config, cfg.params_dtype, cfg.ignore_time_step_limit)
     if cfg.seq_length:
         model_cfg.seq_length = cfg.seq_length
     par = cfg.parallel
@@ -203,7 +214,7 @@ def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
     folder.close()
     out = Path(cfg.output_dir)
     meta = {"tp": par.tp, "pp": par.pp, "ep": par.ep, "source": "import-hf",
-            "hf_dir": str(Path(cfg.hf_dir).resolve()), "hf_time_step_min": folder.config.get("time_step_min")}
+            "hf_dir": str(Path(cfg.hf_dir).resolve()), "hf_time_step_limit": folder.config.get("time_step_limit")}
     n_mtp, n_mtp_tensors = M.mtp_layers(folder.config, folder.weight_map)
     if n_mtp:
         meta["dropped_mtp_layers"] = n_mtp
@@ -232,20 +243,21 @@ def run_import_hf(cfg: ImportHFConfig, shutdown: bool = True) -> dict:
 
 def _import_notes(hf: dict, mcfg: ModelConfig, mtp: tuple[int, int] = (0, 0)) -> list[str]:
     notes = []
-    tmin = float(hf.get("time_step_min", 0.001))
-    if "M" in M.hf_pattern(hf) and tmin > M.EXPORT_TIME_STEP_MIN:
-        notes.append(f"Mamba dt clamped at time_step_min={tmin} as in transformers "
-                     f"(model.mamba_dt_clamp_min={mcfg.mamba_dt_clamp_min})" if mcfg.mamba_dt_clamp_min else
-                     f"transformers clamps Mamba dt at time_step_min={tmin}; dropped "
-                     "(ignore_time_step_min=true): the model computes the unclamped function")
-    lim = hf.get("time_step_limit")
-
-    def num(x):  # transformers 5 writes inf as {"__float__": "Infinity"}
-        return float(x.get("__float__", "nan")) if isinstance(x, dict) else float(x)
-
-    if "M" in M.hf_pattern(hf) and lim and tuple(num(x) for x in lim) != (0.0, float("inf")):
-        notes.append(f"config.json time_step_limit={list(lim)} is not used, as in transformers' "
-                     "NemotronH (it clamps at time_step_min only)")
+    if "M" in M.hf_pattern(hf):
+        lim = M.hf_dt_limit(hf)
+        if lim != (0.0, float("inf")) and (mcfg.mamba_dt_clamp_min or mcfg.mamba_dt_clamp_max):
+            notes.append(f"Mamba dt clamped to time_step_limit={list(lim)} as in transformers and "
+                         f"mamba_ssm's kernels (model.mamba_dt_clamp_min={mcfg.mamba_dt_clamp_min}, "
+                         f"mamba_dt_clamp_max={mcfg.mamba_dt_clamp_max}; 0 = no bound)")
+        elif lim != (0.0, float("inf")):
+            notes.append(f"config.json time_step_limit={list(lim)} clamps Mamba dt in transformers; "
+                         "dropped (ignore_time_step_limit=true): the model computes the unclamped "
+                         "function")
+        tmin = float(hf.get("time_step_min") or 0.0)
+        if tmin > M.EXPORT_TIME_STEP_MIN and tmin != lim[0]:
+            notes.append(f"config.json time_step_min={tmin} only sets the dt_bias init: not a dt "
+                         "clamp (transformers >= 5.25, mamba_ssm's kernels; transformers <= 5.24's "
+                         "CPU path clamped at it)")
     if mtp[0]:
         notes.append(f"dropped {mtp[0]} multi-token-prediction layer(s) ({mtp[1]} mtp.* tensors; "
                      "drop_mtp=true): megatron-core 0.16's hybrid model has no MTP; the checkpoint "

@@ -1,11 +1,13 @@
 """Faithful Mamba dt clamp through import -> (prune) -> export, against transformers.
 
-  make: a small transformers NemotronHForCausalLM whose dt clamp binds (time_step_min=0.02,
-        dt_bias low: most heads' softplus(dt) fall below it), saved with a real tokenizer;
-        its logits, and the same weights' logits without the clamp (to show it binds).
+  make: a small transformers NemotronHForCausalLM whose dt clamp binds (time_step_limit=
+        (0.02, inf), dt_bias low: most heads' softplus(dt) fall below it), saved with a real
+        tokenizer; its logits, and the same weights' logits without the clamp (to show it
+        binds). The same for an upper clamp: time_step_limit=(0, 0.05), dt_bias high.
   run:  import-hf -> our logits; export-hf -> transformers' logits; a keep-all plan with
         every head / channel / neuron / hidden dimension permuted -> prune -> export-hf ->
-        transformers' logits. One process, the stages' Python entry points.
+        transformers' logits (upper clamp: import and export only). One process, the
+        stages' Python entry points.
 
 tests/dist/test_dtclamp_dist.py asserts on the files written here.
 """
@@ -20,10 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.real_token
 
 from tests.dist.hf_models import eval_logits, fixed_tokens, randomize  # noqa: E402
 
-SEQ, BATCH, TMIN = 40, 2, 0.02
+SEQ, BATCH, TMIN, TMAX = 40, 2, 0.02, 0.05
 
 
-def hf_config(time_step_min):
+def hf_config(dt_min, dt_max=float("inf")):
+    """The test model; its Mamba dt clamp is time_step_limit=(dt_min, dt_max) (transformers
+    >= 5.25 and mamba_ssm's kernels; time_step_min is left at its default, an init bound)."""
     from transformers import NemotronHConfig
 
     return NemotronHConfig(
@@ -32,7 +36,7 @@ def hf_config(time_step_min):
         intermediate_size=96, mlp_hidden_act="relu2", num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8,
         conv_kernel=4, chunk_size=16, max_position_embeddings=64, layer_norm_epsilon=1e-5,
-        time_step_min=time_step_min, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1,
+        time_step_limit=(dt_min, dt_max), tie_word_embeddings=False, eos_token_id=2, bos_token_id=1,
         pad_token_id=2)
 
 
@@ -49,15 +53,17 @@ def make(wd: Path):
 
     from tests.real_tokenizer import make_tokenizer_folder
 
-    torch.manual_seed(0)
-    model = NemotronHForCausalLM(hf_config(TMIN)).float()
-    randomize(model, dt_bias_mean=-6.0)  # softplus(-6) = 0.0025 < 0.02: the clamp binds
-    model.save_pretrained(wd / "hf")
-    make_tokenizer_folder(wd / "hf")
-    torch.save(hf_logits(model), wd / "logits_hf.pt")
-    free = NemotronHForCausalLM(hf_config(1.1754943508222875e-38)).float()
-    free.load_state_dict(model.state_dict())
-    torch.save(hf_logits(free), wd / "logits_hf_noclamp.pt")
+    for name, limit, dt_bias in (("hf", (TMIN,), -6.0),  # softplus(-6) = 0.0025 < 0.02: binds
+                                 ("hf_upper", (0.0, TMAX), 0.0)):  # softplus(0) = 0.69 > 0.05
+        torch.manual_seed(0)
+        model = NemotronHForCausalLM(hf_config(*limit)).float()
+        randomize(model, dt_bias_mean=dt_bias)
+        model.save_pretrained(wd / name)
+        make_tokenizer_folder(wd / name)
+        torch.save(hf_logits(model), wd / f"logits_{name}.pt")
+        free = NemotronHForCausalLM(hf_config(0.0)).float()  # time_step_limit (0, inf): no clamp
+        free.load_state_dict(model.state_dict())
+        torch.save(hf_logits(free), wd / f"logits_{name}_noclamp.pt")
 
 
 def _perm(n, g):
@@ -94,25 +100,30 @@ def run(wd: Path):
     from megatron_minitron.train import checkpoint as ckpt
 
     res = {}
-    imp = run_import_hf(ImportHFConfig(hf_dir=str(wd / "hf"), output_dir=str(wd / "imp")), shutdown=False)
-    res["import_notes"] = imp["notes"]
+    for sfx in ("", "_upper"):  # import -> our logits; export -> transformers' logits
+        imp = run_import_hf(ImportHFConfig(hf_dir=str(wd / f"hf{sfx}"), output_dir=str(wd / f"imp{sfx}")),
+                            shutdown=False)
+        res[f"import_notes{sfx}"] = imp["notes"]
+        cfg = ckpt.read_model_config(wd / f"imp{sfx}")
+        res[f"dt_clamp{sfx}"] = [cfg.mamba_dt_clamp_min, cfg.mamba_dt_clamp_max]
+        par = D.init(ParallelConfig(), seed=1)
+        model = build_model(cfg, par)
+        ckpt.load_model_weights(wd / f"imp{sfx}", model)
+        model.eval()
+        with torch.no_grad():
+            lg = model(tokens(), torch.arange(SEQ)[None].expand(BATCH, SEQ), causal_mask(SEQ))
+        torch.save(lg.float(), wd / f"logits_imp{sfx}.pt")
+        run_export_hf(ExportHFConfig(checkpoint=str(wd / f"imp{sfx}"), output_dir=str(wd / f"exp{sfx}"),
+                                     dtype="fp32"), shutdown=False)
+        res[f"exp_time_step_limit{sfx}"] = json.loads((wd / f"exp{sfx}" / "config.json").read_text())[
+            "time_step_limit"]
+        torch.save(hf_logits(AutoModelForCausalLM.from_pretrained(wd / f"exp{sfx}")), wd / f"logits_exp{sfx}.pt")
     cfg = ckpt.read_model_config(wd / "imp")
-    res["dt_clamp"] = [cfg.mamba_dt_clamp_min, cfg.mamba_dt_clamp_max]
-    par = D.init(ParallelConfig(), seed=1)
-    model = build_model(cfg, par)
-    ckpt.load_model_weights(wd / "imp", model)
-    model.eval()
-    with torch.no_grad():
-        lg = model(tokens(), torch.arange(SEQ)[None].expand(BATCH, SEQ), causal_mask(SEQ))
-    torch.save(lg.float(), wd / "logits_imp.pt")
-    run_export_hf(ExportHFConfig(checkpoint=str(wd / "imp"), output_dir=str(wd / "exp"), dtype="fp32"),
-                  shutdown=False)
-    res["exp_time_step_min"] = json.loads((wd / "exp" / "config.json").read_text())["time_step_min"]
-    torch.save(hf_logits(AutoModelForCausalLM.from_pretrained(wd / "exp")), wd / "logits_exp.pt")
     _keepall_plan(cfg, torch.Generator().manual_seed(5)).save(wd / "plan_keepall.json")
     run_prune(PruneConfig(checkpoint=str(wd / "imp"), plan=str(wd / "plan_keepall.json"),
                           output=str(wd / "pruned"), fsync=False))
-    res["pruned_dt_clamp"] = ckpt.read_model_config(wd / "pruned").mamba_dt_clamp_min
+    pcfg = ckpt.read_model_config(wd / "pruned")
+    res["pruned_dt_clamp"] = [pcfg.mamba_dt_clamp_min, pcfg.mamba_dt_clamp_max]
     run_export_hf(ExportHFConfig(checkpoint=str(wd / "pruned"), output_dir=str(wd / "exp_pruned"),
                                  dtype="fp32", tokenizer=str(wd / "imp" / "tokenizer")), shutdown=False)
     torch.save(hf_logits(AutoModelForCausalLM.from_pretrained(wd / "exp_pruned")), wd / "logits_exp_pruned.pt")

@@ -7,7 +7,7 @@ import torch
 
 def randomize(model, dt_bias_mean: float, dt_bias_std: float = 1.0, seed: int = 1) -> None:
     """A_log: log of U(0.5, 4.5); dt_bias: N(dt_bias_mean, dt_bias_std) (the caller picks
-    where softplus(dt) falls against time_step_min); 1-D tensors (norms, D, conv bias):
+    where softplus(dt) falls against the dt clamp, time_step_limit); 1-D tensors (norms, D, conv bias):
     1 + 0.3 N; matrices: 0.15 N."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

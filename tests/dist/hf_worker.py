@@ -2,8 +2,9 @@
 
   make (1 process):   a small random transformers NemotronHForCausalLM (M, * and - layers,
                       2 Mamba groups), saved sharded with save_pretrained + our tokenizer;
-                      its logits on fixed tokens (with the exported-style time_step_min and
-                      with transformers' default 0.001, to measure the dt clamp).
+                      its logits on fixed tokens (time_step_min 0.001, as NVIDIA's releases,
+                      and no dt clamp; and with a clamp time_step_limit=(0.001, inf), to show
+                      that time_step_min would bind were it a clamp).
   par  (2 processes): import-hf at TP=1 (DP=2) and TP=2: megatron logits. A "pruned-like"
                       model of ours (6 Mamba heads of dim 12, odd FFN, random weights incl.
                       norms, D, dt_bias) saved at TP=2, and its logits.
@@ -29,7 +30,7 @@ from tests.dist.hf_models import eval_logits, fixed_tokens, randomize  # noqa: E
 SEQ, BATCH = 40, 2  # 40 is not a multiple of the chunk size (16): the padded path runs
 
 
-def hf_config(time_step_min):
+def hf_config(time_step_limit=(0.0, float("inf"))):
     from transformers import NemotronHConfig
 
     return NemotronHConfig(
@@ -40,7 +41,7 @@ def hf_config(time_step_min):
         intermediate_size=96, mlp_hidden_act="relu2", num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8,
         conv_kernel=4, chunk_size=16, max_position_embeddings=64, layer_norm_epsilon=1e-5,
-        time_step_min=time_step_min, tie_word_embeddings=False, pad_token_id=1, eos_token_id=0,
+        time_step_min=0.001, time_step_limit=time_step_limit, tie_word_embeddings=False, pad_token_id=1, eos_token_id=0,
         bos_token_id=None,
     )
 
@@ -56,9 +57,8 @@ def hf_logits(model):
 def make(wd: Path):
     from transformers import NemotronHForCausalLM
 
-    from megatron_minitron.hf.mapping import EXPORT_TIME_STEP_MIN
     torch.manual_seed(0)
-    model = NemotronHForCausalLM(hf_config(EXPORT_TIME_STEP_MIN)).float()
+    model = NemotronHForCausalLM(hf_config()).float()
     randomize(model, dt_bias_mean=-4.0, dt_bias_std=2.0)  # wide: some heads have dt below 0.001
     model.save_pretrained(wd / "hf", max_shard_size="60KB")
     info = json.loads((wd / "data.json").read_text())
@@ -66,8 +66,8 @@ def make(wd: Path):
     (wd / "hf" / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<pad>"}))
     torch.save(hf_logits(model), wd / "logits_hf.pt")
-    # the same weights under transformers' default dt clamp (time_step_min=0.001)
-    m2 = NemotronHForCausalLM(hf_config(0.001)).float()
+    # the same weights with dt clamped at time_step_min (what transformers <= 5.24 did)
+    m2 = NemotronHForCausalLM(hf_config((0.001, float("inf")))).float()
     m2.load_state_dict(model.state_dict())
     torch.save(hf_logits(m2), wd / "logits_hf_clamp.pt")
     n_files = len(list((wd / "hf").glob("*.safetensors")))

@@ -38,7 +38,7 @@ def hf_config(**over):
               mlp_hidden_act="relu2", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8, conv_kernel=4,
               chunk_size=16, max_position_embeddings=64, layer_norm_epsilon=1e-5,
-              time_step_min=1.1754943508222875e-38,  # no dt clamp (megatron has none)
+              time_step_min=1.1754943508222875e-38,  # init only; no dt clamp (time_step_limit (0, inf))
               tie_word_embeddings=False, pad_token_id=1, eos_token_id=0, bos_token_id=None)
     kw.update(over)
     return NemotronHConfig(**kw)

@@ -46,12 +46,16 @@ def test_imported_logits_match_transformers(runs, layout):
     assert (got - ref).abs().max().item() < LOGIT_ATOL
 
 
-def test_dt_clamp_is_what_time_step_min_guards(runs):
-    # transformers' default time_step_min=0.001 clamps dt. This folder has the no-op value
-    # (what export writes for a model without a clamp), so the import has no clamp and
-    # equals the unclamped function, not the clamped one (test_dtclamp_dist.py: a kept clamp).
+def test_time_step_min_is_not_a_dt_clamp(runs):
+    # The folder has time_step_min=0.001 (as NVIDIA's releases) and time_step_limit (0, inf):
+    # transformers >= 5.25 does not clamp (test_imported_logits_match_transformers: nor does
+    # the import), though a clamp at 0.001 would bind on these weights (hf_clamp, the same
+    # weights with time_step_limit=(0.001, inf)). test_dtclamp_dist.py: a clamp kept.
     wd, _ = runs
+    hf = json.loads((wd / "hf" / "config.json").read_text())
+    assert hf["time_step_min"] == 0.001
     clamp_diff = (_l(wd, "hf_clamp") - _l(wd, "imp_tp1")).abs().max().item()
+    print(f"transformers with a dt clamp at 0.001 vs the import: {clamp_diff:.3e}")
     assert clamp_diff > 10 * LOGIT_ATOL
 
 
@@ -64,6 +68,7 @@ def test_export_of_pruned_checkpoint_loads_in_transformers(runs):
     cfg = json.loads((wd / "exp_pruned" / "config.json").read_text())
     assert (cfg["mamba_num_heads"], cfg["mamba_head_dim"], cfg["intermediate_size"]) == (6, 12, 74)
     assert cfg["hybrid_override_pattern"] == "M*M-M-"
+    assert cfg["time_step_limit"] == [0.0, float("inf")]  # no dt clamp
     ours, theirs = _l(wd, "pruned"), _l(wd, "exp_pruned")
     assert (ours - theirs).abs().max().item() < LOGIT_ATOL
 

@@ -31,7 +31,7 @@ def make(wd: Path):
     model = NemotronHForCausalLM(hf_config(0.02)).float()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("dt_bias"):  # softplus(dt) mostly below time_step_min=0.02
+            if name.endswith("dt_bias"):  # softplus(dt) mostly below the dt clamp at 0.02
                 p.sub_(5.0)
     model.save_pretrained(wd / "hf")
     make_tokenizer_folder(wd / "hf")
@@ -58,7 +58,7 @@ def generate(wd: Path):
     text = tok.decode(out[0], skip_special_tokens=True)
     res = {"text": text, "prompt_ids": enc["input_ids"][0].tolist(), "out_ids": out[0].tolist(),
            "eos": tok.eos_token, "model_class": type(model).__name__,
-           "time_step_min": model.config.time_step_min, "vocab_size": model.config.vocab_size,
+           "time_step_limit": list(model.config.time_step_limit), "vocab_size": model.config.vocab_size,
            "hidden_size": model.config.hidden_size, "mamba_num_heads": model.config.mamba_num_heads}
     print(json.dumps(res))
     (wd / "result_generate.json").write_text(json.dumps(res, indent=2))

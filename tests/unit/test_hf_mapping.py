@@ -2,7 +2,9 @@
 are refused by name, and bad folders fail with clear errors before any model is built."""
 
 import json
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +89,7 @@ def test_shape_mismatch_names_the_tensor():
 def test_config_roundtrip():
     hf = M.hf_config_from_model(CFG, "float32", {"eos_token_id": 0, "pad_token_id": 1})
     assert hf["hybrid_override_pattern"] == "M*-M" and hf["time_step_min"] == M.EXPORT_TIME_STEP_MIN
+    assert hf["time_step_limit"] == [0.0, math.inf]  # no dt clamp
     back = M.model_config_from_hf(json.loads(json.dumps(hf)))
     assert back.to_dict() == CFG.to_dict()
 
@@ -107,18 +110,62 @@ def test_unsupported_hf_fields_are_refused_by_name(field, value, match):
         M.model_config_from_hf(hf)
 
 
-def test_time_step_min_is_kept_as_the_dt_clamp():
+@pytest.mark.parametrize("limit,clamp", [
+    ([0.02, math.inf], (0.02, 0.0)),
+    ([0.0, 0.05], (0.0, 0.05)),
+    ([0.001, 0.1], (0.001, 0.1)),
+    ([0.02, {"__float__": "Infinity"}], (0.02, 0.0)),  # transformers' save_pretrained spelling
+    ([0.0, math.inf], (0.0, 0.0)),
+    ([-1.0, math.inf], (0.0, 0.0)),  # softplus >= 0: a negative lower bound clamps nothing
+])
+def test_time_step_limit_is_the_dt_clamp(limit, clamp):
     hf = M.hf_config_from_model(CFG)
-    hf["time_step_min"] = 0.001
+    hf["time_step_min"] = 0.001  # an init bound only (transformers >= 5.25): no clamp from it
+    hf["time_step_limit"] = limit
+    cfg = M.model_config_from_hf(json.loads(json.dumps(hf)))
+    assert (cfg.mamba_dt_clamp_min, cfg.mamba_dt_clamp_max) == clamp
+    back = M.hf_config_from_model(cfg)  # export writes the clamp used
+    assert back["time_step_limit"] == [clamp[0], clamp[1] or math.inf]
+    assert back["time_step_min"] == (clamp[0] or M.EXPORT_TIME_STEP_MIN)  # what <= 5.24 clamps at
+    assert M.model_config_from_hf(back).to_dict() == cfg.to_dict()
+    dropped = M.model_config_from_hf(hf, ignore_time_step_limit=True)
+    assert (dropped.mamba_dt_clamp_min, dropped.mamba_dt_clamp_max) == (0.0, 0.0)
+
+
+def test_time_step_min_and_absent_limit_are_no_clamp_and_legacy_name_is_read():
+    hf = M.hf_config_from_model(CFG)
+    del hf["time_step_limit"]
+    hf["time_step_min"] = 0.02
     cfg = M.model_config_from_hf(hf)
-    assert (cfg.mamba_dt_clamp_min, cfg.mamba_dt_clamp_max) == (0.001, 0.0)
-    assert M.hf_config_from_model(cfg)["time_step_min"] == 0.001  # export writes the clamp used
-    assert M.model_config_from_hf(hf, ignore_time_step_min=True).mamba_dt_clamp_min == 0.0
-    upper = ModelConfig(**{**cfg.to_dict(), "mamba_dt_clamp_max": 0.5})
-    with pytest.raises(ConfigError, match="mamba_dt_clamp_max.*no upper dt clamp"):
-        M.hf_config_from_model(upper)
+    assert (cfg.mamba_dt_clamp_min, cfg.mamba_dt_clamp_max) == (0.0, 0.0)
+    hf["mamba_dt_limit"] = [0.02, 0.5]  # the name transformers also reads (and prefers)
+    hf["time_step_limit"] = [0.0, math.inf]
+    cfg = M.model_config_from_hf(hf)
+    assert (cfg.mamba_dt_clamp_min, cfg.mamba_dt_clamp_max) == (0.02, 0.5)
+
+
+@pytest.mark.parametrize("limit", [[0.05, 0.02], [0.0, 0.0], [0.0], "inf", [math.nan, 1.0], [0.0, None]])
+def test_bad_time_step_limit_is_refused_by_name(limit):
+    hf = M.hf_config_from_model(CFG)
+    hf["time_step_limit"] = limit
+    with pytest.raises(M.HFMappingError, match="time_step_limit"):
+        M.model_config_from_hf(hf)
+
+
+def test_dt_clamp_range_is_validated():
     with pytest.raises(ConfigError, match="0 <= min < max"):
-        ModelConfig(**{**cfg.to_dict(), "mamba_dt_clamp_max": 0.0005}).validate()
+        ModelConfig(**{**CFG.to_dict(), "mamba_dt_clamp_min": 0.001, "mamba_dt_clamp_max": 0.0005}).validate()
+
+
+def test_old_ignore_time_step_min_key_is_refused_naming_the_new_one():
+    from megatron_minitron.config import load_stage_config
+
+    with pytest.raises(ConfigError, match=r"ignore_time_step_min was removed: use ignore_time_step_limit\. "
+                                          r"The Mamba dt clamp is now config.json time_step_limit"):
+        load_stage_config("import-hf", None, ["ignore_time_step_min=true"])
+    assert load_stage_config("import-hf", None, ["ignore_time_step_limit=true"]).ignore_time_step_limit
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "import_hf_example.yaml"
+    assert load_stage_config("import-hf", str(recipe), []).ignore_time_step_limit is False
 
 
 @pytest.mark.parametrize("field,value", [("position_embedding", "rope"), ("activation", "swiglu"),
@@ -179,6 +226,20 @@ def test_folder_checks_pass_on_a_good_folder(hf_folder):
     folder, mcfg = _check_import(ImportHFConfig(hf_dir=str(hf_folder)))
     assert mcfg.to_dict() == CFG.to_dict()
     assert folder.get("backbone.layers.0.mixer.A_log").shape == (6,)
+
+
+def test_time_step_limit_round_trips_through_transformers_config(tmp_path):
+    tr = pytest.importorskip("transformers")
+    cfg = ModelConfig(**{**CFG.to_dict(), "mamba_dt_clamp_min": 0.02})
+    text = json.dumps(M.hf_config_from_model(cfg), indent=2)
+    assert '"time_step_limit": [\n    0.02,\n    Infinity\n  ]' in text  # NVIDIA's spelling
+    (tmp_path / "config.json").write_text(text)
+    loaded = tr.NemotronHConfig.from_pretrained(tmp_path)
+    assert list(loaded.time_step_limit) == [0.02, math.inf]
+    loaded.save_pretrained(tmp_path / "re")  # transformers' own spelling of inf
+    raw = json.loads((tmp_path / "re" / "config.json").read_text())
+    assert raw["time_step_limit"][1] in ({"__float__": "Infinity"}, math.inf)
+    assert M.model_config_from_hf(raw).to_dict() == cfg.to_dict()
 
 
 def test_missing_shard_is_reported(hf_folder, tmp_path):
