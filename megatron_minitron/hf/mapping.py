@@ -105,6 +105,11 @@ def _json_float(x) -> float:
     return float(x)
 
 
+# an upper dt bound this large is the 'none' some configs spell as a number: softplus(x)
+# reaches it only for x >= 1e30, and exp(A * dt) underflows to 0 long before
+UNBOUNDED_DT = 1e30
+
+
 def hf_dt_limit(hf: dict) -> tuple[float, float]:
     """The Mamba dt clamp (lo, hi) config.json asks for: time_step_limit (transformers reads
     a legacy mamba_dt_limit in its place), default (0, inf) = none. Refused, naming the
@@ -121,6 +126,8 @@ def hf_dt_limit(hf: dict) -> tuple[float, float]:
     if math.isnan(lo) or math.isnan(hi) or hi <= max(lo, 0.0):
         raise HFMappingError(f"config.json {key}={lim!r} is not supported: the Mamba dt clamp "
                              "must be a range min < max with max > 0, e.g. [0.0, Infinity] (no clamp)")
+    if hi >= UNBOUNDED_DT:
+        hi = math.inf  # e.g. [0.0, 1e30]: no dt reaches it, so no clamp (and no clamp hooks)
     return (max(lo, 0.0), hi)  # softplus >= 0: a negative lower bound clamps nothing
 
 

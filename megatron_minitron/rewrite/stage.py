@@ -304,6 +304,7 @@ def run_prune(cfg: PruneConfig) -> dict:
     prune_id = D.broadcast_object(uuid.uuid4().hex)
     partial = p["partial"]
     if rank0:
+        dst.parent.mkdir(parents=True, exist_ok=True)  # output=new/dirs/pruned: made, as plan does
         ckpt._write_json_atomic(p["journal"], {"id": prune_id, "dst": str(dst), "dst_existed": dst.exists(),
                                                "keep_backup": cfg.keep_backup, "in_place": in_place})
         partial.mkdir(parents=True)

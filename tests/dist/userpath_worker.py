@@ -1,7 +1,8 @@
 """The user's path end to end (tests/dist/test_user_path_dist.py runs the CLI stages
 between these two phases):
 
-  make:     a tiny transformers NemotronHForCausalLM (its Mamba dt clamp binds), saved by
+  make:     a tiny transformers NemotronHForCausalLM (its Mamba dt clamp binds; make_moe: its
+            MoE twin, E layers in place of the MLP), saved by
             save_pretrained with a real tokenizer that has no <|endoftext|> (eos `</s>`), and
             a JSON Lines corpus of real English in two shards (one gzipped);
   generate: transformers loads the exported folder (model + tokenizer) and generate()
@@ -24,11 +25,23 @@ from tests.real_tokenizer import english_paragraphs, make_tokenizer_folder  # no
 PROMPT = "Beautiful is better than"
 
 
-def make(wd: Path):
+def moe_config():
+    """A tiny Nemotron 3-style MoE hybrid (no dense MLP): 8 routed experts, top-2, a shared
+    expert, routed_scaling_factor 2.5."""
+    cfg = hf_config(0.02)
+    cfg.layers_block_type = ["linear_attention", "moe", "full_attention", "moe", "linear_attention"]
+    cfg.num_hidden_layers = 5
+    cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size = 8, 2, 32
+    cfg.moe_shared_expert_intermediate_size, cfg.routed_scaling_factor = 48, 2.5
+    cfg.n_group = cfg.topk_group = 1
+    return cfg
+
+
+def make(wd: Path, moe: bool = False):
     from transformers import NemotronHForCausalLM
 
     torch.manual_seed(0)
-    model = NemotronHForCausalLM(hf_config(0.02)).float()
+    model = NemotronHForCausalLM(moe_config() if moe else hf_config(0.02)).float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("dt_bias"):  # softplus(dt) mostly below the dt clamp at 0.02
@@ -66,4 +79,4 @@ def generate(wd: Path):
 
 if __name__ == "__main__":
     phase, workdir = sys.argv[1], Path(sys.argv[2])
-    {"make": make, "generate": generate}[phase](workdir)
+    {"make": make, "make_moe": lambda wd: make(wd, moe=True), "generate": generate}[phase](workdir)

@@ -117,6 +117,7 @@ def test_unsupported_hf_fields_are_refused_by_name(field, value, match):
     ([0.02, {"__float__": "Infinity"}], (0.02, 0.0)),  # transformers' save_pretrained spelling
     ([0.0, math.inf], (0.0, 0.0)),
     ([-1.0, math.inf], (0.0, 0.0)),  # softplus >= 0: a negative lower bound clamps nothing
+    ([0.0, 1e30], (0.0, 0.0)),  # a numeric 'none' some configs write: no dt reaches it
 ])
 def test_time_step_limit_is_the_dt_clamp(limit, clamp):
     hf = M.hf_config_from_model(CFG)

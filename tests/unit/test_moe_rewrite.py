@@ -73,8 +73,9 @@ def test_keepall_permuted_prune_of_moe_model_is_the_identity(tmp_path, change):
         plan = _keepall(cfg, torch.Generator().manual_seed(4))
         plan.save(tmp_path / "plan.json")
         run_prune(PruneConfig(checkpoint=str(tmp_path / "src"), plan=str(tmp_path / "plan.json"),
-                              output=str(tmp_path / "pruned"), fsync=False))
-        a, b = _logits(tmp_path / "src"), _logits(tmp_path / "pruned")
+                              output=str(tmp_path / "new" / "dirs" / "pruned"), fsync=False))
+        # (an output whose parent folders do not exist yet: prune makes them)
+        a, b = _logits(tmp_path / "src"), _logits(tmp_path / "new" / "dirs" / "pruned")
         assert (a - b).abs().max() < ATOL
         # the oracle is sharp: the same plan with one MoE tensor's hidden axis left
         # unpermuted (a wrong rule) changes the function
