@@ -405,7 +405,9 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.lr_decay_style={self.lr_decay_style!r}: use cosine, linear or constant")
         if self.warmup_steps >= self.steps:
             raise ConfigError(
-                f"{prefix}.warmup_steps={self.warmup_steps} must be < {prefix}.steps={self.steps}"
+                f"{prefix}.warmup_steps={self.warmup_steps} must be < {prefix}.steps={self.steps}; "
+                f"set {prefix}.warmup_steps={self.steps - 1} (or less) or {prefix}.steps="
+                f"{self.warmup_steps + 1} (or more)"
             )
         if not self.lr > 0:  # also NaN
             raise ConfigError(f"{prefix}.lr={self.lr} must be a positive learning rate, e.g. 3e-4")
@@ -494,9 +496,18 @@ def parse_overrides(items: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value is not a valid YAML scalar; "
-                              "quote it, e.g. key='text'") from None
+        except yaml.YAMLError:  # e.g. `*-*-` (an alias for YAML): quote it for YAML and for the shell
+            import shlex
+
+            sq, dq = "'", '"'
+            if not set(item) & set('"$`\\!'):  # bash "...", YAML '...'
+                hint = dq + key + "=" + sq + raw.replace(sq, sq * 2) + sq + dq
+            elif sq not in item:  # bash '...', YAML "..."
+                hint = sq + key + "=" + dq + raw.replace("\\", "\\\\").replace(dq, "\\" + dq) + dq + sq
+            else:
+                hint = shlex.quote(key + "=" + sq + raw.replace(sq, sq * 2) + sq)
+            raise ConfigError(f"override {item!r}: the value is not a valid YAML scalar; quote it "
+                              f"(YAML quotes inside shell quotes), e.g. {hint}") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

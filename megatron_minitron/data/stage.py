@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .blend import tokenizer_model_sha256
 from .common import DataError, _atomic_write_json, sha256_file
 from .docs_corpus import builtin_corpus, is_builtin
 from .corpus import corpus_files
@@ -30,7 +31,8 @@ class DataPrepConfig:
     column), a folder of such files or a glob; empty means the default corpus.
     `tokenizer`: empty trains a byte-level BPE of `vocab_size` (0: 4096) tokens on the
     corpus; else an existing tokenizer: a tokenizer.json or a Hugging Face tokenizer folder
-    such as `<run>/tokenizer/` written by import-hf (vocab_size must then stay 0).
+    such as `<run>/tokenizer/` written by import-hf (its vocabulary is used: vocab_size,
+    e.g. the default recipe's 4096, is then not used; the log and summary.json say so).
     `eod_token`: the token appended to every document; empty = the tokenizer's eos token
     (or `<|endoftext|>`). `workers`: tokenizing processes (0: cpu count - 1, at most 8).
     `seed` does not affect the outputs; it is recorded in summary.json as the default seed
@@ -86,10 +88,6 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
     seed = int(_cfg_get(cfg, "seed", 1234))
     doc_sep = "\n\n"
     # every user error before any work
-    if tok_arg and vocab_size:
-        raise DataError(f"vocab_size={vocab_size} sets the size of a BPE trained here, but "
-                        f"tokenizer={tok_arg!r} is given (its vocabulary is used); drop vocab_size "
-                        "(or set vocab_size=0)")
     if vocab_size < 0 or int(_cfg_get(cfg, "workers", 0) or 0) < 0:
         raise DataError("vocab_size and workers must be >= 0 (0 = default)")
     if not text_key:
@@ -97,6 +95,9 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
     if eod_token and not tok_arg:
         raise DataError(f"eod_token={eod_token!r} names a token of an existing tokenizer; give "
                         "tokenizer=... too (a trained BPE ends documents with <|endoftext|>)")
+    # a given tokenizer brings its vocabulary: vocab_size (the size of a BPE trained here,
+    # e.g. the default recipe's 4096) is not used; said in the log and summary.json
+    vocab_size_unused = vocab_size if tok_arg else None
     vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
     tokenizer = Tokenizer(tok_arg, eod_token) if tok_arg else None
     if not is_builtin(corpus_arg):
@@ -141,6 +142,9 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
         tok_trained = False
         log(f"[prepare-data] tokenizer {tok_path}: {tokenizer.vocab_size} tokens, EOD id "
             f"{tokenizer.eod} ({tokenizer.inv_vocab.get(tokenizer.eod)!r})")
+        if vocab_size_unused:
+            log(f"[prepare-data] note: vocab_size={vocab_size_unused} is not used: it sizes a BPE "
+                f"trained here, and tokenizer={tok_arg} brings its own {tokenizer.vocab_size} tokens")
     else:
         tok_path = out / "tokenizer.json"
         if same_inputs and tok_path.is_file() and sha256_file(tok_path) == prev_sha.get("tokenizer"):
@@ -187,6 +191,7 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
         **stats,
         "vocab_size": tokenizer.vocab_size,
         "vocab_size_requested": None if tok_arg else vocab_size,
+        **({"vocab_size_not_used": vocab_size_unused} if vocab_size_unused else {}),
         "eod": tokenizer.eod,
         "pad": tokenizer.pad,
         "unigram_baseline_ppl": math.exp(stats["unigram_entropy"]),
@@ -194,7 +199,8 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> dict:
         "inputs": inputs,
         "sha256": {
             "corpus": corpus_sha,
-            "tokenizer": tokenizer.sha256,
+            "tokenizer": tokenizer.sha256,  # what the stages' data check compares (blend.py)
+            "tokenizer_model": tokenizer_model_sha256(tokenizer),
             "bin": sha256_file(bin_path),
             "idx": sha256_file(idx_path),
         },

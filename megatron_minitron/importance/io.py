@@ -33,6 +33,32 @@ FORMAT = "megatron-minitron-importance"
 VERSION = 1
 
 
+def _refuse_json(path: Path) -> None:
+    """A JSON file given as the importance file (its .json sidecar, a plan.json) is refused
+    in one line that says what to give instead; torch.load would only say `weights_only`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return  # torch.load reports it
+    if not head.startswith((b"{", b"[")):
+        return
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    kind = doc.get("format") if isinstance(doc, dict) else None
+    if kind == FORMAT:
+        what = (f"the metadata sidecar that `stats` writes next to {path.with_suffix('.pt')}; "
+                "give that .pt file")
+    elif kind == "megatron-minitron-plan":
+        what = f"a plan from `plan`: it goes to `prune plan={path}`"
+    else:
+        what = "importance= takes the importance.pt that `stats` writes (a plan.json goes to `prune plan=`)"
+    raise ConfigError(f"importance file {path} is JSON, not the importance.pt (torch.save) that "
+                      f"`stats` writes: {what}" if kind else f"importance file {path} is JSON: {what}")
+
+
 @dataclass
 class ImportanceFile:
     model: ModelConfig
@@ -86,6 +112,7 @@ class ImportanceFile:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"importance file {path} does not exist; run the `stats` stage first")
+        _refuse_json(path)
         try:  # weights_only: a foreign pickle cannot run code; truncation fails here
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError / pickle / zip errors

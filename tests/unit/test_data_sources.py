@@ -148,9 +148,10 @@ def test_existing_tokenizer_rules(tok_dir, tmp_path):
         D.Tokenizer(bare)
     assert D.Tokenizer(bare, "</s>").eod == tok.eod
     (tmp_path / "c.txt").write_text("Beautiful is better than ugly.\n\nFlat is better than nested.\n")
-    with pytest.raises(D.DataError, match="vocab_size=4096 sets the size of a BPE"):
-        D.prepare_data(D.DataPrepConfig(output_dir=str(tmp_path / "o"), corpus=str(tmp_path / "c.txt"),
-                                        tokenizer=str(tok_dir), vocab_size=4096), log=lambda m: None)
+    s = D.prepare_data(D.DataPrepConfig(output_dir=str(tmp_path / "o"), corpus=str(tmp_path / "c.txt"),
+                                        tokenizer=str(tok_dir), vocab_size=4096, progress=False),
+                       log=lambda m: None)  # a recipe's BPE size: not used with a tokenizer
+    assert s["vocab_size_not_used"] == 4096 and s["vocab_size"] == 384
     s = D.prepare_data(D.DataPrepConfig(output_dir=str(tmp_path / "o"), corpus=str(tmp_path / "c.txt"),
                                         tokenizer=str(tok_dir), progress=False), log=lambda m: None)
     ds = D.read_indexed_dataset(s["prefix"])
