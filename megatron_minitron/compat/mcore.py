@@ -57,6 +57,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron.core.activations import squared_relu  # noqa: F401
+from megatron.core.datasets.blended_dataset import BlendedDataset  # noqa: F401
 from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: F401
     BlendedMegatronDatasetBuilder,
 )

@@ -70,17 +70,23 @@ def build_gpt_datasets(
     Index caches (document/sample/shuffle .npy files) live in a per-prefix folder,
     `cache_dir/<name>-<idx sha256[:12]>` (a blend: `blend-<sha256 of the blend and its .idx
     files>`; default `cache_dir` is `<first prefix dir>/cache`), so a
-    rewritten dataset never meets stale indices. Concurrent builders are safe:
+    rewritten dataset never meets stale indices. Concurrent builders are safe, whatever
+    runs them (ranks of one job, several jobs on one shared file system, threads): a missing
+    cache is built in a private folder and published by renames, the description file last
+    (compat/index_cache.py), so no builder ever loads a file that is still being written.
+    Who builds, to avoid duplicated work:
     - with torch.distributed initialised, megatron itself builds on rank 0, calls
       `torch.distributed.barrier()`, then the other ranks load (all ranks must call this);
-    - otherwise an exclusive file lock in the cache folder serialises the builds, and when
-      `barrier` is given, rank 0 (`rank`, else $RANK, else 0) builds first, then `barrier()`
-      is called on every rank, then the other ranks build (they load rank 0's cache).
+    - otherwise an exclusive file lock in the cache folder serialises the builds on a host,
+      and when `barrier` is given, rank 0 (`rank`, else $RANK, else 0) builds first, then
+      `barrier()` is called on every rank, then the other ranks build (they load rank 0's
+      cache).
     Without a process group, a blend's indices are built in memory (megatron's
     BlendedDataset needs torch.distributed to write its cache).
     """
     import torch
-    from ..compat.mcore import BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig
+    from ..compat.index_cache import BlendedMegatronDatasetBuilder, GPTDataset
+    from ..compat.mcore import GPTDatasetConfig
 
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer(tokenizer)

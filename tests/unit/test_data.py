@@ -12,6 +12,7 @@ import codecs
 import contextlib
 import io
 import json
+import os
 import threading
 
 import numpy as np
@@ -218,6 +219,128 @@ def test_concurrent_builds_share_one_cache(prepared, tmp_path):
         assert [train[i]["tokens"].tolist() for i in range(4)] == [ref[i]["tokens"].tolist() for i in range(4)], key
     caches = list((tmp_path / "shared").iterdir())
     assert len(caches) == 1 and caches[0].name.startswith(D.DATASET_NAME + "-")
+
+
+# --------------------------------------------------------------- index cache across processes
+# A world of one per process: independent jobs on the same data (megatron's rank-0-builds /
+# barrier only orders the ranks of one job), or a test session with a process group left up.
+_RACE_ROUNDS = (("gpt", "shuffle_index.npy"), ("blend", "dataset_sample_index.npy"),
+                ("gpt", None), ("blend", None), ("gpt", None))
+
+
+def _race_spec(kind, prefix, prefix_b):
+    return prefix if kind == "gpt" else [0.4, prefix, 0.6, prefix_b]
+
+
+def _samples(datasets) -> list:
+    return [[(ds[i]["tokens"].tolist(), ds[i]["labels"].tolist()) for i in range(len(ds))]
+            for ds in datasets[:2]]
+
+
+def _race_worker(role, prefix, prefix_b, tok, root, sync, q):
+    """One builder process. Orchestrated rounds (a file suffix given): the leader's
+    numpy.save writes half of that index file, flushes, signals `partial`, and finishes only
+    after the readers have built and read every sample, so a reader meets a cache file in
+    the middle of being written at a known moment. Other rounds: all start at one barrier."""
+    try:
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1)
+        if role == "leader":
+            save = np.save
+
+            def slow_save(file, arr, *a, **k):
+                suffix = _RACE_ROUNDS[state["round"]][1]
+                if suffix is None or not str(file).endswith(suffix) or state["done"]:
+                    return save(file, arr, *a, **k)
+                state["done"] = True
+                buf = io.BytesIO()
+                save(buf, arr, *a, **k)
+                data = buf.getvalue()
+                with open(file, "wb") as f:
+                    f.write(data[:len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                    sync["partial"][state["round"]].set()
+                    assert sync["release"][state["round"]].wait(60), "readers never finished"
+                    f.write(data[len(data) // 2:])
+
+            state = {"round": 0, "done": False}
+            np.save = slow_save
+        for r, (kind, suffix) in enumerate(_RACE_ROUNDS):
+            if role == "leader":
+                state.update(round=r, done=False)
+            if suffix is None:
+                sync["barrier"].wait(60)
+            elif role != "leader":
+                assert sync["partial"][r].wait(60), "the leader never wrote its partial file"
+            try:
+                ds = D.build_gpt_datasets(_race_spec(kind, prefix, prefix_b), tok, 32, "80,20,0",
+                                          {"train": 64, "valid": 8}, 1234, root / f"round{r}")
+                q.put((role, r, _samples(ds)))
+            except Exception as err:
+                q.put((role, r, f"{type(err).__name__}: {err}"))
+    except BaseException as err:  # pragma: no cover - reported by the parent
+        q.put((role, -1, f"{type(err).__name__}: {err}"))
+
+
+def test_index_cache_builds_across_processes(prepared, tmp_path):
+    """Three processes building one index cache at once (fresh processes, each its own
+    world of one: no shared barrier) read exactly the samples of a single-process build: a
+    reader never loads a cache file another process is still writing (issue 20: 'mmap
+    length is greater than file size'). GPTDataset's and BlendedDataset's caches; two
+    rounds catch readers while a file is half written, on purpose (megatron-core's own
+    in-place writes fail both, every time), three start everyone at once."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    import shutil
+    import time
+
+    prefix = prepared["prefix"]
+    prefix_b = str(tmp_path / "copy" / "b")
+    (tmp_path / "copy").mkdir()
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, prefix_b + ext)
+    tok = str(prepared["tok"].path)
+    # fresh processes (no fork of this one), megatron imported once in the fork server
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([_race_worker.__module__, "megatron_minitron.compat.index_cache"])
+    roles = ("leader", "reader1", "reader2")
+    n = len(_RACE_ROUNDS)
+    sync = {"partial": [ctx.Event() for _ in range(n)], "release": [ctx.Event() for _ in range(n)],
+            "barrier": ctx.Barrier(len(roles))}
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_race_worker, args=(role, prefix, prefix_b, tok, tmp_path / "shared", sync, q))
+             for role in roles]
+    [p.start() for p in procs]
+    # single-process references while the builders start
+    want = {kind: _samples(D.build_gpt_datasets(_race_spec(kind, prefix, prefix_b), tok, 32,
+                                                "80,20,0", {"train": 64, "valid": 8}, 1234,
+                                                tmp_path / "ref"))
+            for kind in ("gpt", "blend")}
+    got, deadline = {}, time.time() + 120
+    try:
+        while len(got) < len(roles) * n:
+            try:
+                role, r, result = q.get(timeout=1)
+            except queue_mod.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                assert not dead and time.time() < deadline, f"builders died ({dead}) or hung; got {sorted(got)}"
+                continue
+            assert r >= 0, f"{role}: {result}"
+            got[(role, r)] = result
+            if all((x, r) in got for x in roles[1:]):
+                sync["release"][r].set()
+    finally:
+        for e in sync["release"]:
+            e.set()
+        [p.join(30) for p in procs]
+        [p.kill() for p in procs if p.is_alive()]
+    failures = {k: v for k, v in got.items() if isinstance(v, str)}
+    assert not failures, failures
+    for (role, r), samples in got.items():
+        assert samples == want[_RACE_ROUNDS[r][0]], (role, r)
+    leftovers = [p for p in (tmp_path / "shared").rglob("*") if p.name.startswith(".tmp")]
+    assert not leftovers, leftovers
 
 
 def test_prepare_data_is_idempotent(prepared):
