@@ -434,6 +434,10 @@ class PretrainConfig:
 @dataclass
 class EvalConfig:
     checkpoint: str = "runs/teacher"
+    # its shape for --dry-run / --print-config before that checkpoint exists: a model YAML
+    # (configs/model/*.yaml), a recipe with a model: mapping, a plan.json (its target) or a
+    # checkpoint; the checkpoint's own config wins once it exists
+    checkpoint_model: str = ""
     output_dir: str = ""  # default: <checkpoint>/eval
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)

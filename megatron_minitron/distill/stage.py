@@ -68,6 +68,11 @@ def _default_train() -> TrainConfig:
 class DistillConfig:
     student: str = "runs/default/pruned"  # checkpoint the student starts from (step 0)
     teacher: str = "runs/default/teacher"  # frozen teacher checkpoint (same vocabulary)
+    # their shapes for --dry-run / --print-config before the checkpoints exist: a model YAML
+    # (configs/model/*.yaml), a recipe with a model: mapping, a plan.json (its target) or a
+    # checkpoint; a checkpoint's own config wins once it exists
+    student_model: str = ""
+    teacher_model: str = ""
     output_dir: str = "runs/default/distilled"
     # Training sequence length; 0 = the student's model.seq_length. Both models are
     # position-table free (RoPE or none), so any length runs; the student's saved config
@@ -115,6 +120,12 @@ def check_pair(student: ModelConfig, teacher: ModelConfig, tp: int, pp: int, ep:
     check_ep_used(ep, student, teacher)
 
 
+def validate_models(cfg: DistillConfig, student: ModelConfig, teacher: ModelConfig) -> None:
+    """The student and teacher against the settings (the run, --dry-run, --print-config)."""
+    check_pair(student, teacher, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
+    check_moe_train(cfg.train, student)
+
+
 def _kd_loss_func(loss_cfg: LossConfig, tp_group, batch: dict, teacher_logits, student_logits):
     """Last-stage loss: (sum over tokens, tokens, report) as the schedules expect.
 
@@ -142,8 +153,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     cfg.validate(dp)
     s_cfg = ckpt.read_model_config(cfg.student)
     t_cfg = ckpt.read_model_config(cfg.teacher)
-    check_pair(s_cfg, t_cfg, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
-    check_moe_train(cfg.train, s_cfg)
+    validate_models(cfg, s_cfg, t_cfg)
     seq = cfg.seq_length or s_cfg.seq_length
     s_cfg = replace(s_cfg, seq_length=seq)
     t_cfg = replace(t_cfg, seq_length=seq)

@@ -174,12 +174,17 @@ class HFFolder:
 # ----------------------------------------------------------------------------- import
 
 
-def _check_import(cfg: ImportHFConfig) -> tuple[HFFolder, ModelConfig]:
+def validate_import_settings(cfg: ImportHFConfig) -> None:
+    """Settings errors, no file read (the run, --dry-run and --print-config)."""
     if not cfg.hf_dir:
         raise ConfigError("hf_dir is empty; give the Hugging Face model folder, e.g. hf_dir=/models/nemotron-h-8b")
     if cfg.params_dtype not in ("fp32", "bf16"):
         raise ConfigError(f"params_dtype={cfg.params_dtype!r}: use fp32 or bf16")
     cfg.parallel.validate()
+
+
+def _check_import(cfg: ImportHFConfig) -> tuple[HFFolder, ModelConfig]:
+    validate_import_settings(cfg)
     folder = HFFolder(cfg.hf_dir)
     model_cfg = M.model_config_from_hf(folder.config, cfg.params_dtype, cfg.ignore_time_step_limit)
     if cfg.seq_length:
@@ -348,14 +353,21 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 # ----------------------------------------------------------------------------- export
 
 
-def _check_export(cfg: ExportHFConfig):
-    from ..train import checkpoint as ckpt
-
+def validate_export_settings(cfg: ExportHFConfig) -> int:
+    """Settings errors, no file read (the run, --dry-run and --print-config); returns the
+    shard size in bytes."""
     if cfg.dtype not in HF_DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r}: use one of {sorted(HF_DTYPES)}")
     max_bytes = M.parse_size(cfg.max_shard_size)
     if max_bytes <= 0:
         raise ConfigError(f"max_shard_size={cfg.max_shard_size!r} must be positive")
+    return max_bytes
+
+
+def _check_export(cfg: ExportHFConfig):
+    from ..train import checkpoint as ckpt
+
+    max_bytes = validate_export_settings(cfg)
     it = ckpt.require(cfg.checkpoint)
     mcfg = ckpt.read_model_config(it)
     tok = _tokenizer_source(cfg, it)

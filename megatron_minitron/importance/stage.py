@@ -38,6 +38,10 @@ ALL_SOURCES = list(SOURCES) + ["kl"]
 @dataclass
 class StatsConfig:
     checkpoint: str = "runs/default/teacher"
+    # its shape for --dry-run / --print-config before that checkpoint exists: a model YAML
+    # (configs/model/*.yaml), a recipe with a model: mapping, a plan.json (its target) or a
+    # checkpoint; the checkpoint's own config wins once it exists
+    checkpoint_model: str = ""
     output_dir: str = ""  # default: <checkpoint>/stats
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -66,6 +70,27 @@ def _out_dir(cfg: StatsConfig) -> Path:
 
 def validate(cfg: StatsConfig) -> ModelConfig:
     """Every user error, before any process group, model or forward."""
+    validate_settings(cfg)
+    path = ckpt.resolve(cfg.checkpoint)
+    if path is None or not (path / ckpt.CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint!r} is not a megatron-minitron hybrid checkpoint (no "
+            f"{ckpt.CONFIG_FILE}); train one with `pretrain`, import one with `import-hf`, or "
+            "point checkpoint at a run directory / iteration folder")
+    model_cfg = ckpt.read_model_config(path)
+    validate_model(cfg, model_cfg)
+    from ..data.stage_data import check_data
+
+    check_data(cfg.data, model_cfg)
+    from ..compat.torch_dist import check_files
+
+    check_files(path)  # last (it reads the files): a missing / truncated shard or .metadata
+    return model_cfg
+
+
+def validate_settings(cfg: StatsConfig, world: int | None = None) -> None:
+    """Settings errors, no file read (the run, --dry-run and --print-config); world: the
+    number of processes (default $WORLD_SIZE)."""
     cfg.parallel.validate()
     cfg.data.validate()
     for key in ("samples", "micro_batch_size"):
@@ -86,14 +111,11 @@ def validate(cfg: StatsConfig) -> ModelConfig:
     if cfg.depth_samples > cfg.samples:
         raise ConfigError(f"depth_samples={cfg.depth_samples} exceeds samples={cfg.samples}; "
                           f"use depth_samples <= {cfg.samples}")
-    _check_ep_steps(cfg)
-    path = ckpt.resolve(cfg.checkpoint)
-    if path is None or not (path / ckpt.CONFIG_FILE).is_file():
-        raise ConfigError(
-            f"checkpoint={cfg.checkpoint!r} is not a megatron-minitron hybrid checkpoint (no "
-            f"{ckpt.CONFIG_FILE}); train one with `pretrain`, import one with `import-hf`, or "
-            "point checkpoint at a run directory / iteration folder")
-    model_cfg = ckpt.read_model_config(path)
+    _check_ep_steps(cfg, world)
+
+
+def validate_model(cfg: StatsConfig, model_cfg: ModelConfig) -> None:
+    """The checkpoint's model against the settings."""
     if "M" not in model_cfg.pattern:
         raise ConfigError(
             f"checkpoint={cfg.checkpoint!r} is not a hybrid Mamba model (pattern "
@@ -103,23 +125,16 @@ def validate(cfg: StatsConfig) -> ModelConfig:
     if "ffn_pre" in cfg.sources and model_cfg.activation == "swiglu":
         raise ConfigError("sources contains ffn_pre (FFN score before the activation), which is "
                           "undefined for a gated MLP (activation=swiglu); use ffn instead")
-    from ..data.stage_data import check_data
-
-    check_data(cfg.data, model_cfg)
-    from ..compat.torch_dist import check_files
-
-    check_files(path)  # last (it reads the files): a missing / truncated shard or .metadata
-    return model_cfg
 
 
-def _check_ep_steps(cfg: StatsConfig) -> None:
+def _check_ep_steps(cfg: StatsConfig, world: int | None = None) -> None:
     """At parallel.ep > 1 an MoE layer's token exchange spans data-parallel ranks, so every
     rank must run the same forwards with the same batch shape: no rank may sit out a step
     (samples not filling the last one) or run depth-KL forwards the others skip (depth
     samples ending inside a step). Otherwise the collectives wait forever; refuse instead."""
     if cfg.parallel.ep <= 1:
         return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
     dp = max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
     per = cfg.micro_batch_size * dp
     depth = cfg.depth_samples if "kl" in cfg.sources else 0

@@ -2,8 +2,9 @@
 
     python -m megatron_minitron STAGE -c recipe.yaml --dry-run [--world-size N]
 
-prints the per-GPU estimate (estimate.py) at the stage's layout and exits; a normal run
-performs the same check first and refuses to start when the estimate exceeds
+prints the per-GPU estimate (estimate.py) at the stage's layout and exits (preflight.py:
+the settings checked as the run checks them, the models' shapes before their checkpoints
+exist, the target device and its memory); a normal run performs the same check first and refuses to start when the estimate exceeds
 `parallel.memory_limit_gb` (0 = the device's memory: the GPU's, or on CPU the host's
 memory shared by the ranks of this node), naming settings that would make it fit (for
 MoE models also parallel.ep). A layout the stage could not run at all (an ep that does not
@@ -20,26 +21,36 @@ from typing import Optional
 from ..config import ConfigError, ModelConfig
 from . import estimate as E
 
-CHECKED = ("pretrain", "distill", "stats", "eval", "prune")
+CHECKED = ("pretrain", "distill", "stats", "eval", "prune")  # the runs that check
+ESTIMATED = CHECKED + ("search",)  # the dry runs that estimate (search: its KD and forwards)
+TRAINING = ("pretrain", "distill", "search")
 
 
 def impl() -> str:
+    """The device this host runs on."""
     import torch
 
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def device_limit_gb(limit_gb: float) -> float:
-    if limit_gb > 0:
-        return limit_gb
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / E.GiB
+def host_memory_gb() -> float:
+    """This host's memory per rank of the node ($LOCAL_WORLD_SIZE ranks share it)."""
     import psutil
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return psutil.virtual_memory().total / E.GiB / max(local, 1)
+
+
+def device_limit_gb(limit_gb: float, device: Optional[str] = None) -> float:
+    """limit_gb, or (0) the memory of this host's device: its GPU's, or on CPU the host's
+    memory per rank."""
+    if limit_gb > 0:
+        return limit_gb
+    import torch
+
+    if (device or impl()) == "gpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / E.GiB
+    return host_memory_gb()
 
 
 def _dp(world: int, tp: int, pp: int) -> int:
@@ -47,65 +58,111 @@ def _dp(world: int, tp: int, pp: int) -> int:
 
 
 def _layout(parallel, world: int, mbs: int, seq: int, global_batch: int = 0,
-            recompute: str = "none", train=None) -> E.Layout:
-    """The stage's layout; global_batch > 0 (training): micro-batches per step from it;
-    train: the stage's TrainConfig (the MoE router's aux loss)."""
-    from ..train.engine import use_distributed_optimizer
-
+            recompute: str = "none", train=None, kind: str = "gpu") -> E.Layout:
+    """The stage's layout on device `kind`; global_batch > 0 (training): micro-batches per
+    step from it; train: the stage's TrainConfig (the MoE router's aux loss)."""
+    # as train.engine.use_distributed_optimizer, for the target device: auto = on GPU only
+    dist_opt = parallel.distributed_optimizer == "true" or (
+        parallel.distributed_optimizer == "auto" and kind == "gpu")
     dp = _dp(world, parallel.tp, parallel.pp)
     return E.Layout(tp=parallel.tp, pp=parallel.pp, dp=dp, micro_batch_size=mbs, seq_length=seq,
                     num_micro=global_batch // (mbs * dp) if global_batch else 1,
                     sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
-                    recompute=recompute, distributed_optimizer=use_distributed_optimizer(parallel),
+                    recompute=recompute, distributed_optimizer=dist_opt,
                     ep=parallel.ep, moe_dispatcher=parallel.moe_dispatcher,
                     moe_aux_loss=train is not None and train.moe_aux_loss_coeff > 0)
 
 
-def plan_for(stage: str, cfg, world: int):
-    """(estimate function of a Layout, the stage's Layout, model config) for a stage config.
-    The model config is the one the layout is checked against (distill: the student; the
-    teacher is checked beside it, see models_of)."""
+def stage_models(stage: str, cfg) -> dict[str, ModelConfig]:
+    """The models a stage's real run reads (role -> config): pretrain its recipe's, distill
+    the student's and teacher's checkpoints, the others their checkpoint's."""
     from ..train import checkpoint as ckpt
 
-    kind = impl()
     if stage == "pretrain":
-        tr = cfg.train
-        lay = _layout(cfg.parallel, world, tr.micro_batch_size, cfg.model.seq_length,
-                      tr.global_batch_size, tr.recompute, tr)
-        return (lambda l: E.training(cfg.model, l, kind, "pretrain")), lay, cfg.model
+        return {"model": cfg.model}
     if stage == "distill":
-        tr = cfg.train
-        s_cfg, t_cfg = ckpt.read_model_config(cfg.student), ckpt.read_model_config(cfg.teacher)
-        seq = cfg.seq_length or s_cfg.seq_length
-        lay = _layout(cfg.parallel, world, tr.micro_batch_size, seq, tr.global_batch_size,
-                      tr.recompute, tr)
-        chunk = cfg.loss.chunk_size or None
-        return (lambda l: E.training(s_cfg, l, kind, "distill", kd_chunk=chunk, teacher=t_cfg)), lay, s_cfg
-    if stage == "stats":
-        m = ckpt.read_model_config(cfg.checkpoint)
-        seq = cfg.seq_length or m.seq_length
-        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq)
-        depth = "kl" in cfg.sources and cfg.depth_samples > 0
-        return (lambda l: E.stats(m, l, kind, depth, cfg.depth_chunk_tokens)), lay, m
-    if stage == "eval":  # forward only, LM loss: the stats estimate without depth KL
-        m = ckpt.read_model_config(cfg.checkpoint)
-        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, m.seq_length)
-        return (lambda l: E.stats(m, l, kind, depth=False)), lay, m
-    if stage == "prune":
-        m = ckpt.read_model_config(cfg.checkpoint)
-        return (lambda l: E.prune(m, kind)), E.Layout(), m
+        return {"student": ckpt.read_model_config(cfg.student),
+                "teacher": ckpt.read_model_config(cfg.teacher)}
+    if stage in CHECKED:
+        return {"model": ckpt.read_model_config(cfg.checkpoint)}
     raise ConfigError(f"no resource estimate for stage {stage!r}; stages with one: {', '.join(CHECKED)}")
 
 
-def models_of(stage: str, cfg) -> list[ModelConfig]:
-    """Every model the stage builds at its layout (distill: student and teacher)."""
-    from ..train import checkpoint as ckpt
-
+def plan_for(stage: str, cfg, world: int, models: Optional[dict] = None, kind: Optional[str] = None):
+    """(estimate function of a Layout, the stage's Layout, model config) for a stage config.
+    models: role -> ModelConfig (default: stage_models, what the run reads); kind: "gpu" |
+    "cpu" (default: this host's). The model config is the one the layout is checked
+    against (distill: the student; the teacher is checked beside it, see models_of)."""
+    models = models if models is not None else stage_models(stage, cfg)
+    kind = kind or impl()
     if stage == "pretrain":
-        return [cfg.model]
+        tr, m = cfg.train, models["model"]
+        lay = _layout(cfg.parallel, world, tr.micro_batch_size, m.seq_length,
+                      tr.global_batch_size, tr.recompute, tr, kind)
+        return (lambda l: E.training(m, l, kind, "pretrain")), lay, m
     if stage == "distill":
-        return [ckpt.read_model_config(cfg.student), ckpt.read_model_config(cfg.teacher)]
-    return [ckpt.read_model_config(cfg.checkpoint)]
+        tr = cfg.train
+        s_cfg, t_cfg = models["student"], models["teacher"]
+        seq = cfg.seq_length or s_cfg.seq_length
+        lay = _layout(cfg.parallel, world, tr.micro_batch_size, seq, tr.global_batch_size,
+                      tr.recompute, tr, kind)
+        chunk = cfg.loss.chunk_size or None
+        return (lambda l: E.training(s_cfg, l, kind, "distill", kd_chunk=chunk, teacher=t_cfg)), lay, s_cfg
+    if stage == "stats":
+        m = models["model"]
+        seq = cfg.seq_length or m.seq_length
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, kind=kind)
+        depth = "kl" in cfg.sources and cfg.depth_samples > 0
+        return (lambda l: E.stats(m, l, kind, depth, cfg.depth_chunk_tokens)), lay, m
+    if stage == "eval":  # forward only, LM loss: the stats estimate without depth KL
+        m = models["model"]
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, m.seq_length, kind=kind)
+        return (lambda l: E.stats(m, l, kind, depth=False)), lay, m
+    if stage == "prune":
+        m = models["model"]
+        return (lambda l: E.prune(m, kind)), E.Layout(), m
+    if stage == "search":
+        return _search_plan(cfg, world, models, kind)
+    raise ConfigError(f"no resource estimate for stage {stage!r}; stages with one: {', '.join(CHECKED)}")
+
+
+def _search_plan(cfg, world: int, models: dict, kind: str):
+    """search: the larger per-GPU need of its two phases over every candidate: the zero-shot
+    and throughput forwards (micro_batch_size, no teacher in memory: shards are filled from
+    the teacher's files) and the short KD (kd.*, the teacher beside the student).
+    models: teacher, and candidates (a list of ModelConfig)."""
+    t_cfg, cands = models["teacher"], models["candidates"]
+    seq = cfg.seq_length or t_cfg.seq_length
+    kd = cfg.kd_train()
+    lay = _layout(cfg.parallel, world, kd.micro_batch_size, seq, kd.global_batch_size,
+                  kd.recompute, kd, kind)
+    chunk = cfg.kd_loss.chunk_size or None
+
+    def phases(c: ModelConfig, l: E.Layout) -> E.Estimate:
+        zs = dataclasses.replace(l, micro_batch_size=cfg.micro_batch_size, num_micro=1,
+                                 recompute="none")
+        kd_est = E.training(c, l, kind, "distill", kd_chunk=chunk, teacher=t_cfg)
+        zs_est = E.stats(c, zs, kind, depth=False)
+        est = kd_est if kd_est.total >= zs_est.total else zs_est
+        what = "short KD" if est is kd_est else f"zero-shot forward (micro_batch_size={cfg.micro_batch_size})"
+        return E.Estimate("search", est.items, est.pp_stage, [
+            f"binding: the {what} of the candidate needing the most of {len(cands)}: "
+            f"{len(c.pattern.replace('|', ''))} layers, hidden {c.hidden_size}, FFN "
+            f"{c.ffn_hidden_size}, {c.mamba_num_heads} Mamba heads x {c.mamba_head_dim}"])
+
+    # the candidate that binds at the recipe's layout; the suggestions move its layout
+    worst = max(cands, key=lambda c: phases(c, lay).total)
+    return (lambda l: phases(worst, l)), lay, worst
+
+
+def models_of(stage: str, cfg, models: Optional[dict] = None) -> list[ModelConfig]:
+    """Every model the stage builds at its layout (distill: student and teacher; search: the
+    teacher and every candidate)."""
+    models = models if models is not None else stage_models(stage, cfg)
+    out = []
+    for v in models.values():
+        out.extend(v if isinstance(v, list) else [v])
+    return out
 
 
 def layout_problem(models: list[ModelConfig], lay: E.Layout, world: int, train: bool,
@@ -144,18 +201,19 @@ def suggestions(fn, lay: E.Layout, m, world: int, limit_gb: float,
                 stage: str) -> list[str]:
     """Single-key changes (then pairs) of the layout that bring the estimate under the limit.
     m: the model config, or the list of all models of the stage (checked at each layout)."""
-    train = stage in ("pretrain", "distill")
+    train = stage in TRAINING
+    tkey = "kd" if stage == "search" else "train"  # the training section's keys
     models = list(m) if isinstance(m, (list, tuple)) else [m]
     moe = [x for x in models if x.is_moe]
     moves = []
     if train:
         for r in ("selective", "full"):
             if lay.recompute != r:
-                moves.append((f"train.recompute={r}", {"recompute": r}))
+                moves.append((f"{tkey}.recompute={r}", {"recompute": r}))
     b = lay.micro_batch_size
     while b > 1:
         b //= 2
-        key = "train.micro_batch_size" if train else "micro_batch_size"
+        key = f"{tkey}.micro_batch_size" if train else "micro_batch_size"
         moves.append((f"{key}={b}", {"micro_batch_size": b}))
     for tp in (lay.tp * 2, lay.tp * 4, lay.tp * 8):
         moves.append((f"parallel.tp={tp}", {"tp": tp}))
@@ -190,35 +248,49 @@ def suggestions(fn, lay: E.Layout, m, world: int, limit_gb: float,
     return out[:6]
 
 
-def report(stage: str, cfg, world: int) -> tuple[E.Estimate, float, list[str]]:
-    fn, lay, m = plan_for(stage, cfg, world)
-    models = models_of(stage, cfg) if stage != "prune" else [m]
+def report(stage: str, cfg, world: int, models: Optional[dict] = None, kind: Optional[str] = None,
+           limit: Optional[float] = None, whole_world: bool = False
+           ) -> tuple[E.Estimate, float, list[str]]:
+    """(estimate, limit GiB, fixes) at the stage's layout. models / kind: as plan_for; limit:
+    the limit in GiB (default: parallel.memory_limit_gb or this host's device memory);
+    whole_world: refuse a world size tp x pp does not divide (a dry run given --world-size)."""
+    models = models if models is not None else stage_models(stage, cfg)
+    fn, lay, _ = plan_for(stage, cfg, world, models, kind)
+    every = models_of(stage, cfg, models)
     if stage != "prune":
-        problem = layout_problem(models, lay, world, stage in ("pretrain", "distill"),
-                                 whole_world=False)
+        problem = layout_problem(every, lay, world, stage in TRAINING, whole_world=whole_world)
         if problem:
             raise ConfigError(f"{stage}: {problem}")
     est = fn(lay)
-    limit = device_limit_gb(getattr(cfg.parallel, "memory_limit_gb", 0.0))
-    fixes = [] if E.fits(est, limit) else suggestions(fn, lay, models, world, limit, stage)
+    if limit is None:
+        limit = device_limit_gb(getattr(cfg.parallel, "memory_limit_gb", 0.0))
+    fixes = [] if E.fits(est, limit) else suggestions(fn, lay, every, world, limit, stage)
     return est, limit, fixes
 
 
-def describe(stage: str, est: E.Estimate, limit: float, world: int, lay_text: str) -> str:
-    head = (f"[{stage}] estimated memory per {'GPU' if impl() == 'gpu' else 'rank (CPU)'} "
-            f"at {lay_text}, world size {world} (pipeline stage {est.pp_stage}):")
-    return f"{head}\n{est.table()}\n  limit {limit:8.2f} GiB: " + \
+def layout_text(p) -> str:
+    return (f"tp={p.tp} pp={p.pp}" + (f" ep={p.ep}" if p.ep > 1 else "")
+            + (" sp" if p.sequence_parallel else ""))
+
+
+def describe(stage: str, est: E.Estimate, limit: float, world: int, lay_text: str,
+             kind: Optional[str] = None) -> str:
+    per = "host (one process)" if stage == "prune" else (
+        "GPU" if (kind or impl()) == "gpu" else "rank (CPU)")
+    where = (f"writing at {lay_text}" if stage == "prune" else
+             f"at {lay_text}, world size {world} (pipeline stage {est.pp_stage})")
+    head = f"[{stage}] estimated memory per {per} {where}:"
+    notes = "".join(f"\n  ({n})" for n in est.notes)
+    return f"{head}\n{est.table()}{notes}\n  limit {limit:8.2f} GiB: " + \
         ("fits" if E.fits(est, limit) else "DOES NOT FIT")
 
 
 def check(stage: str, cfg, world: Optional[int] = None, dry_run: bool = False) -> E.Estimate:
-    """Print (dry run) or enforce the estimate. Raises ConfigError naming the fixes."""
+    """The real run's check (this host's device, the models its checkpoints hold); dry_run:
+    print the estimate instead. Raises ConfigError naming the fixes."""
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     est, limit, fixes = report(stage, cfg, world)
-    p = cfg.parallel
-    lay_text = (f"tp={p.tp} pp={p.pp}" + (f" ep={p.ep}" if p.ep > 1 else "")
-                + (" sp" if p.sequence_parallel else ""))
-    text = describe(stage, est, limit, world, lay_text)
+    text = describe(stage, est, limit, world, layout_text(cfg.parallel))
     fit = E.fits(est, limit)
     if dry_run:
         print(text + ("" if fit else "\n  would fit with: " + ("; ".join(fixes) or "none found")))

@@ -35,8 +35,7 @@ def nemotron_h_8b() -> ModelConfig:
 
 def nemotron_h_4b() -> ModelConfig:
     """The paper's pruned 4B (sec. 4): hidden 3072, FFN 12288, 112 Mamba heads x 64."""
-    return dataclasses.replace(nemotron_h_8b(), hidden_size=3072, ffn_hidden_size=12288,
-                               mamba_num_heads=112)
+    return _model("nemotron_h_4b.yaml")
 
 
 def nemotron_3_nano_30b_a3b() -> ModelConfig:
@@ -47,8 +46,7 @@ def nemotron_3_nano_22b_a3b() -> ModelConfig:
     """A pruned Nemotron 3 Nano student: hidden 2304, 104 routed experts (FFN 1856), shared
     expert 3072, all 52 layers and the teacher's Mamba / attention heads: 22.3B total,
     3.0B active per token (2.4B without the embedding and output layer)."""
-    return dataclasses.replace(nemotron_3_nano_30b_a3b(), hidden_size=2304, num_moe_experts=104,
-                               moe_shared_expert_intermediate_size=3072)
+    return _model("nemotron_3_nano_22b_a3b.yaml")
 
 
 def _stats_layout(st: dict, gpus: int = 8) -> E.Layout:

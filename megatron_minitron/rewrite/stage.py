@@ -62,6 +62,11 @@ PHASES = ("staged", "loaded", "written", "verified", "exchanged", "backed_up", "
 class PruneConfig:
     checkpoint: str = "runs/teacher"  # source: run dir or iteration dir
     plan: str = "runs/plan/plan.json"
+    # the source's and the plan target's shapes for --dry-run / --print-config before the
+    # checkpoint / plan exist: a model YAML (configs/model/*.yaml), a recipe with a model:
+    # mapping, a plan.json (its target) or a checkpoint; the real files win once they exist
+    checkpoint_model: str = ""
+    target_model: str = ""
     # new checkpoint folder; "" or the source path = in place (a run directory: only the
     # iteration folder its `latest` names is rewritten; the run's other files stay)
     output: str = "runs/pruned"
@@ -240,6 +245,25 @@ def _in_place_target(path: str) -> Path:
     return p
 
 
+def validate_settings(cfg: PruneConfig) -> None:
+    """Settings errors, no file read (the run, --dry-run and --print-config)."""
+    cfg.parallel.validate()
+    if cfg.verify_tokens < 1:
+        raise ConfigError(f"verify_tokens={cfg.verify_tokens} must be >= 1")
+
+
+def validate_plan(cfg: PruneConfig, source, plan_source, target, where: str) -> None:
+    """The source checkpoint's model (at `where`) against the plan's source (None: no plan
+    yet) and the plan's target at the layout written."""
+    if plan_source is not None and source.to_dict() != plan_source.to_dict():
+        diff = {k: (v, plan_source.to_dict()[k]) for k, v in source.to_dict().items()
+                if plan_source.to_dict()[k] != v}
+        raise ConfigError(f"plan {cfg.plan} was made for another model than checkpoint {where}: "
+                          f"(checkpoint, plan) differ in {diff}; re-run `plan` on this checkpoint's stats")
+    target.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp, prefix="plan target", ep=cfg.parallel.ep)
+    check_ep_used(cfg.parallel.ep, target)
+
+
 def run_prune(cfg: PruneConfig) -> dict:
     from .. import dist as D
     from ..compat import mcore, torch_dist
@@ -248,7 +272,7 @@ def run_prune(cfg: PruneConfig) -> dict:
 
     t0 = time.time()
     # ---- validation before any work
-    cfg.parallel.validate()
+    validate_settings(cfg)
     in_place = cfg.output == "" or _same_path(cfg.output, cfg.checkpoint)
     if not in_place and _in_place_target(cfg.checkpoint).resolve().is_relative_to(Path(cfg.output).resolve()):
         in_place = True  # the output is the run dir (or checkpoints dir) holding the source
@@ -262,13 +286,7 @@ def run_prune(cfg: PruneConfig) -> dict:
     src_it = ckpt.require(cfg.checkpoint)
     plan = Plan.load(cfg.plan)
     src_cfg = ckpt.read_model_config(src_it)
-    if src_cfg.to_dict() != plan.source.to_dict():
-        diff = {k: (v, plan.source.to_dict()[k]) for k, v in src_cfg.to_dict().items()
-                if plan.source.to_dict()[k] != v}
-        raise ConfigError(f"plan {cfg.plan} was made for another model than checkpoint {src_it}: "
-                          f"(checkpoint, plan) differ in {diff}; re-run `plan` on this checkpoint's stats")
-    plan.target.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp, prefix="plan target", ep=cfg.parallel.ep)
-    check_ep_used(cfg.parallel.ep, plan.target)
+    validate_plan(cfg, src_cfg, plan.source, plan.target, str(src_it))
     torch_dist.check_files(src_it)  # a missing / truncated shard or .metadata: refused now
     p = _paths(dst)
     if not in_place and _same_path(str(dst), str(src_it)):
@@ -276,8 +294,6 @@ def run_prune(cfg: PruneConfig) -> dict:
     if in_place and not _same_path(str(dst), str(src_it)):
         raise ConfigError(f"in-place prune of {cfg.checkpoint}: its latest checkpoint is {src_it}, "
                           f"not {dst}; fix {Path(dst).parent / 'latest'} or give the iteration folder")
-    if cfg.verify_tokens < 1:
-        raise ConfigError(f"verify_tokens={cfg.verify_tokens} must be >= 1")
 
     owns_pg = not D.initialized()  # a process group found up is left up
     par = D.init(cfg.parallel)

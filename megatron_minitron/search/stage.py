@@ -61,6 +61,10 @@ def _default_kd() -> TrainConfig:
 @dataclass
 class SearchConfig:
     teacher: str = "runs/default/teacher"  # teacher checkpoint (run dir or iteration dir)
+    # its shape for --dry-run / --print-config before the teacher exists: a model YAML
+    # (configs/model/*.yaml), a recipe with a model: mapping, a plan.json (its target) or a
+    # checkpoint; the checkpoint's own config wins once it exists
+    teacher_model: str = ""
     importance: str = "runs/default/stats/importance.pt"  # `stats` output for that teacher
     output_dir: str = "runs/default/search"
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -104,15 +108,42 @@ def validate(cfg: SearchConfig):
     """Every user error, before any model is built. Returns (teacher cfg, importance file,
     candidates, enumeration info, drop order)."""
     from ..importance.io import ImportanceFile
-    from ..plan import keep as K
     from ..train import checkpoint as ckpt
     from ..data.stage_data import check_data
 
+    validate_settings(cfg)
+    if ckpt.resolve(cfg.teacher) is None:
+        raise ConfigError(f"teacher={cfg.teacher!r}: no checkpoint there; pretrain or import a teacher "
+                          "first (e.g. `pretrain -c configs/pretrain_default.yaml`)")
+    t_cfg = ckpt.read_model_config(cfg.teacher)
+    validate_teacher(cfg, t_cfg)
+    imp = ImportanceFile.load(cfg.importance)  # ConfigError if missing / not ours
+    if imp.model.to_dict() != t_cfg.to_dict():
+        diff = {k: (v, imp.model.to_dict().get(k)) for k, v in t_cfg.to_dict().items()
+                if imp.model.to_dict().get(k) != v}
+        raise ConfigError(f"importance={cfg.importance!r} was collected on another model than "
+                          f"teacher={cfg.teacher!r}: (teacher, importance) differ in {diff}; run `stats` "
+                          "on this teacher")
+    check_data(cfg.data, t_cfg)
+    it_imp, it_t = imp.meta.get("checkpoint_iteration"), ckpt.read_meta(cfg.teacher).get("iteration")
+    if it_imp is not None and it_t is not None and it_imp != it_t and int(os.environ.get("RANK", "0")) == 0:
+        # same architecture, other weights (said once, by rank 0 of a launch)
+        print(f"[search] warning: importance={cfg.importance!r} was collected at iteration {it_imp} but "
+              f"teacher={cfg.teacher!r} is at iteration {it_t}; re-run `stats` on this checkpoint "
+              "for keep sets that match its weights", flush=True)
+    drop_order = depth_drop_order(cfg, t_cfg, imp)
+    cands, info = candidates(cfg, t_cfg, drop_order)
+    return t_cfg, imp, cands, info, drop_order
+
+
+def validate_settings(cfg: SearchConfig, world: int | None = None) -> int:
+    """Settings errors, no file read (the run, --dry-run and --print-config); world: the
+    number of processes (default $WORLD_SIZE). Returns the data-parallel size."""
     from ..preempt import check_minutes
 
     cfg.parallel.validate()
     check_minutes(cfg.exit_duration_minutes)
-    world, mp = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp * cfg.parallel.pp
+    world, mp = world or int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp * cfg.parallel.pp
     from ..dist import check_world
 
     check_world(cfg.parallel, world)  # tp x pp divides the world, ep divides DP
@@ -144,30 +175,20 @@ def validate(cfg: SearchConfig):
                           f"over DP ranks; use eval_iters={max(dp, cfg.eval_iters - cfg.eval_iters % dp)} "
                           "or another layout")
     cfg.kd_loss.validate("kd_loss")
+    return dp
 
-    if ckpt.resolve(cfg.teacher) is None:
-        raise ConfigError(f"teacher={cfg.teacher!r}: no checkpoint there; pretrain or import a teacher "
-                          "first (e.g. `pretrain -c configs/pretrain_default.yaml`)")
-    t_cfg = ckpt.read_model_config(cfg.teacher)
+
+def validate_teacher(cfg: SearchConfig, t_cfg) -> None:
+    """The teacher's model against the settings."""
     t_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="teacher model", ep=cfg.parallel.ep)
     check_ep_used(cfg.parallel.ep, t_cfg)
     check_moe_train(cfg.kd, t_cfg, "kd")  # candidates keep the teacher's E layers
-    imp = ImportanceFile.load(cfg.importance)  # ConfigError if missing / not ours
-    if imp.model.to_dict() != t_cfg.to_dict():
-        diff = {k: (v, imp.model.to_dict().get(k)) for k, v in t_cfg.to_dict().items()
-                if imp.model.to_dict().get(k) != v}
-        raise ConfigError(f"importance={cfg.importance!r} was collected on another model than "
-                          f"teacher={cfg.teacher!r}: (teacher, importance) differ in {diff}; run `stats` "
-                          "on this teacher")
-    check_data(cfg.data, t_cfg)
-    it_imp, it_t = imp.meta.get("checkpoint_iteration"), ckpt.read_meta(cfg.teacher).get("iteration")
-    if it_imp is not None and it_t is not None and it_imp != it_t and int(os.environ.get("RANK", "0")) == 0:
-        # same architecture, other weights (said once, by rank 0 of a launch)
-        print(f"[search] warning: importance={cfg.importance!r} was collected at iteration {it_imp} but "
-              f"teacher={cfg.teacher!r} is at iteration {it_t}; re-run `stats` on this checkpoint "
-              "for keep sets that match its weights", flush=True)
 
-    # depth ranking: every layer, lowest importance first (paper sec. 3.4)
+
+def depth_drop_order(cfg: SearchConfig, t_cfg, imp) -> list[int]:
+    """Every layer id, lowest depth importance first (paper sec. 3.4)."""
+    from ..plan import keep as K
+
     types = K.pattern_layers(t_cfg.pattern)
     sc = imp.depth.get(cfg.depth_metric) if isinstance(imp.depth, dict) else None
     needs_depth = any(v < len(types) for v in cfg.space.values("num_layers", len(types)))
@@ -180,6 +201,11 @@ def validate(cfg: SearchConfig):
                           "`stats` with depth scoring, use the other metric, or search width only")
     else:
         drop_order = list(range(len(types)))  # unused: no candidate drops a layer
+    return drop_order
+
+
+def candidates(cfg: SearchConfig, t_cfg, drop_order: list[int]):
+    """(candidates, enumeration info) of the space under the budget; none is an error."""
     cands, info = enumerate_candidates(t_cfg, cfg.space, cfg.budget, cfg.tolerance, drop_order,
                                        tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     if not cands:
@@ -192,7 +218,7 @@ def validate(cfg: SearchConfig):
             f"(space.* axes; grid {info['grid']})")
     if cfg.max_candidates:
         cands = cands[:cfg.max_candidates]
-    return t_cfg, imp, cands, info, drop_order
+    return cands, info
 
 
 def _fingerprint(cfg: SearchConfig, teacher_it: Path) -> str:
@@ -201,7 +227,8 @@ def _fingerprint(cfg: SearchConfig, teacher_it: Path) -> str:
     a search or raising top_k reuses every finished result."""
     d = dataclasses.asdict(cfg)
     for k in ("output_dir", "resume", "stop_after", "keep_checkpoints", "throughput_iters", "space",
-              "budget", "tolerance", "max_candidates", "top_k", "tie_tolerance", "exit_duration_minutes"):
+              "budget", "tolerance", "max_candidates", "top_k", "tie_tolerance", "exit_duration_minutes",
+              "teacher_model"):  # teacher_model: a dry run's stand-in, never read by a run
         d.pop(k)
     d["teacher"] = str(Path(teacher_it).resolve())
     d["importance_mtime"] = os.path.getmtime(cfg.importance)

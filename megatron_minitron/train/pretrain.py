@@ -22,14 +22,19 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict:
-    dp = world_size_from_env() // (cfg.parallel.tp * cfg.parallel.pp)
+def validate_pretrain(cfg: PretrainConfig, world: int) -> None:
+    """Every settings error, no file read: the run, --dry-run and --print-config call it."""
+    dp = world // (cfg.parallel.tp * cfg.parallel.pp)
     cfg.parallel.validate()
     cfg.model.validate(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep)
     check_ep_used(cfg.parallel.ep, cfg.model)
     check_moe_train(cfg.train, cfg.model)
     cfg.train.validate(max(dp, 1))
     cfg.data.validate()
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    validate_pretrain(cfg, world_size_from_env())
     data_summary = check_data(cfg.data, cfg.model)
     if cfg.init_from:
         ckpt.require(cfg.init_from)
@@ -194,15 +199,28 @@ def eval_checkpoint(checkpoint, data: DataConfig, par, eval_iters: int, micro_ba
     }
 
 
-def run_eval(cfg: EvalConfig) -> dict:
+def validate_eval(cfg: EvalConfig) -> None:
+    """Settings errors, no file read (the run, --dry-run and --print-config)."""
     cfg.parallel.validate()
     cfg.data.validate()
-    model_cfg = ckpt.read_model_config(cfg.checkpoint)
-    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep)
-    check_ep_used(cfg.parallel.ep, model_cfg)
-    data_summary = check_data(cfg.data, model_cfg)
     if cfg.split not in ("valid", "test", "train"):
         raise ConfigError(f"split={cfg.split!r}: use valid, test or train")
+    for key in ("eval_iters", "micro_batch_size"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+
+
+def validate_eval_model(cfg: EvalConfig, model_cfg) -> None:
+    """The checkpoint's model at the eval layout."""
+    model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="checkpoint model", ep=cfg.parallel.ep)
+    check_ep_used(cfg.parallel.ep, model_cfg)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    validate_eval(cfg)
+    model_cfg = ckpt.read_model_config(cfg.checkpoint)
+    validate_eval_model(cfg, model_cfg)
+    data_summary = check_data(cfg.data, model_cfg)
     from ..resources.check import check
 
     check("eval", cfg)  # per-GPU memory estimate vs parallel.memory_limit_gb

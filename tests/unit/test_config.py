@@ -86,9 +86,12 @@ def test_cli_reports_config_errors_before_building(tmp_path, capsys):
 def test_print_config_roundtrip(capsys):
     from megatron_minitron.__main__ import main
 
-    assert main(["pretrain", "-c", "configs/pretrain_default.yaml", "--print-config", "train.steps=5"]) == 0
+    assert main(["pretrain", "-c", "configs/pretrain_default.yaml", "--print-config", "train.steps=50"]) == 0
     import json
 
     d = json.loads(capsys.readouterr().out)
-    assert d["train"]["steps"] == 5
-    assert build(PretrainConfig, d) == load_stage_config("pretrain", "configs/pretrain_default.yaml", ["train.steps=5"])
+    assert d["train"]["steps"] == 50
+    assert build(PretrainConfig, d) == load_stage_config("pretrain", "configs/pretrain_default.yaml", ["train.steps=50"])
+    # --print-config checks the settings as the run does: 5 steps < the recipe's 30 warmup steps
+    assert main(["pretrain", "-c", "configs/pretrain_default.yaml", "--print-config", "train.steps=5"]) == 2
+    assert "train.warmup_steps=30 must be < train.steps=5" in capsys.readouterr().err

@@ -369,26 +369,21 @@ def test_nemotron_3_nano_recipe_fits_8x80gb_nodes_with_expert_parallelism():
     print(markdown(recipe="nemotron_3_nano"))
 
 
-def test_nemotron_3_nano_stage_recipes_dry_run(tmp_path, capsys):
+def test_nemotron_3_nano_stage_recipes_dry_run(capsys):
     """The stage recipes load with the real config classes and --dry-run prints their
-    estimate; their checkpoints are stood in by folders holding only model_config.json (what
-    the check reads). On this CPU host the estimate is the CPU path's against a generous
-    limit; the GPU figures are test_nemotron_3_nano_recipe_fits_8x80gb_nodes's."""
+    estimate before any checkpoint exists (the recipes' *_model keys give the shapes). Here
+    the CPU path's estimate against a generous limit; the GPU figures are
+    test_nemotron_3_nano_recipe_fits_8x80gb_nodes's (and tests/unit/test_dry_run.py's)."""
     from megatron_minitron.__main__ import main
-    from megatron_minitron.resources.table import nemotron_3_nano_22b_a3b, nemotron_3_nano_30b_a3b
 
-    for name, cfg in (("teacher", nemotron_3_nano_30b_a3b()), ("student", nemotron_3_nano_22b_a3b())):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model_config.json").write_text(json.dumps(cfg.to_dict()))
-        (tmp_path / name / "meta.json").write_text("{}")
-    big = "parallel.memory_limit_gb=4096"
+    cpu = ["--device", "cpu", "--gpu-memory-gib", "4096"]
     assert main(["stats", "-c", str(REPO / "configs/stats_nemotron_3_nano_30b_a3b.yaml"), "--dry-run",
-                 "--world-size", "8", f"checkpoint={tmp_path / 'teacher'}", big]) == 0
+                 "--world-size", "8", *cpu]) == 0
     assert "ep=8" in capsys.readouterr().out
     argv = ["distill", "-c", str(REPO / "configs/distill_nemotron_3_nano_30b_a3b.yaml"), "--dry-run",
-            "--world-size", "64", f"student={tmp_path / 'student'}", f"teacher={tmp_path / 'teacher'}"]
-    assert main(argv + [big]) == 0
+            "--world-size", "64"]
+    assert main(argv + cpu) == 0
     printed = capsys.readouterr().out
     assert "teacher" in printed and "moe_dispatch" in printed and "fits" in printed
-    assert main(argv + ["--world-size", "4", big]) == 2  # ep=8 does not divide dp=2
+    assert main(argv + ["--world-size", "4", *cpu]) == 2  # ep=8 does not divide dp=2
     assert "choose parallel.ep in [1, 2]" in capsys.readouterr().err
