@@ -489,6 +489,24 @@ class CheckpointReader:
         return self.dc.load(sd, str(self.it))
 
 
+def grouped_mm_note(mcfg, esize: int) -> str | None:
+    """transformers' default experts kernel (grouped_mm, on CPU and GPU) refuses expert widths
+    whose rows are not a multiple of 16 bytes ('strides should be multiple of 16 bytes'),
+    which a pruned MoE model can have (e.g. an expert FFN of 18 in fp32, 20 in bf16); the
+    per-expert loop (experts_implementation="eager") runs any width."""
+    if not mcfg.is_moe:
+        return None
+    widths = {"moe_ffn_hidden_size": mcfg.moe_ffn_hidden_size,
+              ("moe_latent_size" if mcfg.moe_latent_size else "hidden_size"): mcfg.moe_latent_size or mcfg.hidden_size}
+    bad = {k: v for k, v in widths.items() if (v * esize) % 16}
+    if not bad:
+        return None
+    per = 16 // esize if 16 % esize == 0 else 16
+    return (f"{', '.join(f'{k}={v}' for k, v in bad.items())} is not a multiple of {per} at {esize} bytes "
+            "per element: transformers' default experts kernel (grouped_mm) refuses it; load with "
+            "from_pretrained(..., experts_implementation='eager'), or prune to multiples of 8")
+
+
 def run_export_hf(cfg: ExportHFConfig, shutdown: bool = True) -> dict:
     from safetensors.torch import save_file
 
@@ -536,9 +554,13 @@ def run_export_hf(cfg: ExportHFConfig, shutdown: bool = True) -> dict:
                "dtype": dtype_name, "shards": len(shards), "bytes": total,
                "tensors": len(weight_map), "pattern": mcfg.pattern, "model": mcfg.to_dict(),
                "tokenizer_files": tok_files, "seconds": round(time.time() - t0, 2)}
+    note = grouped_mm_note(mcfg, esize)
+    if note:
+        summary["notes"] = [note]
     (out / "export_summary.json").write_text(json.dumps(summary, indent=2))
     D.print0(f"[export-hf] {it} -> {out} ({len(weight_map)} tensors, {total / 1e6:.1f} MB {dtype_name}, "
-             f"{len(shards)} shard(s)); load with transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+             f"{len(shards)} shard(s)); load with transformers.AutoModelForCausalLM.from_pretrained('{out}')"
+             + (f"\n[export-hf] note: {note}" if note else ""))
     if shutdown:
         D.shutdown()
     return summary

@@ -29,6 +29,8 @@ __all__ = [
     "attention_keep",
     "attention_flat_indices",
     "attention_qkv_rows",
+    "experts_keep",
+    "expert_ffn_keep",
     "pattern_layers",
     "layers_to_drop",
     "apply_depth_to_pattern",
@@ -249,6 +251,41 @@ def attention_qkv_rows(
         rows.append(g * block + per * kv_channels + hn)  # key
         rows.append(g * block + (per + 1) * kv_channels + hn)  # value
     return torch.cat(rows)
+
+
+# --------------------------------------------------------------------------- MoE
+
+
+def experts_keep(scores: Tensor, num_groups: int, keep: int) -> Tensor:
+    """Routed experts of one E layer to keep, by their expert score (issue 19).
+
+    With grouped routing (``num_groups > 1``; expert e is in group ``e // (E / num_groups)``,
+    megatron's and transformers' layout) every group keeps its own top ``keep / num_groups``
+    experts, so each kept expert stays with its group-mates (the group limit compares the
+    same experts as before, minus the dropped ones). ``num_groups=1``: the top ``keep``.
+
+    Returns:
+        LongTensor[keep]: groups concatenated in group order, each by descending score.
+    """
+    return _grouped_topk(scores, num_groups, keep, "num_moe_experts", "experts")
+
+
+def expert_ffn_keep(scores: Tensor, experts: Tensor, k: int) -> Tensor:
+    """FFN neurons of each kept expert: row j = the top ``k`` neurons of source expert
+    ``experts[j]`` by its own scores (every expert keeps its own set, the same count).
+
+    Args:
+        scores: ``[E, F]`` per-expert neuron scores (global expert order).
+        experts: ``[E']`` kept source expert ids (the order of the pruned experts).
+    Returns:
+        LongTensor[E', k] of neuron indices into each expert's F axis, by descending score.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"expert FFN scores must be [experts, ffn], got shape {tuple(scores.shape)}")
+    _check_count("moe_ffn_hidden_size", k, scores.shape[1], "expert FFN neurons")
+    ex = torch.as_tensor(experts, dtype=torch.long).reshape(-1)
+    return torch.stack([topk_indices(scores[int(e)], k) for e in ex]) if ex.numel() else \
+        torch.empty(0, k, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------- depth

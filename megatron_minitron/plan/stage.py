@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ParallelConfig
-from .targets import TargetConfig, make_plan, summary_lines
+from ..config import ParallelConfig, check_ep_used
+from .targets import MOE_AXES, TargetConfig, make_plan, summary_lines
 
 
 @dataclass
@@ -26,6 +26,10 @@ class PlanConfig:
     # aware (eq. 17: heads ranked within their group) | unaware (ablation baseline: ranked
     # over the layer, then forced into groups; changes the function, never use it for real)
     mamba_grouping: str = "aware"
+    # which score ranks each MoE layer's routed experts for target.num_moe_experts: out (the
+    # expert output's norm weighted by its routing weight) | mass (routing weight summed over
+    # tokens) | freq (tokens routed to it)
+    expert_score: str = "out"
     # The layout the PRUNED model will run at: sizes must divide by it.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -37,9 +41,11 @@ def run_plan(cfg: PlanConfig) -> dict:
         return {}
     cfg.parallel.validate()
     imp = ImportanceFile.load(cfg.importance)
+    check_ep_used(cfg.parallel.ep, imp.model)
     plan = make_plan(imp, cfg.target, mamba_source=cfg.mamba_source, mamba_metric=cfg.mamba_metric,
                      order=cfg.order, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                     ffn_source=cfg.ffn_source, mamba_grouping=cfg.mamba_grouping)
+                     ffn_source=cfg.ffn_source, mamba_grouping=cfg.mamba_grouping,
+                     ep=cfg.parallel.ep, expert_score=cfg.expert_score)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
@@ -56,7 +62,8 @@ def run_plan(cfg: PlanConfig) -> dict:
         "axes": {a: {"before": getattr(s, a), "after": getattr(t, a),
                      "kept": getattr(t, a) / getattr(s, a)}
                  for a in ("hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim",
-                           "num_attention_heads", "num_layers")},
+                           "num_attention_heads", "num_layers") + (MOE_AXES if s.is_moe else ())
+                 if getattr(s, a)},
         "settings": plan.settings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -9,6 +9,10 @@ Axis names in `Plan.layers[i]`:
   'M': "mamba_heads" [H'] (group order, the same count per group), "mamba_channels" [P']
   '-': "ffn" [F']
   '*': "attention_heads" [Q'] (query-group order, the same count per group)
+  'E': "experts" [E'] (source expert ids; routing-group order, the same count per group),
+       "expert_ffn" [E'][F'] (row j: the neurons kept in source expert experts[j], each
+       expert its own set, the same count), "shared_ffn" [S'] (shared-expert neurons);
+       each optional: an axis left out is kept whole in source order (no scores needed)
 and `Plan.hidden` [h'] is shared by every tensor with a hidden dimension.
 """
 
@@ -30,6 +34,11 @@ from . import keep as K
 FORMAT = "megatron-minitron-plan"
 # plan ffn_source -> importance-file key: after the activation (linear_fc2 input) / before it
 FFN_SOURCES = {"post": "ffn", "pre": "ffn_pre"}
+# plan expert_score -> importance-file layers[i]["experts"] key (issue 19): the expert
+# output's norm weighted by its routing weight, the routing mass, the routing frequency
+EXPERT_SCORES = ("out", "mass", "freq")
+MOE_AXES = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+MOE_KEYS = {"experts", "expert_ffn", "shared_ffn"}
 VERSION = 1
 
 
@@ -46,6 +55,12 @@ class TargetConfig:
     drop_layers: list[int] = field(default_factory=list)  # ... or exactly these layer ids
     depth_metric: str = "kl"  # kl | cosine: how layers are ranked for num_layers
     depth_layer_type: str = ""  # "" any layer, or only drop layers of this symbol (M, *, -)
+    # mixture-of-experts (E layers): routed experts kept in every E layer (each layer keeps its
+    # own top experts by plan.expert_score; with grouped routing the same count per group; a
+    # multiple of parallel.ep, >= model.moe_router_topk) ...
+    num_moe_experts: int = 0
+    moe_ffn_hidden_size: int = 0  # ... FFN neurons kept in every expert (each expert its own) ...
+    moe_shared_expert_intermediate_size: int = 0  # ... and in the shared expert
 
 
 # ----------------------------------------------------------------------------- plan
@@ -58,7 +73,7 @@ class Plan:
     kept_layers: list[int]  # source layer ids kept, in order: pruned layer j <- source kept_layers[j]
     dropped_layers: list[int]
     hidden: list[int]
-    layers: dict[int, dict[str, list[int]]]  # source layer id -> axis -> kept indices
+    layers: dict[int, dict[str, list]]  # source layer id -> axis -> kept indices (expert_ffn: [E'][F'])
     params_before: dict = field(default_factory=dict)
     params_after: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
@@ -116,8 +131,7 @@ class Plan:
                 kept_layers=[int(i) for i in d["kept_layers"]],
                 dropped_layers=[int(i) for i in d["dropped_layers"]],
                 hidden=[int(i) for i in d["hidden"]],
-                layers={int(k): {a: [int(i) for i in v] for a, v in e.items()}
-                        for k, e in d["layers"].items()},
+                layers={int(k): {a: _ints(v) for a, v in e.items()} for k, e in d["layers"].items()},
                 params_before=d.get("params_before", {}), params_after=d.get("params_after", {}),
                 settings=d.get("settings", {}))
 
@@ -138,6 +152,15 @@ class Plan:
 # ----------------------------------------------------------------------------- assembly
 
 
+def _ints(v) -> list:
+    """A keep list (or a list of them, expert_ffn) from JSON / tensors as Python ints."""
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"a keep set must be a list, found {type(v).__name__}")
+    return [_ints(x) if isinstance(x, (list, tuple)) else int(x) for x in v]
+
+
 def _check_index_list(name: str, idx: list[int], n: int) -> None:
     if len(idx) == 0:
         raise ConfigError(f"{name}: empty keep set")
@@ -147,23 +170,58 @@ def _check_index_list(name: str, idx: list[int], n: int) -> None:
         raise ConfigError(f"{name}: indices must lie in [0, {n})")
 
 
-def _check_grouped(name: str, idx: list[int], n: int, groups: int) -> None:
+def _check_grouped(name: str, idx: list[int], n: int, groups: int, what: str = "heads",
+                   why: str = "which B/C or K/V a head reads") -> None:
     """Eq. 17: slot block g holds only members of group g, same count in every group."""
     _check_index_list(name, idx, n)
     if len(idx) % groups:
-        raise ConfigError(f"{name}: {len(idx)} kept heads is not a multiple of {groups} groups")
+        raise ConfigError(f"{name}: {len(idx)} kept {what} is not a multiple of {groups} groups")
     per, k = n // groups, len(idx) // groups
     for g in range(groups):
         bad = [h for h in idx[g * k:(g + 1) * k] if h // per != g]
         if bad:
             raise ConfigError(
-                f"{name}: heads {bad} sit in the slots of group {g} but belong to group(s) "
-                f"{sorted({h // per for h in bad})}; heads may be reordered only within their "
-                "group (a cross-group move changes which B/C or K/V a head reads)")
+                f"{name}: {what} {bad} sit in the slots of group {g} but belong to group(s) "
+                f"{sorted({h // per for h in bad})}; {what} may be reordered only within their "
+                f"group (a cross-group move changes {why})")
+
+
+def _check_moe_layer(i: int, e: dict, src: ModelConfig, tgt: ModelConfig) -> None:
+    """An E layer's keep sets (all optional: an axis left out is kept whole)."""
+    unknown = sorted(set(e) - MOE_KEYS)
+    if unknown:
+        raise ConfigError(f"plan layer {i} (MoE) has unknown axes {unknown}; known: {sorted(MOE_KEYS)}")
+    n = len(e["experts"]) if "experts" in e else src.num_moe_experts
+    if "experts" in e:
+        _check_grouped(f"layer {i} experts", e["experts"], src.num_moe_experts, src.moe_router_num_groups,
+                       what="experts", why="the routing group an expert competes in")
+    if n != tgt.num_moe_experts:
+        raise ConfigError(f"plan layer {i} keeps {n} experts; target.num_moe_experts={tgt.num_moe_experts}")
+    if "expert_ffn" in e:
+        rows = e["expert_ffn"]
+        if len(rows) != n or not all(isinstance(r, list) for r in rows):
+            raise ConfigError(f"plan layer {i} expert_ffn must hold one keep list per kept expert "
+                              f"({n}), found {len(rows)}")
+        for j, r in enumerate(rows):
+            _check_index_list(f"layer {i} expert_ffn[{j}]", r, src.moe_ffn_hidden_size)
+            if len(r) != tgt.moe_ffn_hidden_size:
+                raise ConfigError(f"plan layer {i} expert_ffn[{j}] keeps {len(r)} neurons; target "
+                                  f"moe_ffn_hidden_size={tgt.moe_ffn_hidden_size}")
+    elif tgt.moe_ffn_hidden_size != src.moe_ffn_hidden_size:
+        raise ConfigError(f"plan layer {i} has no expert_ffn but target moe_ffn_hidden_size="
+                          f"{tgt.moe_ffn_hidden_size} != source {src.moe_ffn_hidden_size}")
+    if "shared_ffn" in e:
+        if not src.moe_shared_expert_intermediate_size:
+            raise ConfigError(f"plan layer {i} has shared_ffn but the source has no shared expert")
+        _check_index_list(f"layer {i} shared_ffn", e["shared_ffn"], src.moe_shared_expert_intermediate_size)
+    s = len(e["shared_ffn"]) if "shared_ffn" in e else src.moe_shared_expert_intermediate_size
+    if s != tgt.moe_shared_expert_intermediate_size:
+        raise ConfigError(f"plan layer {i} keeps {s} shared-expert neurons; target "
+                          f"moe_shared_expert_intermediate_size={tgt.moe_shared_expert_intermediate_size}")
 
 
 _PRUNED_FIELDS = {"pattern", "hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim",
-                  "num_attention_heads"}
+                  "num_attention_heads", *MOE_AXES}
 
 
 def check_plan(p: Plan, group_rule: bool = True) -> None:
@@ -214,6 +272,20 @@ def check_plan(p: Plan, group_rule: bool = True) -> None:
             if len(e["attention_heads"]) != tgt.num_attention_heads:
                 raise ConfigError(f"plan layer {i} keeps {len(e['attention_heads'])} attention heads; "
                                   f"target {tgt.num_attention_heads}")
+        elif t == "E":
+            _check_moe_layer(i, e or {}, src, tgt)
+    if "E" in types:
+        _check_routing(tgt, "plan target")
+
+
+def _check_routing(m: ModelConfig, where: str) -> None:
+    """The router's top-k must fit in the experts a token may still use."""
+    g, gk, k = m.moe_router_num_groups, m.moe_router_group_topk, m.moe_router_topk
+    usable = gk * (m.num_moe_experts // g)
+    if k > usable:
+        extra = f" ({gk} of {g} routing groups x {m.num_moe_experts // g} experts)" if g > 1 else ""
+        raise ConfigError(f"{where} keeps {m.num_moe_experts} experts per layer, fewer than the router's "
+                          f"top-k: moe_router_topk={k} > {usable} usable experts{extra}; keep more experts")
 
 
 def assemble_plan(source: ModelConfig, hidden, layers: dict, dropped=(), settings: Optional[dict] = None,
@@ -223,9 +295,13 @@ def assemble_plan(source: ModelConfig, hidden, layers: dict, dropped=(), setting
     types = K.pattern_layers(source.pattern)
     dropped = [int(i) for i in dropped]
     kept = [i for i in range(len(types)) if i not in set(dropped)]
-    as_list = lambda v: [int(x) for x in (v.tolist() if isinstance(v, torch.Tensor) else v)]  # noqa: E731
-    layers = {int(i): {a: as_list(v) for a, v in e.items()} for i, e in layers.items() if int(i) in set(kept)}
+    layers = {int(i): {a: _ints(v) for a, v in e.items()} for i, e in layers.items() if int(i) in set(kept)}
     first = {t: next((layers[i] for i in kept if types[i] == t and i in layers), None) for t in "M-*"}
+
+    def moe(axis: str, size):  # an E layer axis: the first kept E layer that prunes it, else the source's
+        e = next((layers[i] for i in kept if types[i] == "E" and axis in layers.get(i, {})), None)
+        return size(e[axis]) if e is not None else None
+
     tgt = dataclasses.replace(
         source,
         pattern=K.apply_depth_to_pattern(source.pattern, dropped) if dropped else source.pattern,
@@ -234,9 +310,12 @@ def assemble_plan(source: ModelConfig, hidden, layers: dict, dropped=(), setting
         mamba_num_heads=len(first["M"]["mamba_heads"]) if first["M"] else source.mamba_num_heads,
         mamba_head_dim=len(first["M"]["mamba_channels"]) if first["M"] else source.mamba_head_dim,
         num_attention_heads=len(first["*"]["attention_heads"]) if first["*"] else source.num_attention_heads,
+        num_moe_experts=moe("experts", len) or moe("expert_ffn", len) or source.num_moe_experts,
+        moe_ffn_hidden_size=moe("expert_ffn", lambda r: len(r[0]) if r else 0) or source.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe("shared_ffn", len) or source.moe_shared_expert_intermediate_size,
     )
     p = Plan(source=source, target=tgt, kept_layers=kept, dropped_layers=dropped,
-             hidden=as_list(hidden), layers=layers,
+             hidden=_ints(hidden), layers=layers,
              params_before=_counts(source), params_after=_counts(tgt), settings=settings or {})
     check_plan(p, group_rule=group_rule)
     return p
@@ -270,8 +349,21 @@ def _alt_multiple(v: int, m: int, hi: int) -> str:
     return " or ".join(map(str, cands)) or str(m)
 
 
+def valid_expert_counts(src: ModelConfig, ep: int = 1) -> list[int]:
+    """Expert counts a plan may keep in every E layer: a multiple of the routing groups (the
+    same count kept per group) and of parallel.ep, enough for the router's top-k."""
+    g, gk, k = src.moe_router_num_groups, src.moe_router_group_topk, src.moe_router_topk
+    return [n for n in range(1, src.num_moe_experts + 1)
+            if n % g == 0 and n % ep == 0 and k <= gk * (n // g)]
+
+
+def _nearest(vals: list[int], v: int, m: int = 4) -> str:
+    near = sorted(sorted(vals, key=lambda x: (abs(x - v), x))[:m])
+    return ", ".join(map(str, near)) if near else "none"
+
+
 def validate_targets(src: ModelConfig, t: TargetConfig, tp: int = 1, pp: int = 1,
-                     prefix: str = "target") -> None:
+                     prefix: str = "target", ep: int = 1) -> None:
     """Refuse impossible targets before any work; messages name the value and a valid one."""
     p = prefix + "."
     types = K.pattern_layers(src.pattern)
@@ -301,6 +393,7 @@ def validate_targets(src: ModelConfig, t: TargetConfig, tp: int = 1, pp: int = 1
     if tp > 1:
         div("mamba_num_heads", t.mamba_num_heads, tp, "parallel.tp", src.mamba_num_heads)
         div("ffn_hidden_size", t.ffn_hidden_size, tp, "parallel.tp", src.ffn_hidden_size)
+    _validate_moe_targets(src, t, tp, ep, p, le, div)
     if t.depth_metric not in ("kl", "cosine"):
         raise ConfigError(f"{p}depth_metric={t.depth_metric!r}: use 'kl' or 'cosine'")
     if t.depth_layer_type not in ("", "M", "*", "-", "E"):
@@ -329,12 +422,84 @@ def validate_targets(src: ModelConfig, t: TargetConfig, tp: int = 1, pp: int = 1
                           f"use one of {ok}")
 
 
+def _validate_moe_targets(src: ModelConfig, t: TargetConfig, tp: int, ep: int, p: str, le, div) -> None:
+    """Grouped routing: each routing group keeps the same number of its own experts (the
+    group limit then compares the same experts as before, less the dropped ones; a count
+    not divisible by the groups is refused rather than regrouping experts)."""
+    if not src.is_moe:
+        set_ = [a for a in MOE_AXES if getattr(t, a)]
+        if set_:
+            raise ConfigError(f"{p}{set_[0]}={getattr(t, set_[0])} prunes mixture-of-experts layers, but "
+                              f"the pattern {src.pattern!r} has no E layers; leave it 0")
+        return
+    le("num_moe_experts", t.num_moe_experts, src.num_moe_experts)
+    le("moe_ffn_hidden_size", t.moe_ffn_hidden_size, src.moe_ffn_hidden_size)
+    if t.moe_shared_expert_intermediate_size and not src.moe_shared_expert_intermediate_size:
+        raise ConfigError(f"{p}moe_shared_expert_intermediate_size={t.moe_shared_expert_intermediate_size}: "
+                          "the model has no shared expert; leave it 0")
+    le("moe_shared_expert_intermediate_size", t.moe_shared_expert_intermediate_size,
+       src.moe_shared_expert_intermediate_size)
+    n = t.num_moe_experts or src.num_moe_experts
+    g, gk, k = src.moe_router_num_groups, src.moe_router_group_topk, src.moe_router_topk
+    ok = valid_expert_counts(src, ep)
+    if t.num_moe_experts and n % g:
+        raise ConfigError(f"{p}num_moe_experts={n} is not divisible by model.moe_router_num_groups={g} "
+                          f"(grouped routing: every group keeps the same number of its own experts); "
+                          f"valid: {_nearest(ok, n)}")
+    if t.num_moe_experts and k > gk * (n // g):
+        usable = f"{gk} of {g} groups x {n // g} experts = {gk * (n // g)}" if g > 1 else str(n)
+        raise ConfigError(f"{p}num_moe_experts={n} keeps fewer experts than a token routes to: "
+                          f"model.moe_router_topk={k} > {usable}; valid: {_nearest(ok, n)}")
+    if n % ep:
+        what = f"{p}num_moe_experts={n}" if t.num_moe_experts else f"the kept expert count {n} ({p}num_moe_experts=0)"
+        raise ConfigError(f"{what} is not divisible by parallel.ep={ep} (each EP rank holds the same "
+                          f"number of experts); valid {p}num_moe_experts at ep={ep}: {_nearest(ok, n)}"
+                          + ("" if ok else "; none: choose another parallel.ep"))
+    if tp > 1:
+        div("moe_ffn_hidden_size", t.moe_ffn_hidden_size, tp, "parallel.tp", src.moe_ffn_hidden_size)
+        div("moe_shared_expert_intermediate_size", t.moe_shared_expert_intermediate_size, tp, "parallel.tp",
+            src.moe_shared_expert_intermediate_size)
+
+
+def _moe_keep(i: int, e: dict, src: ModelConfig, t: TargetConfig, expert_score: str, fin) -> dict:
+    """An E layer's keep sets for the MoE axes the target prunes (an axis at its source size
+    is left out of the plan: kept whole, no scores needed)."""
+    n, f, s = src.num_moe_experts, src.moe_ffn_hidden_size, src.moe_shared_expert_intermediate_size
+    kn, kf, ks = t.num_moe_experts or n, t.moe_ffn_hidden_size or f, t.moe_shared_expert_intermediate_size or s
+    out: dict = {}
+
+    def scores(key: str, shape: tuple, axis: str, sub: Optional[str] = None) -> torch.Tensor:
+        v = e.get(key)
+        if sub is not None:
+            v = v.get(sub) if isinstance(v, dict) else None
+        name = f"{key}[{sub!r}]" if sub else repr(key)
+        if not isinstance(v, torch.Tensor):
+            raise ConfigError(f"importance layer {i} (MoE) has no {name} scores, needed for "
+                              f"target.{axis}; re-run stats (this importance file has no MoE scores) "
+                              f"or leave target.{axis}=0")
+        if tuple(v.shape) != shape:
+            raise ConfigError(f"importance layer {i} {name} scores have shape {tuple(v.shape)}, "
+                              f"expected {shape}; re-run stats")
+        return v.float()
+
+    experts = torch.arange(n)
+    if kn != n:
+        sc = scores("experts", (n,), "num_moe_experts", expert_score)
+        experts = fin(K.experts_keep(sc, src.moe_router_num_groups, kn))  # sorted: still group order
+        out["experts"] = experts
+    if kf != f:
+        out["expert_ffn"] = fin(K.expert_ffn_keep(scores("expert_ffn", (n, f), "moe_ffn_hidden_size"), experts, kf))
+    if ks != s:
+        out["shared_ffn"] = fin(K.topk_indices(scores("shared_ffn", (s,), "moe_shared_expert_intermediate_size"), ks))
+    return out
+
+
 # ----------------------------------------------------------------------------- scores -> plan
 
 
 def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: str = "l2",
               order: str = "sorted", tp: int = 1, pp: int = 1, ffn_source: str = "post",
-              mamba_grouping: str = "aware") -> Plan:
+              mamba_grouping: str = "aware", ep: int = 1, expert_score: str = "out") -> Plan:
     """Keep sets from an ImportanceFile and a target (paper sec. 3.1-3.4).
 
     order="sorted": every keep set sorted ascending (Mamba / attention heads stay within
@@ -346,11 +511,19 @@ def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: st
     Optimizer's choice), "pre" by the first projection's output (before it; paper eq. 26).
     mamba_grouping="unaware" is an ablation baseline only (keep.mamba_heads_group_unaware:
     heads ranked over the whole layer, then forced into groups; changes the function).
+    expert_score ranks each E layer's routed experts (importance layers[i]["experts"][score]):
+    "out" = the expert output's norm weighted by its routing weight, "mass" = routing weight
+    summed over tokens, "freq" = tokens routed to it. Expert FFN neurons are ranked per expert
+    (layers[i]["expert_ffn"] [E, F]), shared-expert neurons by layers[i]["shared_ffn"].
+    ep: the expert-parallel size the pruned model will run at (it must divide the experts kept).
     """
     from ..importance import scores as S
 
     src = imp.model
-    validate_targets(src, t, tp, pp)
+    validate_targets(src, t, tp, pp, ep=ep)
+    if expert_score not in EXPERT_SCORES:
+        raise ConfigError(f"expert_score={expert_score!r}: use out (routing-weighted output norm), "
+                          "mass (routing weight summed) or freq (tokens routed)")
     if mamba_source not in ("x", "z", "y"):
         raise ConfigError(f"mamba_source={mamba_source!r}: use x, z or y")
     if mamba_metric not in ("l2", "flap"):
@@ -365,8 +538,8 @@ def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: st
                           "(ablation baseline only)")
     types = K.pattern_layers(src.pattern)
 
-    def fin(v: torch.Tensor) -> torch.Tensor:
-        return v.sort().values if order == "sorted" else v
+    def fin(v: torch.Tensor) -> torch.Tensor:  # expert_ffn [E', F']: each row sorted
+        return v.sort(dim=-1).values if order == "sorted" else v
 
     # depth
     dropped: list[int] = []
@@ -424,15 +597,18 @@ def make_plan(imp, t: TargetConfig, *, mamba_source: str = "x", mamba_metric: st
                                       "target.num_attention_heads=0")
                 sc = torch.zeros(src.num_attention_heads)
             layers[i] = {"attention_heads": fin(K.attention_keep(sc.float(), src.num_query_groups, na))}
+        elif typ == "E":
+            layers[i] = _moe_keep(i, e, src, t, expert_score, fin)
     settings = {"mamba_source": mamba_source, "mamba_metric": mamba_metric, "order": order,
                 "ffn_source": ffn_source, "mamba_grouping": mamba_grouping,
-                "target": dataclasses.asdict(t), "tp": tp, "pp": pp,
+                **({"expert_score": expert_score} if src.is_moe else {}),
+                "target": dataclasses.asdict(t), "tp": tp, "pp": pp, "ep": ep,
                 "importance_meta": {k: v for k, v in (imp.meta or {}).items()
                                     if isinstance(v, (int, float, str, bool))}}
     try:
         plan = assemble_plan(src, hidden, layers, dropped, settings,
                              group_rule=mamba_grouping == "aware")
-        plan.target.validate(tp=tp, pp=pp, prefix="pruned model")
+        plan.target.validate(tp=tp, pp=pp, prefix="pruned model", ep=ep)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return plan
@@ -445,8 +621,13 @@ def summary_lines(p: Plan) -> list[str]:
             ("ffn_hidden_size", s.ffn_hidden_size, t.ffn_hidden_size),
             ("mamba_num_heads", s.mamba_num_heads, t.mamba_num_heads),
             ("mamba_head_dim", s.mamba_head_dim, t.mamba_head_dim),
-            ("num_attention_heads", s.num_attention_heads, t.num_attention_heads),
-            ("parameters", p.params_before["total"], p.params_after["total"])]
+            ("num_attention_heads", s.num_attention_heads, t.num_attention_heads)]
+    if s.is_moe:
+        rows += [(n, getattr(s, a), getattr(t, a)) for n, a in zip(
+            ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_ffn"), MOE_AXES) if getattr(s, a)]
+    rows.append(("parameters", p.params_before["total"], p.params_after["total"]))
+    if s.is_moe:
+        rows.append(("active parameters", p.params_before["active"], p.params_after["active"]))
     out = [f"pattern {s.pattern} -> {t.pattern} (dropped {p.dropped_layers})",
            f"{'axis':<22}{'before':>14}{'after':>14}{'kept':>8}"]
     out += [f"{n:<22}{a:>14,}{b:>14,}{b / a:>8.1%}" for n, a, b in rows]
@@ -459,4 +640,6 @@ def summary_lines(p: Plan) -> list[str]:
             groups = " | ".join(",".join(map(str, h[g * k:(g + 1) * k])) for g in range(s.mamba_num_groups))
             out.append(f"  layer {i:>3} M: heads per group ({per} each) [{groups}]; "
                        f"channels {len(p.layers[i]['mamba_channels'])}/{s.mamba_head_dim}")
+        elif types[i] == "E" and "experts" in p.layers.get(i, {}):
+            out.append(f"  layer {i:>3} E: experts kept {p.layers[i]['experts']} of {s.num_moe_experts}")
     return out

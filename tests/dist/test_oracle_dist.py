@@ -1,9 +1,12 @@
 """`prune` checked against an independent oracle (tests/dist/oracle_worker.py): a slicer of
 transformers' NemotronH state dict written from plan.json's definition, sharing no code with
 rewrite/, on random plans that prune every axis (hidden, FFN, Mamba heads + channels,
-attention heads, dropped layers) at TP=2 and TP=1; and zeroing in the source model, exact
-for FFN neurons and attention heads. Path under test: transformers model -> import-hf ->
-prune -> export-hf -> transformers logits."""
+attention heads, dropped layers; for MoE hybrids also each layer's experts, each expert's own
+FFN neurons, the shared expert's neurons, with and without grouped routing and latent
+projections) at TP=2, TP=1 and EP=2; zeroing in the source model, exact for FFN neurons and
+attention heads; and dropping experts == the source model with those experts' correction
+bias at -inf (never chosen). Path under test: transformers model -> import-hf -> prune ->
+export-hf -> transformers logits."""
 
 import json
 from pathlib import Path
@@ -16,6 +19,9 @@ WORKER = Path(__file__).with_name("oracle_worker.py")
 # fp32 on CPU. Both sides are transformers models; when the rewrite keeps exactly the
 # plan's elements their weights are bit-identical: observed 0.0 on all three plans.
 # Zeroing vs pruning re-associates sums (fewer terms): observed 1.9e-6. Asserted 1e-5.
+# MoE: pruned vs sliced transformers model observed 0.0 on all five MoE plans (TP=2, EP=2,
+# grouped + latent); vs the source with the dropped experts' bias at -inf: 1.9e-6 (n_group 1;
+# the kept experts are summed in another order), 0.0 (grouped). Asserted 1e-5.
 ATOL = 1e-5
 # The oracle must be able to fail: a slicer that ignores the keep lists (first k of every
 # axis, sorted heads) must land far away.
@@ -31,12 +37,18 @@ def res(tmp_path_factory):
     return json.loads((wd / "result_oracle.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["every_axis_tp2", "every_axis_tp1", "every_axis_b_tp2"])
+MOE_PLANS = ["moe_every_axis_tp2", "moe_every_axis_ep2", "moe_grouped_latent_tp2", "moe_drop_experts",
+             "moe_drop_experts_grouped_ep2"]
+
+
+@pytest.mark.parametrize("name", ["every_axis_tp2", "every_axis_tp1", "every_axis_b_tp2"] + MOE_PLANS)
 def test_pruned_export_equals_independent_hf_slice(res, name):
     r = res[name]
     t = r["target"]
-    print(f"{name}: target {t['pattern']} h={t['hidden_size']} ffn={t['ffn_hidden_size']} "
-          f"mamba={t['mamba_num_heads']}x{t['mamba_head_dim']} attn={t['num_attention_heads']}: "
+    moe = (f" experts={t['num_moe_experts']} expert_ffn={t['moe_ffn_hidden_size']} "
+           f"shared={t['moe_shared_expert_intermediate_size']}" if t["num_moe_experts"] else "")
+    print(f"{name} (at {r['written_at']}): target {t['pattern']} h={t['hidden_size']} ffn={t['ffn_hidden_size']} "
+          f"mamba={t['mamba_num_heads']}x{t['mamba_head_dim']} attn={t['num_attention_heads']}{moe}: "
           f"max |pruned - oracle| = {r['max_abs_vs_oracle']:.2e} (logits up to {r['logit_scale']:.2f}); "
           f"first-k slicer differs by {r['max_abs_vs_first_k_slicer']:.2e}")
     assert r["max_abs_vs_oracle"] < ATOL
@@ -48,6 +60,28 @@ def test_plans_prune_every_axis(res):
     t = res["every_axis_tp2"]["target"]
     assert t["hidden_size"] < 64 and t["ffn_hidden_size"] < 96 and t["mamba_num_heads"] < 8
     assert t["mamba_head_dim"] < 16 and t["num_attention_heads"] < 4 and len(t["pattern"]) < 8
+    for name in ("moe_every_axis_tp2", "moe_every_axis_ep2", "moe_grouped_latent_tp2"):
+        t = res[name]["target"]
+        assert t["hidden_size"] < 64 and t["ffn_hidden_size"] < 96 and t["mamba_num_heads"] < 8, name
+        assert t["mamba_head_dim"] < 16 and t["num_attention_heads"] < 4 and len(t["pattern"]) < 6, name
+        assert t["num_moe_experts"] < 8 and t["moe_ffn_hidden_size"] < 32, name
+        assert t["moe_shared_expert_intermediate_size"] < 48 and "E" in t["pattern"], name
+    assert res["moe_grouped_latent_tp2"]["target"]["moe_router_num_groups"] == 2
+    assert res["moe_grouped_latent_tp2"]["target"]["moe_latent_size"] == 24
+    assert {tuple(sorted(res[n]["written_at"].items())) for n in MOE_PLANS} >= {(("ep", 2),), (("tp", 2),)}
+
+
+@pytest.mark.parametrize("name", ["moe_drop_experts", "moe_drop_experts_grouped_ep2"])
+def test_dropping_experts_equals_the_source_with_them_never_chosen(res, name):
+    """transformers' router at -inf bias for the dropped experts (selection = scores + bias;
+    the top-k weights come from the unbiased scores, normalised over the chosen ones) ==
+    the pruned model. Exact at n_group=1; with grouped routing too, since every group keeps
+    the same number (>= 2) of its own experts: its top-2 group score is over the kept ones."""
+    r = res[name]
+    print(f"{name}: max |pruned - source with dropped experts at -inf bias| = "
+          f"{r['max_abs_vs_masked_source']:.2e}; masking moved the source by {r['masked_vs_source']:.2e}")
+    assert r["max_abs_vs_masked_source"] < ATOL
+    assert r["masked_vs_source"] > WRONG_MIN  # the dropped experts were chosen before
 
 
 def test_ffn_and_head_pruning_equals_zeroing_in_the_source(res):

@@ -1,9 +1,12 @@
 """`prune` of MoE hybrids in one process (real megatron-core checkpoints): the hidden axis runs
 through every MoE tensor (router columns, experts unless a latent projection sits between,
-shared expert, latent projections). Oracle: a keep-all plan with the hidden channels (and
-every other axis) permuted computes the same function, so the pruned checkpoint's logits
-equal the source's; a wrong index in any MoE rule breaks that (checked: dropping the
-permutation of one tensor changes the logits)."""
+shared expert, latent projections); the routed experts (router rows, expert bias and the
+experts' stacked tensors together), each expert's own FFN neurons and the shared expert's
+neurons. Oracle: a keep-all plan with every axis permuted (experts within their routing
+groups, each expert's neurons by its own permutation) computes the same function, so the
+pruned checkpoint's logits equal the source's; a wrong index in any MoE rule breaks that
+(checked: one tensor's index left unpermuted, or every expert given expert 0's neuron order,
+changes the logits)."""
 
 import dataclasses
 
@@ -14,6 +17,7 @@ from megatron_minitron import dist as D
 from megatron_minitron.config import ModelConfig, ParallelConfig
 from megatron_minitron.model import build_model, causal_mask
 from megatron_minitron.plan.targets import assemble_plan
+from megatron_minitron.rewrite import rules
 from megatron_minitron.rewrite.stage import PruneConfig, run_prune
 from megatron_minitron.train import checkpoint as ckpt
 
@@ -24,6 +28,8 @@ BASE = ModelConfig(pattern="ME*E", hidden_size=32, ffn_hidden_size=64, mamba_num
                    moe_shared_expert_intermediate_size=24, moe_router_topk_scaling_factor=2.5)
 # keep-all: sums re-associated in another order (observed <= 1e-6): asserted 1e-5
 ATOL = 1e-5
+# a wrong rule: observed 8.5e-2 (latent, expert FFN) to 0.81 for the broken tensors below; asserted 1e-3
+WRONG_MIN = 1e-3
 
 
 def _logits(path):
@@ -51,11 +57,45 @@ def _keepall(cfg: ModelConfig, g):
                          "mamba_channels": perm(cfg.mamba_head_dim)}
         elif t == "*":
             layers[i] = {"attention_heads": grouped(cfg.num_attention_heads, cfg.num_query_groups)}
+        elif t == "E":  # experts within their routing groups; each expert its own neuron order
+            layers[i] = {"experts": grouped(cfg.num_moe_experts, cfg.moe_router_num_groups),
+                         "expert_ffn": [perm(cfg.moe_ffn_hidden_size) for _ in range(cfg.num_moe_experts)]}
+            if cfg.moe_shared_expert_intermediate_size:
+                layers[i]["shared_ffn"] = perm(cfg.moe_shared_expert_intermediate_size)
     return assemble_plan(cfg, perm(cfg.hidden_size), layers)
 
 
-@pytest.mark.parametrize("change", [{}, {"moe_latent_size": 12}, {"moe_shared_expert_intermediate_size": 0}])
-def test_keepall_permuted_prune_of_moe_model_is_the_identity(tmp_path, change):
+# wrong rules for the sharpness check: (MoE tensor, which index dim, how it is broken)
+def _unpermuted(ix):
+    return None
+
+
+def _expert0_everywhere(ix):  # the separable-rule bug: every expert gets expert 0's neurons
+    return ix[:1].expand_as(ix)
+
+
+WRONG = {
+    "hidden": ("router.weight", 1, _unpermuted),
+    "latent_hidden": ("fc1_latent_proj.weight", 1, _unpermuted),
+    "router_rows": ("router.weight", 0, _unpermuted),
+    "expert_bias": ("router.expert_bias", 0, _unpermuted),
+    "expert_axis": ("experts.experts.linear_fc2.weight", 0, _unpermuted),
+    "expert_ffn_separable": ("experts.experts.linear_fc2.weight", 2, _expert0_everywhere),
+    "shared_ffn": ("shared_experts.linear_fc2.weight", 1, _unpermuted),
+}
+CASES = {  # name: (model change, wrong rules checked)
+    "shared": ({}, ["hidden", "router_rows", "expert_bias", "expert_axis", "expert_ffn_separable",
+                    "shared_ffn"]),
+    "latent": ({"moe_latent_size": 12}, ["latent_hidden", "expert_ffn_separable"]),
+    "no_shared": ({"moe_shared_expert_intermediate_size": 0}, ["hidden"]),
+    # grouped routing: 2 groups of 2, experts permuted within their group
+    "grouped": ({"moe_router_num_groups": 2, "moe_router_group_topk": 1}, ["router_rows"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_keepall_permuted_prune_of_moe_model_is_the_identity(tmp_path, case):
+    change, wrongs = CASES[case]
     cfg = dataclasses.replace(BASE, **change)
     par = D.init(ParallelConfig(), seed=3)
     try:
@@ -68,31 +108,39 @@ def test_keepall_permuted_prune_of_moe_model_is_the_identity(tmp_path, change):
                     p.mul_(6.0)
             for name, b in model.named_buffers():
                 if name.endswith("expert_bias"):
-                    b.copy_(0.1 * torch.randn_like(b))
+                    b.copy_(0.3 * torch.randn_like(b))
         ckpt.save(tmp_path / "src", 0, cfg, {"model": model.sharded_state_dict()}, {"stage": "test"})
         plan = _keepall(cfg, torch.Generator().manual_seed(4))
+        assert all(plan.layers[i]["experts"] != sorted(plan.layers[i]["experts"]) for i in (1, 3))
         plan.save(tmp_path / "plan.json")
         run_prune(PruneConfig(checkpoint=str(tmp_path / "src"), plan=str(tmp_path / "plan.json"),
                               output=str(tmp_path / "new" / "dirs" / "pruned"), fsync=False))
         # (an output whose parent folders do not exist yet: prune makes them)
         a, b = _logits(tmp_path / "src"), _logits(tmp_path / "new" / "dirs" / "pruned")
+        print(f"{case}: keep-all permuted max |diff| = {(a - b).abs().max():.2e}")
         assert (a - b).abs().max() < ATOL
-        # the oracle is sharp: the same plan with one MoE tensor's hidden axis left
-        # unpermuted (a wrong rule) changes the function
-        from megatron_minitron.rewrite import rules
+        # the oracle is sharp: the same plan with one MoE tensor's index broken (a wrong
+        # rule) changes the function
+        orig = rules.Rules._moe
+        for w in wrongs:
+            bad_part, dim, broken = WRONG[w]
 
-        orig, bad = rules.Rules._moe, ("fc1_latent_proj.weight" if cfg.moe_latent_size else "router.weight")
+            def wrong(self, key, part, hid, i, bad_part=bad_part, dim=dim, broken=broken):
+                idx = orig(self, key, part, hid, i)
+                if part == bad_part:
+                    assert idx[dim] is not None, (part, dim)
+                    idx = list(idx)
+                    idx[dim] = broken(idx[dim])
+                return idx
 
-        def wrong(self, key, part, hid):
-            idx = orig(self, key, part, hid)
-            return [None, None] if part == bad else idx
-
-        rules.Rules._moe = wrong
-        try:
-            run_prune(PruneConfig(checkpoint=str(tmp_path / "src"), plan=str(tmp_path / "plan.json"),
-                                  output=str(tmp_path / "wrong"), fsync=False))
-        finally:
-            rules.Rules._moe = orig
-        assert (a - _logits(tmp_path / "wrong")).abs().max() > 1e-3
+            rules.Rules._moe = wrong
+            try:
+                run_prune(PruneConfig(checkpoint=str(tmp_path / "src"), plan=str(tmp_path / "plan.json"),
+                                      output=str(tmp_path / f"wrong_{w}"), fsync=False, verify=False))
+            finally:
+                rules.Rules._moe = orig
+            d = (a - _logits(tmp_path / f"wrong_{w}")).abs().max()
+            print(f"{case}: wrong rule {w}: max |diff| = {d:.2e}")
+            assert d > WRONG_MIN, w
     finally:
         D.shutdown()

@@ -1,5 +1,6 @@
 """plan: targets validation, group-aware keep sets, plan.json, parameter counts, rules."""
 
+import dataclasses
 import json
 
 import pytest
@@ -241,3 +242,187 @@ def test_ffn_source_selects_pre_or_post_activation_scores():
         e.pop("ffn_pre", None)
     with pytest.raises(ConfigError, match="no 'ffn_pre' scores"):
         make_plan(imp, t, ffn_source="pre")
+
+
+# ----------------------------------------------------------------------------- MoE axes (issue 19)
+
+MOE = ModelConfig(pattern="ME-E", hidden_size=32, ffn_hidden_size=64, mamba_num_heads=4, mamba_head_dim=8,
+                  mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16, num_attention_heads=4,
+                  num_query_groups=2, kv_channels=8, vocab_size=256, seq_length=16, num_moe_experts=8,
+                  moe_ffn_hidden_size=16, moe_router_topk=2, moe_shared_expert_intermediate_size=24)
+MOE_T = TargetConfig(hidden_size=24, num_moe_experts=6, moe_ffn_hidden_size=12,
+                     moe_shared_expert_intermediate_size=16)
+GROUPED = dataclasses.replace(MOE, moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk=2)
+
+
+@pytest.mark.parametrize("score", ["out", "mass", "freq"])
+def test_moe_keep_sets_are_each_layers_and_each_experts_top(score):
+    imp = importance(MOE)
+    p = make_plan(imp, MOE_T, expert_score=score, order="ranked")
+    t = p.target
+    assert (t.num_moe_experts, t.moe_ffn_hidden_size, t.moe_shared_expert_intermediate_size) == (6, 12, 16)
+    for i in (1, 3):
+        e, sc = p.layers[i], imp.layers[i]
+        assert e["experts"] == sc["experts"][score].topk(6).indices.tolist()  # this layer's own top 6
+        for j, x in enumerate(e["experts"]):  # pruned expert j: ITS OWN top neurons
+            assert e["expert_ffn"][j] == sc["expert_ffn"][x].topk(12).indices.tolist()
+        assert e["shared_ffn"] == sc["shared_ffn"].topk(16).indices.tolist()
+    assert p.layers[1]["experts"] != p.layers[3]["experts"]
+    assert p.settings["expert_score"] == score
+    s = make_plan(imp, MOE_T, expert_score=score)  # sorted: the same sets, ascending
+    assert s.layers[1]["experts"] == sorted(p.layers[1]["experts"])
+    assert s.layers[1]["expert_ffn"][0] == sorted(p.layers[1]["expert_ffn"][p.layers[1]["experts"].index(
+        s.layers[1]["experts"][0])])
+
+
+def test_moe_plan_json_roundtrip_counts_and_refusals(tmp_path):
+    from megatron_minitron import dist as D
+    from megatron_minitron.compat import mcore
+    from megatron_minitron.model import build_model
+    from megatron_minitron.rewrite.stage import global_param_count
+
+    p = make_plan(importance(MOE), MOE_T, ep=2)
+    p.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json").to_dict() == p.to_dict()
+    par = D.init(ParallelConfig())
+    try:  # the plan's parameter counts are the built models'
+        for cfg, want in ((p.target, p.params_after["total"]), (p.source, p.params_before["total"])):
+            model = build_model(cfg, par)
+            assert global_param_count(mcore.sharded_tensors(model), model) == want
+    finally:
+        D.shutdown()
+    assert p.params_after["active"] < p.params_before["active"]
+    # hand-edited plans
+    d = json.loads(json.dumps(p.to_dict()))
+    d["layers"]["1"]["expert_ffn"][2] = d["layers"]["1"]["expert_ffn"][2][:-1]
+    with pytest.raises(ConfigError, match=r"expert_ffn\[2\] keeps 11 neurons"):
+        Plan.from_dict(d)
+    d = json.loads(json.dumps(p.to_dict()))
+    d["layers"]["3"]["experts"] = d["layers"]["3"]["experts"][:4]
+    with pytest.raises(ConfigError, match="keeps 4 experts; target.num_moe_experts=6"):
+        Plan.from_dict(d)
+
+
+def test_moe_grouped_routing_keeps_the_same_count_per_group():
+    imp = importance(GROUPED)
+    p = make_plan(imp, TargetConfig(num_moe_experts=4), order="ranked")
+    for i in (1, 3):
+        ex, sc = p.layers[i]["experts"], imp.layers[i]["experts"]["out"]
+        assert [x // 2 for x in ex] == [0, 1, 2, 3]  # one per group of 2, in group order
+        assert ex == [2 * g + int(sc[2 * g:2 * g + 2].argmax()) for g in range(4)]
+    layers = identity_plan(GROUPED).layers
+    layers[1] = {"experts": [1, 2, 3, 4, 5, 6, 7, 0]}  # expert 2 (group 1) in group 0's slots
+    with pytest.raises(ConfigError, match="experts may be reordered only within their group"):
+        assemble_plan(GROUPED, list(range(32)), layers)
+    layers[1] = {"experts": [1, 0, 3, 2, 5, 4, 7, 6]}  # within groups: fine
+    assemble_plan(GROUPED, list(range(32)), layers)
+
+
+@pytest.mark.parametrize("src,target,tp,ep,match", [
+    (MOE, TargetConfig(num_moe_experts=1), 1, 1,
+     r"num_moe_experts=1 keeps fewer experts than a token routes to: model.moe_router_topk=2 > 1; valid: 2"),
+    (MOE, TargetConfig(num_moe_experts=5), 1, 2,
+     r"num_moe_experts=5 is not divisible by parallel.ep=2 .*valid target.num_moe_experts at ep=2: 2, 4, 6, 8"),
+    (dataclasses.replace(MOE, num_moe_experts=6), TargetConfig(), 1, 4,
+     r"kept expert count 6 \(target.num_moe_experts=0\) is not divisible by parallel.ep=4.*: 4"),
+    (MOE, TargetConfig(num_moe_experts=9), 1, 1, r"num_moe_experts=9 is larger than the source \(8\)"),
+    (MOE, TargetConfig(moe_ffn_hidden_size=10), 4, 1,
+     r"moe_ffn_hidden_size=10 is not divisible by parallel.tp=4; use e.g. 8 or 12"),
+    (MOE, TargetConfig(moe_shared_expert_intermediate_size=30), 1, 1, r"larger than the source \(24\)"),
+    (dataclasses.replace(MOE, moe_shared_expert_intermediate_size=0),
+     TargetConfig(moe_shared_expert_intermediate_size=8), 1, 1, "the model has no shared expert"),
+    (GROUPED, TargetConfig(num_moe_experts=6), 1, 1,
+     r"num_moe_experts=6 is not divisible by model.moe_router_num_groups=4 .*same number of its own experts.*valid: 4, 8"),
+    (dataclasses.replace(GROUPED, moe_router_topk=4), TargetConfig(num_moe_experts=4), 1, 1,
+     r"moe_router_topk=4 > 2 of 4 groups x 1 experts = 2; valid: 8"),
+    (SRC, TargetConfig(num_moe_experts=4), 1, 1, "has no E layers; leave it 0"),
+])
+def test_moe_validation_errors(src, target, tp, ep, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_targets(src, target, tp, 1, ep=ep)
+
+
+def test_moe_plan_needs_moe_scores_only_for_the_axes_it_prunes():
+    imp = importance(MOE)
+    for e in imp.layers.values():  # an importance file from before the MoE scores
+        for k in ("experts", "expert_ffn", "shared_ffn"):
+            e.pop(k, None)
+    p = make_plan(imp, TargetConfig(hidden_size=24, num_layers=3, depth_layer_type="E"))
+    assert all(p.layers.get(i, {}) == {} for i in p.kept_layers if MOE.pattern[i] == "E")
+    for t, what in ((TargetConfig(num_moe_experts=4), r"experts\['out'\]"),
+                    (TargetConfig(moe_ffn_hidden_size=8), "'expert_ffn'"),
+                    (TargetConfig(moe_shared_expert_intermediate_size=8), "'shared_ffn'")):
+        with pytest.raises(ConfigError, match=f"layer 1 \\(MoE\\) has no {what} scores.*re-run stats"):
+            make_plan(imp, t)
+    imp = importance(MOE)
+    imp.layers[1]["expert_ffn"] = imp.layers[1]["expert_ffn"][:4]
+    with pytest.raises(ConfigError, match=r"expert_ffn' scores have shape \(4, 16\), expected \(8, 16\)"):
+        make_plan(imp, TargetConfig(moe_ffn_hidden_size=8))
+    with pytest.raises(ConfigError, match="expert_score='load'"):
+        make_plan(importance(MOE), TargetConfig(num_moe_experts=4), expert_score="load")
+
+
+@pytest.mark.parametrize("change", [{}, {"moe_latent_size": 12}, {"activation": "swiglu"}])
+def test_moe_rules_cover_every_key_and_slice_each_expert(change):
+    """Every key of the built pruned MoE model has a rule with the pruned global shape; the
+    reference `take` of the stacked expert tensors equals slicing expert by expert."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from megatron_minitron import dist as D
+    from megatron_minitron.model import build_model
+
+    src = dataclasses.replace(MOE, **change)
+    p = make_plan(importance(src), MOE_T, order="ranked")
+    par = D.init(ParallelConfig())
+    try:
+        sds = []
+        for m in (p.target, p.source):
+            sd = build_model(m, par).sharded_state_dict()
+            apply_factories(sd)
+            sds.append({st.key: st for st in nested_values(sd) if isinstance(st, ShardedTensor)})
+    finally:
+        D.shutdown()
+    for key, st in sds[0].items():
+        skey, idxs = rules.rule(key, p)
+        full = torch.randn(sds[1][skey].global_shape)
+        out = rules.take(full, idxs)
+        assert tuple(out.shape) == tuple(st.global_shape), key
+        if key == "decoder.layers.2.mlp.experts.experts.linear_fc1.weight":  # pruned layer 2 <- source 3
+            e, glu = p.layers[3], change.get("activation") == "swiglu"
+            d = None if src.moe_latent_size else p.hidden
+            for j, x in enumerate(e["experts"]):
+                rows = e["expert_ffn"][j] + ([16 + r for r in e["expert_ffn"][j]] if glu else [])
+                want = full[x][rows]
+                assert torch.equal(out[j], want if d is None else want[:, d])
+        if key == "decoder.layers.2.mlp.experts.experts.linear_fc2.weight":
+            e = p.layers[3]
+            for j, x in enumerate(e["experts"]):
+                want = full[x][:, e["expert_ffn"][j]]
+                assert torch.equal(out[j], want if src.moe_latent_size else want[p.hidden])
+
+
+def test_take_and_shard_box_with_per_expert_indices():
+    t = torch.arange(4 * 5 * 3.0).reshape(4, 5, 3)
+    ex, ffn = torch.tensor([3, 0]), torch.tensor([[4, 1], [0, 2]])  # expert 3 keeps 4, 1; expert 0 keeps 0, 2
+    out = torch.empty(2, 2, 2, dtype=torch.bfloat16)
+    rules.take(t, [ex, ffn, torch.tensor([2, 0])], out=out)
+    assert torch.equal(out, torch.stack([t[3][[4, 1]][:, [2, 0]], t[0][[0, 2]][:, [2, 0]]]).bfloat16())
+    # the shard of pruned expert 1 (one [1, 2, 3] chunk, megatron's SequentialMLP layout)
+    lo, box, local = rules.shard_box([ex, ffn, None], (1, 0, 0), (1, 2, 3), (4, 5, 3))
+    assert lo == (0, 0, 0) and box == (1, 3, 3) and local[1].tolist() == [[0, 2]]
+    region = t[lo[0]:lo[0] + box[0], lo[1]:lo[1] + box[1]]
+    assert torch.equal(rules.take(region, local), t[0][[0, 2]][None])
+    with pytest.raises(ValueError, match="does not fit the per-row keep set"):
+        rules.shard_box([ex, ffn, None], (1, 0, 0), (1, 3, 3), (4, 5, 3))
+    with pytest.raises(ValueError, match="only allowed on dimensions > 0"):
+        rules.take(t, [ffn, None, None])
+
+
+def test_export_notes_expert_widths_transformers_default_kernel_refuses():
+    from megatron_minitron.hf.stage import grouped_mm_note
+
+    assert grouped_mm_note(MOE, 4) is None and grouped_mm_note(SRC, 2) is None
+    odd = dataclasses.replace(MOE, moe_ffn_hidden_size=18)  # 72 bytes a row in fp32
+    assert "moe_ffn_hidden_size=18 is not a multiple of 4" in grouped_mm_note(odd, 4)
+    assert "experts_implementation='eager'" in grouped_mm_note(dataclasses.replace(MOE, hidden_size=36), 2)
