@@ -34,6 +34,15 @@ class PlanConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
+def plan_for(cfg: PlanConfig, imp):
+    """The plan stage's make_plan call with every setting of the recipe (the run and its
+    dry run both use it)."""
+    return make_plan(imp, cfg.target, mamba_source=cfg.mamba_source, mamba_metric=cfg.mamba_metric,
+                     order=cfg.order, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                     ffn_source=cfg.ffn_source, mamba_grouping=cfg.mamba_grouping,
+                     ep=cfg.parallel.ep, expert_score=cfg.expert_score)
+
+
 def run_plan(cfg: PlanConfig) -> dict:
     from ..importance.io import ImportanceFile
 
@@ -42,10 +51,7 @@ def run_plan(cfg: PlanConfig) -> dict:
     cfg.parallel.validate()
     imp = ImportanceFile.load(cfg.importance)
     check_ep_used(cfg.parallel.ep, imp.model)
-    plan = make_plan(imp, cfg.target, mamba_source=cfg.mamba_source, mamba_metric=cfg.mamba_metric,
-                     order=cfg.order, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                     ffn_source=cfg.ffn_source, mamba_grouping=cfg.mamba_grouping,
-                     ep=cfg.parallel.ep, expert_score=cfg.expert_score)
+    plan = plan_for(cfg, imp)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")

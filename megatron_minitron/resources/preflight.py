@@ -275,7 +275,7 @@ def _search(pre: Preflight, need: bool) -> None:
 def _plan(pre: Preflight, need: bool) -> None:
     """plan: the run's make_plan when the importance file exists (it writes nothing)."""
     from ..importance.io import ImportanceFile
-    from ..plan.targets import make_plan
+    from ..plan.stage import plan_for
 
     cfg = pre.cfg
     cfg.parallel.validate()
@@ -283,9 +283,7 @@ def _plan(pre: Preflight, need: bool) -> None:
         pre.notes.append(f"importance={cfg.importance}: not there yet (stats makes it); the "
                          "target's checks wait for it")
         return
-    plan = make_plan(ImportanceFile.load(cfg.importance), cfg.target, mamba_source=cfg.mamba_source,
-                     mamba_metric=cfg.mamba_metric, order=cfg.order, tp=cfg.parallel.tp,
-                     pp=cfg.parallel.pp, ffn_source=cfg.ffn_source, mamba_grouping=cfg.mamba_grouping)
+    plan = plan_for(cfg, ImportanceFile.load(cfg.importance))
     pre.models["target"], pre.sources["target"] = plan.target, f"the plan of {cfg.importance}"
 
 
