@@ -47,6 +47,16 @@ class Parallel:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    def expert_groups(self) -> dict:
+        """The groups an MoE layer's experts are laid out on (megatron's expert grid, tp x ep
+        x expt_dp x pp): `ep_group` (ranks holding the other blocks of experts, the same
+        expert-TP rank), `expt_dp_group` (ranks holding the same experts that see other
+        tokens: the data-parallel group of expert weights, DP / ep wide, not the dense DP
+        group), `expt_tp_group` (the experts' TP slices; = the TP group here, megatron's
+        default expert_tensor_parallel_size)."""
+        return {"ep_group": self.pg.ep, "expt_dp_group": self.pg.expt_dp,
+                "expt_tp_group": self.pg.expt_tp}
+
 
 def initialized() -> bool:
     """Whether torch.distributed is up (a stage that finds it up leaves it up)."""

@@ -21,8 +21,31 @@ Keys (``L`` = GLOBAL layer id; local = this TP rank's slice, contiguous in globa
   final_norm           [hidden]        fp32  final norm output (last PP stage only)
   L{L}.cos_sum/.cos_n  []              fp64  sum over tokens of 1 - cos(in, out), tokens
   samples              []              fp64  calibration samples seen by this rank
-Hidden-size keys are replicated over TP (sequence parallelism is off): count them once.
-Sums of squares are of per-sample means (mean |a| over the sequence, `aggregate_batch`).
+ MoE layers ('E', source "moe"; E = num_moe_experts, E_loc = E / ep this rank's experts,
+ global ids [ep_rank * E_loc, (ep_rank + 1) * E_loc)):
+  L{L}.moe_mass        [E]             fp64  router output: sum of the chosen experts' routing
+                                             weights (probs after top-k normalisation and scaling)
+  L{L}.moe_freq        [E]             fp64  router output: token assignments per expert
+  L{L}.moe_seen        [E_loc]         fp64  tokens each local expert processed (SequentialMLP
+                                             input; TP copies of a token each count, see below)
+  L{L}.moe_out         [E_loc]         fp64  sum over those tokens of ||p * expert(x)||_2 (the
+                                             expert's output summed over expert-TP ranks; hidden
+                                             width: through fc2_latent_proj in latent MoE)
+  L{L}.moe_ffn         [E_loc, moe_ffn_local] fp64  sum over those tokens of a^2, a = each local
+                                             expert's linear_fc2 input (p * activation)
+  L{L}.shared_ffn      [shared_local]  fp32  shared expert's linear_fc2 input (as L{L}.ffn)
+Hidden-size keys are replicated over TP (with sequence parallelism the hooks gather the
+sequence first): count them once. So are the router keys (under sequence parallelism each
+TP rank routes its own sequence slice: the increments are summed over the TP group in the
+hook). Sums of squares are of per-sample means (mean |a| over the sequence, `aggregate_batch`),
+except the routed experts' (per token: routed tokens have no sample structure).
+Expert-side keys (moe_seen/out/ffn) hold this rank's experts over the tokens of its whole
+TP x EP group (megatron's allgather dispatcher): `reduce.py` sums them over the expert-data-
+parallel group and concatenates EP blocks (moe_ffn also expert-TP slices). Without sequence
+parallelism every TP rank holds the whole sequence and the dispatcher gathers all TP copies,
+so each token reaches the experts TP times: `scores.expert_scores` divides by that
+multiplicity (`scores.token_multiplicity`: moe_seen / moe_freq, checked to be one integer;
+recorded as meta["moe_token_copies"]).
 """
 
 from __future__ import annotations
@@ -37,15 +60,28 @@ from . import scores as S
 
 MAMBA_SOURCES = ("x", "z", "y")
 # every source name the collector understands; `kl` (depth) lives in depth.py
-SOURCES = ("x", "z", "y", "flap", "ffn", "ffn_pre", "attn", "hidden", "cosine")
+SOURCES = ("x", "z", "y", "flap", "ffn", "ffn_pre", "attn", "hidden", "cosine", "moe")
 
 # keys that are TP-sliced along their last dim (gather by concatenation); the rest are
 # replicated over TP
-TP_SLICED = ("x", "z", "y", "flap_s1", "flap_s2", "ffn", "ffn_pre", "attn", "flap_wcol")
+TP_SLICED = ("x", "z", "y", "flap_s1", "flap_s2", "ffn", "ffn_pre", "attn", "flap_wcol", "shared_ffn")
+# expert-side keys: this rank's block of experts (EP-sliced along dim 0); "ep_tp" also
+# expert-TP-sliced along the last dim
+EP_SLICED = ("moe_seen", "moe_out")
+EP_TP_SLICED = ("moe_ffn",)
 
 
 def key_kind(key: str) -> str:
-    return "tp" if key.rsplit(".", 1)[-1] in TP_SLICED else "rep"
+    """'tp' (TP-sliced, DP-summed), 'rep' (replicated over TP, DP-summed), 'ep' / 'ep_tp'
+    (experts of this EP rank, summed over the expert-data-parallel group)."""
+    name = key.rsplit(".", 1)[-1]
+    if name in TP_SLICED:
+        return "tp"
+    if name in EP_SLICED:
+        return "ep"
+    if name in EP_TP_SLICED:
+        return "ep_tp"
+    return "rep"
 
 
 def _first(out):
@@ -62,6 +98,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
     xf = x.float()
     w = weight.float() + (1.0 if zero_centered else 0.0)
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _local_experts(layer, p: str):
+    """The MoE layer's SequentialMLP experts (one MLP module per local expert)."""
+    experts = getattr(layer.mlp, "experts", None)
+    local = getattr(experts, "local_experts", None)
+    if local is None:
+        raise RuntimeError(
+            f"layer {p[1:-1]}: the expert statistics hook each local expert of megatron's "
+            f"SequentialMLP; this model has {type(experts).__name__} experts (grouped GEMM): "
+            "build it with moe_grouped_gemm off (the stats stage does), or leave 'moe' out of sources")
+    return local
 
 
 def layer_kind(layer) -> str:
@@ -82,17 +130,22 @@ class StatsCollector:
     Args:
         model: this rank's megatron hybrid model stage (bare, not DDP-wrapped).
         cfg: the model config (global sizes).
-        tp: tensor-parallel size (local sizes = global / tp).
+        tp: tensor-parallel size (local sizes = global / tp; the experts' TP size too).
         layer_offset: global id of this stage's first layer.
         sources: subset of `SOURCES`.
+        sp_group: the TP group when sequence parallelism is on, else None.
+        expt_tp_group: the experts' tensor-parallel group (megatron `pg.expt_tp`): each rank's
+            expert output is a partial sum over its FFN slice, summed over this group before
+            its norm is taken (one all-reduce per E layer and forward); None at TP 1.
     """
 
     def __init__(self, model, cfg: ModelConfig, tp: int, layer_offset: int,
-                 sources: Iterable[str] = SOURCES, device=None, sp_group=None):
+                 sources: Iterable[str] = SOURCES, device=None, sp_group=None, expt_tp_group=None):
         self.model = model
         # sequence parallel: the residual stream (norm outputs, layer inputs/outputs) is
         # split along the sequence over this TP group; those hooks gather it back first
         self.sp_group = sp_group
+        self.expt_tp_group = expt_tp_group
         self.cfg = cfg
         self.tp = tp
         self.offset = layer_offset
@@ -138,6 +191,16 @@ class StatsCollector:
                         self._zeros(p + s, (c.ffn_hidden_size // tp,))
             elif kind == "*" and "attn" in self.sources:
                 self._zeros(p + "attn", (c.num_attention_heads // tp * c.kv_channels,))
+            elif kind == "E" and "moe" in self.sources:
+                n_loc = len(_local_experts(self.layers[j], p))
+                f64 = torch.float64
+                self._zeros(p + "moe_mass", (c.num_moe_experts,), f64)
+                self._zeros(p + "moe_freq", (c.num_moe_experts,), f64)
+                self._zeros(p + "moe_seen", (n_loc,), f64)
+                self._zeros(p + "moe_out", (n_loc,), f64)
+                self._zeros(p + "moe_ffn", (n_loc, c.moe_ffn_hidden_size // tp), f64)
+                if c.moe_shared_expert_intermediate_size:
+                    self._zeros(p + "shared_ffn", (c.moe_shared_expert_intermediate_size // tp,))
         if "hidden" in self.sources and self._final_norm() is not None:
             self._zeros("final_norm", (c.hidden_size,))
 
@@ -250,6 +313,57 @@ class StatsCollector:
             self._add(key, S.aggregate_batch(out))
         self._fwd(fc1, on_fc1)
 
+    def _moe_hooks(self, layer, p: str) -> None:
+        """Router output (every token once), the experts' outputs (per local expert), each
+        local expert's linear_fc2 input, the shared expert's linear_fc2 input."""
+        mlp, c = layer.mlp, self.cfg
+
+        def on_router(out):
+            probs, routing_map = out[0], out[1]  # [tokens, E] each
+            mass, freq = S.router_increment(probs, routing_map)
+            if self.sp_group is not None and torch.distributed.get_world_size(self.sp_group) > 1:
+                both = torch.cat([mass, freq])  # this rank's sequence slice: sum over TP
+                torch.distributed.all_reduce(both, group=self.sp_group)
+                mass, freq = both[:mass.numel()], both[mass.numel():]
+            self._add(p + "moe_mass", mass)
+            self._add(p + "moe_freq", freq)
+        self._handles.append(mlp.router.register_forward_hook(
+            lambda mod, args, out: self._hooked(on_router, out)))
+
+        latent = getattr(mlp, "fc2_latent_proj", None) if c.moe_latent_size else None
+
+        def on_experts(mod, args, kwargs, out):
+            # SequentialMLP(permuted_tokens [N, h], tokens_per_expert [E_loc], probs [N])
+            counts = kwargs.get("tokens_per_expert", args[1] if len(args) > 1 else None)
+            y = _first(out).detach().float()  # [N, h]: p * expert(x), a partial sum at TP > 1
+            g = self.expt_tp_group
+            if g is not None and torch.distributed.get_world_size(g) > 1:
+                y = y.clone()  # never reduce the model's own output in place
+                torch.distributed.all_reduce(y, group=g)
+            if latent is not None:  # the expert's contribution in the hidden width
+                y = torch.nn.functional.linear(y, latent.weight.detach().float())
+            self._add(p + "moe_seen", torch.as_tensor(counts).reshape(-1).double())
+            self._add(p + "moe_out", S.segment_sum(y.norm(dim=-1), counts))
+        self._handles.append(mlp.experts.register_forward_hook(
+            lambda mod, args, kwargs, out: self._hooked(on_experts, mod, args, kwargs, out),
+            with_kwargs=True))
+
+        width = c.moe_ffn_hidden_size // self.tp
+        for i, expert in enumerate(_local_experts(layer, p)):
+            def on_fc2_input(a, i=i):
+                if a.shape[-1] != width:
+                    raise RuntimeError(f"{p}experts[{i}] linear_fc2 input width {a.shape[-1]} != {width}")
+                self.acc[p + "moe_ffn"][i].add_(a.detach().double().pow(2).sum(0))
+            self._pre(expert.linear_fc2, on_fc2_input)
+
+        if c.moe_shared_expert_intermediate_size:
+            self._pre(mlp.shared_experts.linear_fc2, self._agg(p + "shared_ffn"))
+
+    def _hooked(self, fn, *args) -> None:
+        if self.enabled:
+            with torch.no_grad():
+                fn(*args)
+
     def _cosine_hook(self, layer, p: str) -> None:
         def hook(mod, args, kwargs, out):
             if not self.enabled:
@@ -280,6 +394,8 @@ class StatsCollector:
                     self._ffn_pre_hook(layer.mlp.linear_fc1, p + "ffn_pre")
             elif kind == "*" and "attn" in self.sources:
                 self._pre(layer.self_attention.linear_proj, self._agg(p + "attn"))
+            elif kind == "E" and "moe" in self.sources:
+                self._moe_hooks(layer, p)
         fn = self._final_norm()
         if fn is not None and "hidden" in self.sources:
             self._fwd(fn, self._agg_seq("final_norm"))

@@ -13,6 +13,16 @@ slices already gathered). Scores are finalized (higher = more important):
   layers[i] for an MLP layer ('-'):        "ffn":  [ffn_hidden_size]  linear_fc2 input (after
       the activation);  "ffn_pre": [ffn_hidden_size]  linear_fc1 output (before it: eq. 26)
   layers[i] for an attention layer ('*'):  "attn": [num_attention_heads]
+  layers[i] for an MoE layer ('E', stats source "moe"; E = num_moe_experts, global expert order):
+      "experts":    {"out": [E], "mass": [E], "freq": [E]}  per routed expert, over the tokens
+                    routed to it: sum of ||p * expert(x)||_2 (its contribution to the layer
+                    output, hidden width), sum of its routing weights p (after top-k
+                    normalisation and the top-k scaling factor), number of assignments
+      "expert_ffn": [E, moe_ffn_hidden_size]  RMS over its routed tokens of each neuron's
+                    linear_fc2 input (p * activation); 0 rows for an expert never chosen
+      "shared_ffn": [moe_shared_expert_intermediate_size]  (models with a shared expert) its
+                    linear_fc2 input, aggregated as "ffn"
+      (all non-negative, larger = more important; the E layer's input norm is in `hidden`)
   hidden:  [hidden_size] embedding-channel scores summed over every residual reader (eq. 27)
   depth:   {"kl": [num_layers], "cosine": [num_layers]}  (sec. 3.4; NaN where not computed)
 """
@@ -102,8 +112,12 @@ class ImportanceFile:
                 layers[i] = {"ffn": r(model.ffn_hidden_size)}
             elif t == "*":
                 layers[i] = {"attn": r(model.num_attention_heads)}
-            else:  # E: the dense axes only read its norm (in `hidden`)
-                layers[i] = {}
+            else:  # E: per routed expert (global order), its FFN neurons, the shared expert's
+                n = model.num_moe_experts
+                layers[i] = {"experts": {k: r(n) for k in ("out", "mass", "freq")},
+                             "expert_ffn": r(n, model.moe_ffn_hidden_size)}
+                if model.moe_shared_expert_intermediate_size:
+                    layers[i]["shared_ffn"] = r(model.moe_shared_expert_intermediate_size)
         return cls(model=model, layers=layers, hidden=r(model.hidden_size),
                    depth={"kl": r(model.num_layers), "cosine": r(model.num_layers)})
 
@@ -166,7 +180,25 @@ class ImportanceFile:
                         want(f"layer {i} {k}", e[k], (m.ffn_hidden_size,))
             elif t == "*" and "attn" in e:
                 want(f"layer {i} attn", e["attn"], (m.num_attention_heads,))
+            elif t == "E":  # absent when stats ran without the "moe" source
+                self._check_moe(i, e, want)
         if not isinstance(self.depth, dict):
             raise ConfigError("depth must be a mapping {kl, cosine}")
         for k, v in self.depth.items():
             want(f"depth.{k}", v, (m.num_layers,))
+
+    def _check_moe(self, i: int, e: dict, want) -> None:
+        m = self.model
+        n = m.num_moe_experts
+        if "experts" in e:
+            ex = e["experts"]
+            if not isinstance(ex, dict) or not ex:
+                raise ConfigError(f"layer {i} experts scores must be a mapping {{out, mass, freq}}")
+            for k, v in ex.items():
+                want(f"layer {i} experts.{k}", v, (n,))
+        if "expert_ffn" in e:
+            want(f"layer {i} expert_ffn", e["expert_ffn"], (n, m.moe_ffn_hidden_size))
+        if "shared_ffn" in e:
+            if not m.moe_shared_expert_intermediate_size:
+                raise ConfigError(f"layer {i} has shared_ffn scores but the model has no shared expert")
+            want(f"layer {i} shared_ffn", e["shared_ffn"], (m.moe_shared_expert_intermediate_size,))

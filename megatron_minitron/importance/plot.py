@@ -1,4 +1,5 @@
-"""Layer importance by layer index, coloured by layer type (the paper's figure 4)."""
+"""Layer importance by layer index, coloured by layer type (the paper's figure 4), and the
+routed experts' scores of MoE layers."""
 
 from __future__ import annotations
 
@@ -48,6 +49,42 @@ def plot_layer_importance(depth: dict[str, torch.Tensor], pattern: str, path: st
                       loc="upper right", fontsize=8)
     if title:
         axes[0, 0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_importance(layers: dict, pattern: str, path: str | Path, score: str = "out",
+                           title: str = "") -> Optional[Path]:
+    """One row per MoE layer, one column per routed expert: its `score` ("out", "mass" or
+    "freq") as a share of the layer's total, and the routing frequency beside it. Returns
+    the path, or None without matplotlib or without expert scores."""
+    rows = [(i, layers[i]["experts"]) for i, t in enumerate(pattern.replace("|", ""))
+            if t == "E" and "experts" in layers.get(i, {})]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = [score] + (["freq"] if score != "freq" else [])
+    n_exp = len(rows[0][1][score])
+    fig, axes = plt.subplots(1, len(keys), figsize=(min(24.0, 2.0 + 0.12 * n_exp) * len(keys),
+                                                    1.2 + 0.3 * len(rows)), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        share = torch.stack([e[key].float() / e[key].float().sum().clamp_min(1e-30) for _, e in rows])
+        im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(rows)), [f"L{i}" for i, _ in rows], fontsize=7)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{key} (share of the layer's total)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -37,6 +37,11 @@ __all__ = [
     "ffn_neuron_scores",
     "attention_head_scores",
     "embedding_channel_scores",
+    "router_increment",
+    "segment_sum",
+    "token_multiplicity",
+    "expert_scores",
+    "expert_ffn_scores",
     "kl_next_token",
     "block_influence",
 ]
@@ -343,6 +348,107 @@ def embedding_channel_scores(per_layer: Tensor | Sequence[Tensor]) -> Tensor:
     if stacked.dim() != 2:
         raise ValueError(f"expected [n_readers, hidden] scores, got {tuple(stacked.shape)}")
     return stacked.sum(dim=0)
+
+
+# --------------------------------------------------------------------------- MoE (issue 19)
+#
+# Routed experts see a varying number of tokens, in no sample structure (the token
+# dispatcher permutes tokens of every rank of the TP x EP group together), so their
+# accumulators are per token: sums over the tokens routed to an expert, with that token
+# count kept beside them. The shared expert sees every token and is scored like a dense FFN.
+
+
+def router_increment(probs: Tensor, routing_map: Tensor) -> tuple[Tensor, Tensor]:
+    """Accumulator increment of the router's choice for one forward.
+
+    Args:
+        probs: ``[tokens, experts]`` routing weights as megatron's TopKRouter returns them
+            (the chosen experts' scores after top-k normalisation and the top-k scaling
+            factor: the factor that multiplies each expert's output; 0 elsewhere).
+        routing_map: ``[tokens, experts]`` bool, True where the expert is chosen.
+    Returns:
+        ``(mass, freq)`` ``[experts]`` float64: the sum of the chosen routing weights and the
+        number of token assignments per expert.
+    """
+    if probs.shape != routing_map.shape or probs.dim() != 2:
+        raise ValueError(f"expected probs and routing_map [tokens, experts], got "
+                         f"{tuple(probs.shape)} and {tuple(routing_map.shape)}")
+    chosen = routing_map.to(torch.bool)
+    mass = torch.where(chosen, probs.detach().double(), torch.zeros((), dtype=torch.float64,
+                                                                    device=probs.device)).sum(0)
+    return mass, chosen.sum(0).double()
+
+
+def segment_sum(values: Tensor, counts: Tensor | Sequence[int]) -> Tensor:
+    """Sum of consecutive segments: ``values [N, *feat]`` split into ``len(counts)`` runs of
+    ``counts[e]`` rows (a token dispatcher's expert-major order) -> ``[len(counts), *feat]``
+    float64 (empty segments give 0)."""
+    c = torch.as_tensor(counts, dtype=torch.long).reshape(-1).cpu()
+    if int(c.sum()) != values.shape[0] or (c < 0).any():
+        raise ValueError(f"segment counts {c.tolist()} do not add up to the {values.shape[0]} rows")
+    seg = torch.repeat_interleave(torch.arange(c.numel()), c).to(values.device)
+    out = torch.zeros((c.numel(), *values.shape[1:]), dtype=torch.float64, device=values.device)
+    return out.index_add_(0, seg, values.detach().double())
+
+
+def token_multiplicity(seen: Tensor, freq: Tensor) -> Tensor:
+    """How many times the experts' side saw each token assignment: 1, or the TP size when
+    sequence parallelism is off (every TP rank holds the whole sequence and megatron's
+    allgather dispatcher gathers those copies). One integer for all experts, or an error."""
+    seen, freq = seen.double(), freq.double()
+    if seen.shape != freq.shape:
+        raise ValueError(f"expert token counts {tuple(seen.shape)} vs router counts {tuple(freq.shape)}")
+    if bool(((freq == 0) != (seen == 0)).any()):
+        raise ValueError(f"experts' token counts {seen.tolist()} disagree with the router's "
+                         f"assignments {freq.tolist()} (an expert saw tokens it was not given)")
+    used = freq > 0
+    if not bool(used.any()):
+        return torch.ones((), dtype=torch.float64)
+    r = seen[used] / freq[used]
+    m = r[0].round()
+    if m < 1 or bool(((r - m).abs() > 1e-9 * m).any()):
+        raise ValueError(f"experts' token counts {seen.tolist()} are not one multiple of the "
+                         f"router's assignments {freq.tolist()}")
+    return m
+
+
+def expert_scores(mass: Tensor, freq: Tensor, out_sum: Tensor, seen: Tensor) -> dict[str, Tensor]:
+    """Routed-expert scores of one MoE layer, ``[experts]`` fp32 each, larger = more important.
+
+    Args:
+        mass, freq: the router's accumulated `router_increment` (every token once).
+        out_sum: sum over the tokens the experts processed of ``||p * expert(x)||_2``, the
+            expert's contribution to the layer output (routing weight p included; in the
+            hidden width, after the latent up-projection in latent MoE).
+        seen: the number of tokens the experts processed (``freq`` times a constant: see
+            `token_multiplicity`).
+    Returns:
+        ``{"out": sum over routed tokens of p * ||expert(x)||, "mass": sum of p,
+        "freq": token assignments}``.
+    """
+    m = token_multiplicity(seen, freq)
+    return {"out": (out_sum.double() / m).float(), "mass": mass.double().float(),
+            "freq": freq.double().float()}
+
+
+def expert_ffn_scores(sumsq: Tensor, seen: Tensor) -> Tensor:
+    """Expert FFN neuron scores ``[experts, moe_ffn]`` fp32: the RMS over the tokens routed to
+    each expert of its ``linear_fc2`` input (after the activation, times the routing weight,
+    as megatron's expert MLP computes it), ``sqrt(sum a^2 / count)``; 0 for an expert that
+    saw no token.
+
+    Why this aggregation: the dense FFN score (`aggregate_batch` + `finalize`) is the L2 over
+    samples of the per-sample mean |a|; routed tokens carry no sample structure, so each
+    token is its own sample (L2 over tokens, squares add across ranks), divided by the
+    expert's count so that the score is that of a typical routed token, independent of the
+    expert's load (load is what the expert scores measure) and of duplicated token copies.
+    The keep sets are per expert, so only the order within a row matters for the plan.
+    """
+    if sumsq.dim() != 2 or seen.shape != (sumsq.shape[0],):
+        raise ValueError(f"expected sumsq [experts, ffn] and counts [experts], got "
+                         f"{tuple(sumsq.shape)} and {tuple(seen.shape)}")
+    n = seen.double().clamp_min(1.0).unsqueeze(1)
+    return (sumsq.double().clamp_min(0.0) / n).sqrt().float()
 
 
 # --------------------------------------------------------------------------- depth (sec 3.4)

@@ -15,6 +15,7 @@ Calibration step k covers global samples [k*mbs*dp, (k+1)*mbs*dp) of the train s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -53,7 +54,8 @@ class StatsConfig:
     # peak extra memory about 5 x chunk x vocab/tp x 4 bytes instead of that per token
     depth_chunk_tokens: int = 1024
     # what to collect: Mamba x / z / y, flap, ffn (after the activation), ffn_pre (before it,
-    # eq. 26), attn, hidden, cosine, kl (depth)
+    # eq. 26), attn, hidden, cosine, kl (depth), moe (E layers: routed-expert scores, expert
+    # FFN and shared-expert neurons)
     sources: list[str] = field(default_factory=lambda: list(ALL_SOURCES))
     save_interval: int = 16  # calibration steps between partial-state saves (0 = never)
     resume: bool = True  # continue from <output_dir>/partial when it matches this run
@@ -278,6 +280,18 @@ def build_importance(red: dict[str, torch.Tensor], model_cfg: ModelConfig, sourc
         elif kind == "*" and "attn" in sources:
             entry["attn"] = S.attention_head_scores(S.finalize(red[p + "attn"]),
                                                     model_cfg.num_attention_heads)
+        elif kind == "E" and "moe" in sources:
+            try:
+                entry["experts"] = S.expert_scores(red[p + "moe_mass"], red[p + "moe_freq"],
+                                                   red[p + "moe_out"], red[p + "moe_seen"])
+                copies = int(S.token_multiplicity(red[p + "moe_seen"], red[p + "moe_freq"]))
+            except ValueError as e:
+                raise RuntimeError(f"internal: layer {gid} expert statistics: {e}") from None
+            # 1, or the TP size without sequence parallelism (the same in every layer)
+            meta["moe_token_copies"] = max(meta.get("moe_token_copies", 1), copies)
+            entry["expert_ffn"] = S.expert_ffn_scores(red[p + "moe_ffn"], red[p + "moe_seen"])
+            if model_cfg.moe_shared_expert_intermediate_size:
+                entry["shared_ffn"] = S.ffn_neuron_scores(S.finalize(red[p + "shared_ffn"]))
         if "hidden" in sources:
             readers.append(S.finalize(red[p + "hidden"]))
         layers[gid] = entry
@@ -333,6 +347,12 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
     from ..train.engine import runtime_for
 
     rt = runtime_for(cfg.parallel, training=False)  # sequence parallel; no fused Mamba path
+    if "moe" in cfg.sources and model_cfg.is_moe and rt.moe_grouped_gemm:
+        # the expert hooks read each local expert of megatron's SequentialMLP; grouped-GEMM
+        # experts (TE, GPU) load the same checkpoint keys, so stats runs them sequentially
+        D.print0("[stats] MoE experts run as SequentialMLP for the expert statistics "
+                 "(parallel.moe_grouped_gemm ignored here)")
+        rt = dataclasses.replace(rt, moe_grouped_gemm=False)
     model = build_model(model_cfg, par, initialize=False, runtime=rt)  # weights loaded next
     ckpt_dir = ckpt.require(cfg.checkpoint)  # the iteration folder actually loaded
     meta_ckpt = ckpt.load_model_weights(ckpt_dir, model)
@@ -342,7 +362,8 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
     n_local = len(model.decoder.layers)
     sources = list(dict.fromkeys(cfg.sources))
     col = StatsCollector(model, model_cfg, par.tp, offset, [s for s in sources if s != "kl"],
-                         device=par.device, sp_group=par.pg.tp if rt.sequence_parallel else None)
+                         device=par.device, sp_group=par.pg.tp if rt.sequence_parallel else None,
+                         expt_tp_group=par.pg.expt_tp if model_cfg.is_moe else None)
     want_kl = "kl" in sources and cfg.depth_samples > 0
     L = model_cfg.num_layers
     if want_kl and par.is_last_stage:
@@ -424,7 +445,7 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
     from .reduce import reduce_all
 
     weights = out_proj_col_sq(model, offset, col.kinds) if "flap" in sources else {}
-    red = reduce_all(col.acc, par.pg.dp, par.pg.tp, par.pg.pp, weights)
+    red = reduce_all(col.acc, par.pg.dp, par.pg.tp, par.pg.pp, weights, **par.expert_groups())
     done = int(round(float(red["samples"])))
     summary: dict = {"stage": "stats", "complete": True}
     if D.is_rank0():
@@ -439,7 +460,11 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
             "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
             "data": {"prefix": cfg.data.prefix, "split": cfg.data.split, "seed": cfg.data.seed},
             "aggregation": "mean |a| over sequence, L2 over samples (fp32); FLAP: ||W_out[:,j]||^2 "
-                           "x unbiased Var(y_j) over tokens; depth: mean over tokens",
+                           "x unbiased Var(y_j) over tokens; depth: mean over tokens; routed "
+                           "experts: out = sum over routed tokens of ||p * expert(x)||_2 (hidden "
+                           "width), mass = sum of p, freq = assignments (p: routing weight after "
+                           "top-k normalisation and scaling); expert_ffn = sqrt(mean over routed "
+                           "tokens of (p * activation)^2); shared_ffn as ffn",
         }
         imp = build_importance(red, model_cfg, sources, meta)
         imp.save(out / "importance.pt")
@@ -447,8 +472,15 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
 
         plot = plot_layer_importance(imp.depth, model_cfg.pattern, out / "layer_importance.png",
                                      title=f"{model_cfg.pattern}  ({done} samples)")
+        from .plot import plot_expert_importance
+
+        expert_plot = plot_expert_importance(imp.layers, model_cfg.pattern, out / "expert_importance.png",
+                                             score=DEFAULT_EXPERT_SCORE,
+                                             title=f"routed experts  ({done} samples)")
         summary.update(_summary(imp, model_cfg, out, plot, loop_s, time.time() - t_start,
                                 steps - start, per_step))
+        if summary["experts"]:
+            summary["expert_plot"] = str(expert_plot) if expert_plot else None
         # timing of this rank's loop: the first step (warm-up allocations) apart, and CPU time
         steady = steps - start - 1
         summary.update(collect_cpu_seconds_rank0=loop_cpu, first_step_seconds=first_s,
@@ -481,7 +513,33 @@ def _summary(imp: ImportanceFile, model_cfg, out: Path, plot, loop_s, total_s, s
         "layers": [{"layer": i, "type": pattern[i], "kl": kl[i], "cosine": cos[i]}
                    for i in range(len(pattern))],
         "least_important_by_kl": order,
+        "experts": _expert_summary(imp, pattern),
     }
+
+
+# the expert score a plan would rank by when not told otherwise (see README, "MoE importance"):
+# `out` weighs how often an expert is chosen, with what weight, and how much its output
+# moves the layer (the first-order change of the layer output if it were removed); `mass`
+# ignores the output's size, `freq` also the routing weights
+DEFAULT_EXPERT_SCORE = "out"
+
+
+def _expert_summary(imp: ImportanceFile, pattern: str) -> list[dict]:
+    """Per E layer with expert scores: the experts from least to most important by the
+    default score, and each score's share of the layer total per expert (global order)."""
+    rows = []
+    for i, t in enumerate(pattern):
+        ex = imp.layers.get(i, {}).get("experts")
+        if t != "E" or not ex:
+            continue
+        s = ex[DEFAULT_EXPERT_SCORE].double()
+        rows.append({
+            "layer": i, "assignments": int(round(float(ex["freq"].double().sum()))),
+            f"least_important_by_{DEFAULT_EXPERT_SCORE}": sorted(range(len(s)), key=lambda j: (float(s[j]), j)),
+            **{f"{k}_share": [round(float(v), 6) for v in ex[k].double() / ex[k].double().sum().clamp_min(1e-30)]
+               for k in ("out", "mass", "freq")},
+        })
+    return rows
 
 
 def _print_summary(s: dict) -> None:
@@ -492,5 +550,11 @@ def _print_summary(s: dict) -> None:
         D.print0(f"[stats] {r['layer']:5d}  {r['type']}   {r['kl']:14.6g}  {r['cosine']:9.4g}")
     if s["least_important_by_kl"]:
         D.print0(f"[stats] least important layers by KL: {s['least_important_by_kl']}")
+    for r in s.get("experts", []):
+        order = r[f"least_important_by_{DEFAULT_EXPERT_SCORE}"]
+        f = r["freq_share"]
+        D.print0(f"[stats] E layer {r['layer']}: {r['assignments']} token assignments, per-expert share "
+                 f"{min(f):.3g}..{max(f):.3g}; least important by {DEFAULT_EXPERT_SCORE}: {order[:8]}"
+                 + (" ..." if len(order) > 8 else ""))
     if s["plot"] is None:
         D.print0("[stats] (no plot: matplotlib is not installed)")

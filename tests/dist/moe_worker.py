@@ -11,7 +11,12 @@ compares what they write):
                     steps from the teacher's weights, stats, eval, distill, search (EP=2); the teacher
                     (saved at EP=1) and the EP=2-trained checkpoint loaded at other layouts
                     (logits); prune written at EP=2 (the depth plan), then loaded at EP=1.
-  par4 (4 processes): TP=2 x EP=2: pretrain steps, a KD, the teacher's logits.
+  par4 (4 processes): TP=2 x EP=2: pretrain steps, a KD, the teacher's logits, stats.
+Stats run at TP=EP=1 (ref), EP=2, EP=1 (DP=2), TP=2 with and without sequence parallelism,
+PP=2 (par) and TP=2 x EP=2 (par4). The MoE importance oracle (moe_stats_oracle.py: transformers
+only): two transformers NemotronH MoE models (plain, latent) are built and imported in ref,
+their stats run at TP1 (ref) and EP2 (par), and the oracle recomputes every expert score by
+brute force from the transformers modules on the same calibration tokens (ref).
 Results go to WORKDIR/*.json and *.pt; runs write their own summary.json.
 """
 
@@ -22,9 +27,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_minitron import dist as D
-from megatron_minitron.config import (DataConfig, EvalConfig, ModelConfig, ParallelConfig,
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_minitron import dist as D  # noqa: E402
+from megatron_minitron.config import (DataConfig, EvalConfig, ModelConfig, ParallelConfig,  # noqa: E402
                                       PretrainConfig, TrainConfig)
+from tests.dist import moe_stats_oracle as O  # noqa: E402  (torch and transformers only)
 
 TEACHER = ModelConfig(
     pattern="ME*EM-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=4,
@@ -88,6 +96,38 @@ def stats_cfg(work: Path, name: str, pc: ParallelConfig):
     return StatsConfig(checkpoint=str(work / "teacher"), output_dir=str(work / name), parallel=pc,
                        data=data_cfg(work), samples=8, micro_batch_size=2, depth_samples=4,
                        save_interval=0)
+
+
+HF_SEQ = 32  # the HF oracle models' calibration length
+
+
+def hf_stats_cfg(work: Path, variant: str, layout: str, pc: ParallelConfig):
+    from megatron_minitron.importance.stage import StatsConfig
+
+    return StatsConfig(checkpoint=str(work / f"hfmoe_{variant}" / "imp"),
+                       output_dir=str(work / f"hfmoe_{variant}" / f"stats_{layout}"), parallel=pc,
+                       data=data_cfg(work), samples=8, micro_batch_size=2, seq_length=HF_SEQ,
+                       depth_samples=0, sources=["hidden", "moe"], save_interval=0)
+
+
+def hf_oracle_ref(work: Path) -> None:
+    """Build and import the transformers MoE models, stats at TP1, the oracle's scores on the
+    calibration samples the stats stage reads (its first `samples` train samples)."""
+    from megatron_minitron.data.stage_data import datasets
+    from megatron_minitron.hf.mapping import EXPORT_TIME_STEP_MIN
+    from megatron_minitron.hf.stage import ImportHFConfig, run_import_hf
+    from megatron_minitron.importance.stage import run_stats
+
+    for variant in O.VARIANTS:
+        wd = work / f"hfmoe_{variant}"
+        model = O.build(variant, EXPORT_TIME_STEP_MIN)
+        model.save_pretrained(wd / "hf")
+        run_import_hf(ImportHFConfig(hf_dir=str(wd / "hf"), output_dir=str(wd / "imp")))
+        cfg = hf_stats_cfg(work, variant, "tp1", ParallelConfig())
+        run_stats(cfg)
+        train_ds = datasets(cfg.data, HF_SEQ, None, 1)[0]
+        toks = torch.stack([torch.as_tensor(train_ds[i]["tokens"]).long() for i in range(cfg.samples)])
+        torch.save(O.expert_scores(model, toks), wd / "oracle.pt")
 
 
 def distill_cfg(work: Path, name: str, student: str, pc: ParallelConfig):
@@ -174,6 +214,7 @@ def ref(work: Path) -> None:
                              output_dir=str(work / "eval_ref"), eval_iters=2, micro_batch_size=2))
     (work / "ref.json").write_text(json.dumps({"eval": ev["loss"]}))
     D.shutdown()
+    hf_oracle_ref(work)
 
 
 def global_tensors(path: Path) -> dict:
@@ -210,6 +251,12 @@ def par(work: Path) -> None:
         run_stats(stats_cfg(work, f"stats_{name}", pc))
         for student in ("moe_student", "dense_student"):
             run_distill(distill_cfg(work, f"kd_{student}_{name}", student, pc))
+    # TP=2 without sequence parallelism: every TP rank holds the whole sequence, the experts
+    # see each token once per TP rank (the stats divide that out)
+    run_stats(stats_cfg(work, "stats_tp2nosp", ParallelConfig(tp=2)))
+    run_stats(stats_cfg(work, "stats_pp2", ParallelConfig(pp=2)))  # E layers 1 and 3 on two stages
+    for variant in O.VARIANTS:
+        run_stats(hf_stats_cfg(work, variant, "ep2", layouts["ep2"]))
     # the weights after 3 Adam steps: equal gradients at every layout give equal weights
     a = global_tensors(work / "ft_ep1")
     diffs = {}
@@ -241,6 +288,7 @@ def par4(work: Path) -> None:
     """4 processes: TP=2 x EP=2 (sequence parallel; DP=2): pretrain steps, a KD, the teacher's
     logits; compared with EP=1 at DP=2 and with one process."""
     from megatron_minitron.distill.stage import run_distill
+    from megatron_minitron.importance.stage import run_stats
     from megatron_minitron.train.pretrain import run_pretrain
 
     pc = ParallelConfig(tp=2, ep=2, sequence_parallel=True)
@@ -251,6 +299,7 @@ def par4(work: Path) -> None:
     logits = logits_of(work, work / "teacher", pc)
     if D.is_rank0():
         torch.save(logits, work / "logits_tp2ep2.pt")
+    run_stats(stats_cfg(work, "stats_tp2ep2", pc))
     D.shutdown()
 
 

@@ -32,6 +32,7 @@ LOGIT_ATOL = 1e-5
 # stats: relative to each score's scale, observed <= 1e-6
 STATS_RTOL = 1e-4
 LAYOUTS = ("ep1", "ep2", "tp2")
+TEACHER_TOPK = 2
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +105,22 @@ def test_eval_and_distill_losses_equal_across_layouts(wd):
             assert abs(runs[name]["student_val_after"] - runs[same_dp[name]]["student_val_after"]) < LOSS_ATOL
 
 
+# every stats layout: EP=1 (DP=2), EP=2, TP=2 with sequence parallelism (par), TP=2 without
+# it (par: the experts see each token once per TP rank), PP=2 (par), TP=2 x EP=2 (par4)
+STATS_LAYOUTS = LAYOUTS + ("tp2nosp", "pp2", "tp2ep2")
+MOE_SCORES = ("out", "mass", "freq")
+
+
+def _moe_entries(imp):
+    return {i: e for i, e in imp.layers.items() if imp.model.pattern.replace("|", "")[i] == "E"}
+
+
 def test_stats_equal_across_layouts_and_one_process(wd):
     from megatron_minitron.importance.io import ImportanceFile
 
     ref = ImportanceFile.load(wd / "stats_ref" / "importance.pt")
     assert torch.isfinite(ref.hidden).all()
-    for name in LAYOUTS:
+    for name in STATS_LAYOUTS:
         imp = ImportanceFile.load(wd / f"stats_{name}" / "importance.pt")
         scale = ref.hidden.abs().max()
         assert (imp.hidden - ref.hidden).abs().max() <= STATS_RTOL * scale, name
@@ -119,6 +130,85 @@ def test_stats_equal_across_layouts_and_one_process(wd):
         for i, e in ref.layers.items():
             for k, v in e.get("mamba", {}).items():
                 assert torch.allclose(imp.layers[i]["mamba"][k], v, rtol=STATS_RTOL, atol=1e-7), (name, i, k)
+        # MoE layers: per-expert scores in global expert order, expert FFN and shared-expert
+        # neurons (observed <= 1e-7 relative to each tensor's max; assignments exactly equal)
+        # without sequence parallelism each token reached the experts once per TP rank
+        assert imp.meta["moe_token_copies"] == (2 if name == "tp2nosp" else 1), (name, imp.meta)
+        for i, e in _moe_entries(ref).items():
+            got = imp.layers[i]
+            assert torch.equal(got["experts"]["freq"], e["experts"]["freq"]), (name, i)
+            for k in MOE_SCORES:
+                a, b = got["experts"][k], e["experts"][k]
+                assert (a - b).abs().max() <= STATS_RTOL * b.abs().max(), (name, i, k, a, b)
+            for k in ("expert_ffn", "shared_ffn"):
+                a, b = got[k], e[k]
+                assert a.shape == b.shape and (a - b).abs().max() <= STATS_RTOL * b.abs().max(), (name, i, k)
+
+
+def test_moe_stats_are_not_trivial(wd):
+    """The parity above is not vacuous: the teacher's E layers use their experts unevenly
+    (layer 3 leaves one unused: its scores are 0 at every layout), the three expert scores
+    rank differently, and freq sums to tokens x top-k."""
+    from megatron_minitron.importance.io import ImportanceFile
+
+    ref = ImportanceFile.load(wd / "stats_ref" / "importance.pt")
+    entries = _moe_entries(ref)
+    assert sorted(entries) == [1, 3]
+    tokens = 8 * ref.meta["seq_length"]
+    for i, e in entries.items():
+        ex = e["experts"]
+        assert float(ex["freq"].sum()) == tokens * TEACHER_TOPK, i
+        used = ex["freq"] > 0
+        assert used.sum() >= 6 and ex["freq"].max() > 2 * ex["freq"][used].min(), (i, ex["freq"])
+        for k in MOE_SCORES:  # an expert never chosen scores 0, the others > 0
+            assert torch.equal(ex[k] > 0, used), (i, k)
+        orders = {k: ex[k].argsort().tolist() for k in MOE_SCORES}
+        assert orders["out"] != orders["freq"] or orders["mass"] != orders["freq"], (i, orders)
+        assert e["expert_ffn"].shape == (8, 32) and torch.equal((e["expert_ffn"] > 0).any(1), used)
+        # squared ReLU leaves a few shared-expert neurons dead (exactly 0) after training
+        assert e["shared_ffn"].shape == (48,) and (e["shared_ffn"] > 0).sum() >= 40
+    s = _summary(wd, "stats_ref")
+    assert [r["layer"] for r in s["experts"]] == [1, 3]
+    assert sorted(s["experts"][0]["least_important_by_out"]) == list(range(8))
+
+
+HF_VARIANTS = ("plain", "latent")
+# the transformers oracle vs our stats (fp32 model, float64 brute force): observed <= 3e-7
+# relative to each tensor's max at TP1 and EP2; assignments exactly equal
+ORACLE_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+@pytest.mark.parametrize("layout", ["tp1", "ep2"])
+def test_expert_scores_match_transformers_oracle(wd, variant, layout):
+    """A transformers NemotronH MoE model (random weights and correction bias; latent MoE in
+    one variant) imported with import-hf: our stats at TP1 and EP2 equal a brute-force
+    recomputation from the transformers modules (moe_stats_oracle.py) on the same tokens."""
+    from megatron_minitron.importance.io import ImportanceFile
+
+    oracle = torch.load(wd / f"hfmoe_{variant}" / "oracle.pt")
+    assert oracle["_check"] < 1e-4  # the brute force is the experts module's function
+    assert oracle["_bias_changed"] > 0  # the correction bias moves some choices
+    imp = ImportanceFile.load(wd / f"hfmoe_{variant}" / f"stats_{layout}" / "importance.pt")
+    assert imp.meta["layout"]["ep"] == (2 if layout == "ep2" else 1)
+    assert sorted(_moe_entries(imp)) == [i for i in oracle if isinstance(i, int)] == [1, 3]
+    for i, e in _moe_entries(imp).items():
+        o = oracle[i]
+        assert torch.equal(e["experts"]["freq"].double(), o["freq"]), (i, e["experts"]["freq"], o["freq"])
+        got = {**e["experts"], "expert_ffn": e["expert_ffn"], "shared_ffn": e["shared_ffn"]}
+        for k, want in o.items():
+            a = got[k].double()
+            assert a.shape == want.shape and (a - want).abs().max() <= ORACLE_RTOL * want.abs().max(), \
+                (variant, layout, i, k, a, want)
+
+
+def test_moe_oracle_shares_no_code_with_the_project():
+    import ast
+
+    tree = ast.parse(Path(__file__).with_name("moe_stats_oracle.py").read_text())
+    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert mods <= {"__future__", "torch", "transformers"}, mods
 
 
 def test_checkpoints_load_at_any_layout(wd):

@@ -123,6 +123,70 @@ def test_hooks_leave_outputs_unchanged_and_are_removed(par, batch):
     assert all(torch.equal(snap[k], v) for k, v in col.acc.items())  # nothing left attached
 
 
+MOE = dataclasses.replace(
+    SMALL, pattern="ME*E-", num_moe_experts=8, moe_ffn_hidden_size=32, moe_router_topk=2,
+    moe_shared_expert_intermediate_size=48, moe_router_topk_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("latent", [0, 24])
+def test_moe_accumulators_match_direct_computation(par, batch, latent):
+    """E layers: the router's mass / freq, each expert's routing-weighted output norm (in the
+    hidden width: through fc2_latent_proj in latent MoE), the expert-FFN sums of squares and
+    the shared expert's FFN aggregate, against a recomputation from the captured router
+    output, the layer's normed input and the expert weights (one token at a time, fp64)."""
+    cfg = dataclasses.replace(MOE, moe_latent_size=latent)
+    torch.manual_seed(3)
+    model = build_model(cfg, par).eval()
+    raw = {}
+    layer = model.decoder.layers[1]
+    with torch.no_grad():  # spread routing, and a correction bias that changes some choices
+        layer.mlp.router.weight.normal_(0.0, 0.3)
+        layer.mlp.router.expert_bias.copy_(0.05 * torch.randn(cfg.num_moe_experts))
+    hs = [layer.pre_mlp_layernorm.register_forward_hook(lambda m, a, o: raw.update(x=o.detach().clone())),
+          layer.mlp.router.register_forward_hook(lambda m, a, o: raw.update(probs=o[0].detach().clone(),
+                                                                             map=o[1].detach().clone())),
+          layer.mlp.shared_experts.linear_fc2.register_forward_pre_hook(
+              lambda m, a: raw.update(shared=a[0].detach().clone()))]
+    col = StatsCollector(model, cfg, tp=1, layer_offset=0)
+    with col:
+        ref_logits = logits(model, batch)
+    for h in hs:
+        h.remove()
+    acc = col.acc
+    probs, chosen = raw["probs"].double(), raw["map"]
+    assert chosen.sum(1).eq(2).all() and probs[~chosen].eq(0).all()
+    x = raw["x"].double().reshape(-1, cfg.hidden_size)  # [tokens, hidden], tokens s-major
+    mlp = layer.mlp
+    if latent:
+        x = x @ mlp.fc1_latent_proj.weight.double().T
+    n = cfg.num_moe_experts
+    out, seen = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    ffn = torch.zeros(n, cfg.moe_ffn_hidden_size, dtype=torch.float64)
+    for e, ex in enumerate(mlp.experts.local_experts):
+        w1, w2 = ex.linear_fc1.weight.double(), ex.linear_fc2.weight.double()
+        for t in chosen[:, e].nonzero().flatten().tolist():
+            a = torch.relu(x[t] @ w1.T) ** 2 * probs[t, e]  # squared ReLU, times the routing weight
+            y = a @ w2.T
+            if latent:
+                y = y @ mlp.fc2_latent_proj.weight.double().T
+            out[e] += y.norm()
+            ffn[e] += a * a
+            seen[e] += 1
+    torch.testing.assert_close(acc["L1.moe_mass"], (probs * chosen).sum(0))
+    torch.testing.assert_close(acc["L1.moe_freq"], chosen.sum(0).double())
+    assert torch.equal(acc["L1.moe_seen"], seen) and seen.gt(0).sum() >= 6
+    torch.testing.assert_close(acc["L1.moe_out"], out, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(acc["L1.moe_ffn"], ffn, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(acc["L1.shared_ffn"], direct(raw["shared"]), rtol=1e-5, atol=1e-7)
+    # the score-correction bias decides: some token's choice is not its top-2 routing scores
+    scores = torch.sigmoid(raw["x"].double().reshape(-1, cfg.hidden_size) @ mlp.router.weight.double().T)
+    assert (scores.topk(2, dim=1).indices.sort(1).values
+            != chosen.double().topk(2, dim=1).indices.sort(1).values).any()
+    # both E layers collected, hooks left the function alone
+    assert acc["L3.moe_freq"].sum() == 2 * B * SEQ
+    torch.testing.assert_close(logits(model, batch), ref_logits, rtol=0, atol=0)
+
+
 def test_fused_norm_recomputation_matches_the_norm_module(par, batch):
     """The TE-spec path (norm fused into in_proj / linear_qkv / linear_fc1) recomputes the
     RMSNorm from the fused linear's input: it must equal the local spec's norm module."""
@@ -224,3 +288,35 @@ def test_bad_input_fails_before_any_work(tmp_path, real_data):
         validate(StatsConfig(checkpoint=gpt, data=data))
     with pytest.raises(ConfigError, match="parallel.tp"):
         validate(StatsConfig(checkpoint=good, data=data, parallel=ParallelConfig(tp=3)))
+
+
+def test_importance_file_checks_moe_entries(tmp_path):
+    """An E layer's expert scores load with the shapes of the interface; a wrong shape, or
+    shared-expert scores for a model without one, is refused when the file is read."""
+    from megatron_minitron.importance.io import ImportanceFile
+
+    n, f, sh = MOE.num_moe_experts, MOE.moe_ffn_hidden_size, MOE.moe_shared_expert_intermediate_size
+
+    def entry(**over):
+        e = {"experts": {k: torch.rand(n) for k in ("out", "mass", "freq")},
+             "expert_ffn": torch.rand(n, f), "shared_ffn": torch.rand(sh)}
+        e.update(over)
+        return e
+
+    def save(model, e):
+        base = ImportanceFile.random(dataclasses.replace(model, pattern="M-*-"), torch.Generator().manual_seed(0))
+        layers = {0: base.layers[0], 1: e, 2: base.layers[2], 3: e, 4: base.layers[3]}
+        ImportanceFile(model=model, layers=layers, hidden=torch.rand(model.hidden_size),
+                       depth={"kl": torch.rand(5), "cosine": torch.rand(5)}).save(tmp_path / "i.pt")
+        return tmp_path / "i.pt"
+
+    model = dataclasses.replace(MOE, pattern="ME*E-")
+    got = ImportanceFile.load(save(model, entry()))
+    assert got.layers[1]["expert_ffn"].shape == (n, f)
+    with pytest.raises(ConfigError, match=r"layer 1 expert_ffn should be a float tensor of shape \(8, 32\)"):
+        ImportanceFile.load(save(model, entry(expert_ffn=torch.rand(f, n))))
+    with pytest.raises(ConfigError, match="experts.mass"):
+        ImportanceFile.load(save(model, entry(experts={"out": torch.rand(n), "mass": torch.rand(n + 1)})))
+    no_shared = dataclasses.replace(model, moe_shared_expert_intermediate_size=0)
+    with pytest.raises(ConfigError, match="no shared expert"):
+        ImportanceFile.load(save(no_shared, entry()))

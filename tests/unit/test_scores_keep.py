@@ -200,6 +200,59 @@ def test_ffn_attention_embedding_scores():
         S.attention_head_scores(torch.ones(3, 4), 4)
 
 
+# ----------------------------------------------------------------------------- MoE
+
+
+def test_router_increment_and_segment_sum():
+    probs = torch.tensor([[0.7, 0.0, 0.3], [0.0, 0.4, 0.6], [0.9, 0.1, 0.0]])
+    chosen = probs > 0
+    mass, freq = S.router_increment(probs, chosen)
+    _close(mass, [1.6, 0.5, 0.9])
+    _close(freq, [2, 2, 2])
+    assert mass.dtype == freq.dtype == torch.float64
+    # a weight outside the choice is not counted
+    mass2, _ = S.router_increment(probs + 1.0, chosen)
+    _close(mass2, [3.6, 2.5, 2.9])
+    v = torch.arange(10, dtype=torch.float32).reshape(5, 2)
+    _close(S.segment_sum(v, [2, 0, 3]), [[2, 4], [0, 0], [18, 21]])
+    _close(S.segment_sum(v[:, 0], torch.tensor([1, 4])), [0, 20])
+    with pytest.raises(ValueError, match="add up"):
+        S.segment_sum(v, [2, 2])
+    with pytest.raises(ValueError, match="tokens, experts"):
+        S.router_increment(probs, chosen[:2])
+
+
+def test_expert_scores_divide_out_token_copies():
+    mass, freq = torch.tensor([1.5, 0.0, 2.0]), torch.tensor([3.0, 0.0, 4.0])
+    out = torch.tensor([6.0, 0.0, 10.0])
+    one = S.expert_scores(mass, freq, out, freq)
+    _close(one["out"], out)
+    _close(one["mass"], mass)
+    _close(one["freq"], freq)
+    # TP=2 without sequence parallelism: the experts saw every token twice
+    two = S.expert_scores(mass, freq, 2 * out, 2 * freq)
+    for k in one:
+        _close(two[k], one[k])
+        assert two[k].dtype == torch.float32
+    with pytest.raises(ValueError, match="one multiple"):
+        S.expert_scores(mass, freq, out, torch.tensor([3.0, 0.0, 8.0]))
+    with pytest.raises(ValueError, match="not given"):
+        S.expert_scores(mass, freq, out, torch.tensor([3.0, 1.0, 4.0]))
+
+
+def test_expert_ffn_scores_are_rms_over_routed_tokens():
+    g = _g(21)
+    a = [torch.rand(n, 4, generator=g) for n in (5, 0, 2)]  # tokens routed to each expert
+    sumsq = torch.stack([t.double().pow(2).sum(0) for t in a])
+    seen = torch.tensor([5.0, 0.0, 2.0])
+    ref = [[math.sqrt(sum(float(t[i, j]) ** 2 for i in range(t.shape[0])) / max(t.shape[0], 1))
+            for j in range(4)] for t in a]
+    _close(S.expert_ffn_scores(sumsq, seen), ref)
+    _close(S.expert_ffn_scores(3 * sumsq, 3 * seen), ref)  # token copies divide out
+    with pytest.raises(ValueError):
+        S.expert_ffn_scores(sumsq, seen[:2])
+
+
 # ----------------------------------------------------------------------------- depth
 
 
