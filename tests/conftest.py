@@ -61,3 +61,16 @@ def launch(script: Path, args: list, nproc: int = 1, timeout: int = 600) -> subp
 def write_data_json(workdir: Path, real_data: dict) -> None:
     (workdir / "data.json").write_text(json.dumps({"prefix": real_data["prefix"],
                                                    "tokenizer": real_data["tokenizer"]}))
+
+
+def cli_refuses(argv, capsys) -> str:
+    """The CLI (`megatron_minitron.__main__.main`) in this process must refuse: exit 2 with
+    exactly one `error: ...` line on stderr and no traceback; returns that line."""
+    from megatron_minitron import __main__ as cli
+
+    capsys.readouterr()
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (argv, rc, err)
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err

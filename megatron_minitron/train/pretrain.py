@@ -160,8 +160,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         # already trained (the teacher is reused): keep the record of the run that trained it
         summary = dict(json.loads(prev.read_text()), val_loss=last_val, val_ppl=math.exp(last_val),
                        reused=True, checkpoint=summary["checkpoint"])
+    D.barrier()  # every rank has read the previous summary before rank 0 replaces it
     if D.is_rank0():
-        prev.write_text(json.dumps(summary, indent=2))
+        ckpt._write_json_atomic(prev, summary)
         metrics.close()
         if writer is not None:
             writer.close()

@@ -16,7 +16,7 @@ from megatron_minitron import __main__ as cli
 from megatron_minitron.resources import estimate as E
 from megatron_minitron.resources import table as T
 from megatron_minitron.stages import available
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_refuses
 
 BIG = sorted(p.name for p in (REPO / "configs").glob("*.yaml")
              if "nemotron_h_8b" in p.name or "nemotron_3_nano" in p.name or "nemotron_h_4b" in p.name)
@@ -54,14 +54,7 @@ def ok(argv, capsys) -> str:
     return out
 
 
-def refused(argv, capsys) -> str:
-    """The CLI in this process: exit 2 with exactly one line on stderr."""
-    capsys.readouterr()
-    rc = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, (argv, rc, err)
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+refused = cli_refuses  # one `error:` line, exit 2
 
 
 # ----------------------------------------------------------------------------- fresh clone

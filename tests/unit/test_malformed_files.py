@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_minitron import __main__ as cli
 from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_minitron.importance.io import ImportanceFile
 from megatron_minitron.plan.targets import TargetConfig, make_plan
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, cli_refuses, child_env
 
 TINY = ModelConfig(pattern="M-*-", hidden_size=32, ffn_hidden_size=64, mamba_num_heads=4,
                    mamba_head_dim=8, mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16,
@@ -54,14 +53,7 @@ def good(tmp_path_factory):
     return {"wd": wd, "it": it}
 
 
-def run(argv, capsys) -> str:
-    """The CLI in this process: must refuse (exit 2) with exactly one line on stderr."""
-    capsys.readouterr()
-    rc = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, (argv, rc, err)
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+run = cli_refuses  # one `error:` line, exit 2
 
 
 def damaged(src: Path, dst: Path, how: str) -> Path:
