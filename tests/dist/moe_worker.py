@@ -295,6 +295,9 @@ def par4(work: Path) -> None:
     D.init(pc, seed=1)
     run_pretrain(PretrainConfig(output_dir=str(work / "ft_tp2ep2"), model=TEACHER, data=data_cfg(work),
                                 parallel=pc, train=TRAIN, init_from=str(work / "teacher"), resume=False))
+    # again: already trained, so reused (every rank reads the summary rank 0 then rewrites)
+    run_pretrain(PretrainConfig(output_dir=str(work / "ft_tp2ep2"), model=TEACHER, data=data_cfg(work),
+                                parallel=pc, train=TRAIN))
     run_distill(distill_cfg(work, "kd_moe_student_tp2ep2", "moe_student", pc))
     logits = logits_of(work, work / "teacher", pc)
     if D.is_rank0():

@@ -268,6 +268,7 @@ def test_tp2_x_ep2_equals_ep1(wd):
     assert (torch.load(wd / "logits_tp2ep2.pt") - ref["full"]).abs().max() < LOGIT_ATOL
     s = _summary(wd, "ft_tp2ep2")
     assert s["layout"] == {"tp": 2, "pp": 1, "ep": 2, "dp": 2}
+    assert s["reused"] is True  # the second run found it trained and kept its record
     _close(_summary(wd, "ft_ep1")["losses"], s["losses"], TP_PRETRAIN_ATOL)
     a, b = _summary(wd, "kd_moe_student_ep1"), _summary(wd, "kd_moe_student_tp2ep2")
     for key in ("loss", "kd", "ce"):
