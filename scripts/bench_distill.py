@@ -1,23 +1,37 @@
 #!/usr/bin/env python
 """Distillation overhead, measured side by side in one run:
 
-  1. step time of one distillation step (teacher forward + student forward + KD loss +
-     backward + optimizer, through megatron's schedule exactly as the distill stage runs it)
-     divided by [one student training step with the LM cross-entropy + one teacher forward]
-     on the same micro-batches. Target <= 1.15.
-  2. peak memory of a KD step / a CE step (megatron's vocab-parallel cross entropy), bf16
-     logits from an output layer, teacher logits counted, at the largest sequence x
-     vocabulary this machine allows (scripts/bench_kd_memory.py, in subprocesses).
-     Target <= 1.5. The real case is 8192 x 131072.
+  1. step time of one distillation step divided by [one student training step with the LM
+     cross-entropy + one teacher forward] on the same micro-batches, in this process, on
+     the same threads. Target <= 1.15.
+       distill step = teacher forward (no grad) + student forward + KD loss + backward +
+                      optimizer step, through megatron's schedule exactly as the distill
+                      stage runs it;
+       student step = student forward + megatron's vocab-parallel cross entropy + backward
+                      + optimizer step (the same schedule; what pretraining the student
+                      would cost), plus the teacher forward alone (what any KD pays).
+  2. peak memory of one KD step / one CE step (scripts/bench_kd_memory.py, each step in a
+     fresh subprocess, same threads): logits made by an output layer (hidden x vocab
+     weights), bf16 weights / hidden states / logits as users run them, the loss math in
+     fp32 inside the loss. Target <= 1.5.
+       KD step = teacher logits (no grad, counted) + student logits + our chunked forward
+                 KL at --chunk + backward (logits, weight and hidden gradients);
+       CE step = student logits + megatron's tensor_parallel.vocab_parallel_cross_entropy
+                 + backward (what a student training step without a teacher pays).
+     Default: 8192 tokens (the real micro-batch; the chunking bounds the loss's extra memory
+     per 8192 tokens) x 16384 vocab, bf16 only: about a minute. --memory-full: the largest
+     tokens x vocab this machine's memory allows (up to the real 8192 x 131072) in bf16 and
+     fp32: ~15 minutes or more on 2 CPU cores.
 
-    python scripts/bench_distill.py [--seq 256] [--mbs 8] [--micro 2] [--repeats 5]
-                                    [--mem-tokens auto] [--mem-vocab auto] [--skip-memory]
+    python scripts/bench_distill.py [--seq 256] [--mbs 4] [--micro 2] [--repeats 5]
+                                    [--memory-full] [--mem-tokens N] [--mem-vocab N]
+                                    [--skip-memory]
 
-Models: the embedded default teacher (configs/model/tiny_hybrid.yaml) and a pruned-size
-student (hidden 192, FFN 512, 6 Mamba heads; sizes via --teacher-hidden/--student-hidden)
-with random weights (timing does not depend on
-the weights). Each figure is the best (min) of --repeats alternating measurements after a
-warm-up (the median-based ratio is printed as well).
+Models: the embedded default teacher (configs/model/tiny_hybrid.yaml, fp32 as its CPU recipe
+trains it) and a pruned-size student (hidden 192, FFN 512, 6 Mamba heads; sizes via
+--teacher-hidden/--student-hidden) with random weights (timing does not depend on the
+weights). Each step-time figure is the best (min) of --repeats alternating measurements
+after a warm-up (the median-based ratio is printed as well).
 The last line printed is `distill_step_time_ratio <x>`.
 """
 
@@ -35,9 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def memory_ratio(tokens: int, vocab: int) -> float | None:
+def memory_ratio(tokens: int, vocab: int, dtypes: str, chunk: int) -> float | None:
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_kd_memory.py"), "--tokens", str(tokens),
-           "--vocab", str(vocab)]
+           "--vocab", str(vocab), "--dtypes", dtypes, "--chunk", str(chunk)]
     # the child starts its own one-process group: drop the rendezvous variables of ours
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -73,8 +87,11 @@ def main() -> None:
     ap.add_argument("--teacher-hidden", type=int, default=256, help="FFN = 3 x hidden")
     ap.add_argument("--student-hidden", type=int, default=192, help="FFN = 8/3 x hidden")
     ap.add_argument("--chunk", type=int, default=1024, help="KD loss chunk size (tokens)")
-    ap.add_argument("--mem-tokens", default="auto")
-    ap.add_argument("--mem-vocab", default="auto")
+    ap.add_argument("--memory-full", action="store_true",
+                    help="memory at the largest tokens x vocab this machine allows (up to the real 8192 x 131072), "
+                         "bf16 and fp32: ~15 min or more on 2 cores (default: 8192 x 16384, bf16, ~40 s)")
+    ap.add_argument("--mem-tokens", default="", help="memory case tokens (default 8192; auto with --memory-full)")
+    ap.add_argument("--mem-vocab", default="", help="memory case vocab (default 16384; auto with --memory-full)")
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
 
@@ -92,6 +109,7 @@ def main() -> None:
                     ffn_hidden_size=3 * args.teacher_hidden)
     s_cfg = replace(t_cfg, hidden_size=args.student_hidden,
                     ffn_hidden_size=args.student_hidden * 8 // 3, mamba_num_heads=6)
+    t_start = time.perf_counter()
     par = D.init(ParallelConfig(), seed=1)
     train = TrainConfig(steps=1000, global_batch_size=args.mbs * args.micro,
                         micro_batch_size=args.mbs, lr=1e-4, min_lr=1e-5, warmup_steps=1)
@@ -143,21 +161,29 @@ def main() -> None:
     med = statistics.median(dist_t) / (statistics.median(stud_t) + statistics.median(teach_t))
     threads = torch.get_num_threads()
     print(f"models: teacher {t_cfg.pattern} h={t_cfg.hidden_size}, student h={s_cfg.hidden_size}, "
-          f"vocab {t_cfg.vocab_size}; batch {args.micro} x {args.mbs} x {args.seq} tokens; "
-          f"{threads} threads; best of {args.repeats} (median-based ratio {med:.3f})")
-    print(f"distill step {md * 1e3:.1f} ms | student CE step {ms * 1e3:.1f} ms + teacher forward "
-          f"{mt * 1e3:.1f} ms = {(ms + mt) * 1e3:.1f} ms")
+          f"vocab {t_cfg.vocab_size}, {t_cfg.params_dtype}; batch {args.micro} x {args.mbs} x {args.seq} tokens; "
+          f"{threads} threads; best of {args.repeats} (median-based ratio {med:.3f}); "
+          f"step-time part {time.perf_counter() - t_start:.0f} s")
+    print(f"distill step (teacher fwd + student fwd + KD + backward + optimizer) {md * 1e3:.1f} ms | "
+          f"student CE step (fwd + megatron CE + backward + optimizer) {ms * 1e3:.1f} ms + teacher forward "
+          f"{mt * 1e3:.1f} ms = {(ms + mt) * 1e3:.1f} ms", flush=True)
     D.shutdown()
 
     mem = None
     if not args.skip_memory:
-        tokens, vocab = auto_memory_size()
-        tokens = tokens if args.mem_tokens == "auto" else int(args.mem_tokens)
-        vocab = vocab if args.mem_vocab == "auto" else int(args.mem_vocab)
-        print(f"KD loss memory at {tokens} tokens x {vocab} vocab (real case 8192 x 131072):")
-        mem = memory_ratio(tokens, vocab)
+        tokens, vocab = auto_memory_size() if args.memory_full else (8192, 16384)
+        tokens = int(args.mem_tokens) if args.mem_tokens not in ("", "auto") else tokens
+        vocab = int(args.mem_vocab) if args.mem_vocab not in ("", "auto") else vocab
+        dtypes = "bf16,fp32" if args.memory_full else "bf16"
+        print(f"KD step vs CE step peak memory at {tokens} tokens x {vocab} vocab, {dtypes} "
+              f"(real case 8192 x 131072{'' if args.memory_full else '; --memory-full for the largest this machine allows'}):"
+              "\n  KD = teacher logits (no grad) + student logits + chunked forward KL + backward;"
+              " CE = student logits + megatron vocab-parallel CE + backward", flush=True)
+        t0 = time.perf_counter()
+        mem = memory_ratio(tokens, vocab, dtypes, args.chunk)
+        print(f"(memory part {time.perf_counter() - t0:.0f} s)")
     if mem is not None:
-        print(f"kd_vs_megatron_ce_peak_memory_ratio {mem:.3f} (target <= 1.5)")
+        print(f"kd_vs_megatron_ce_peak_memory_ratio {mem:.3f} (bf16; target <= 1.5)")
     print(f"step time: distill / (student step + teacher forward) = {ratio:.3f} (target <= 1.15)")
     print(f"distill_step_time_ratio {ratio:.3f}")
 

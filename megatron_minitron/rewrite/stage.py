@@ -164,17 +164,19 @@ def forward_logits(model, par, tokens: torch.Tensor) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- the rewrite
 
 
-def fill_from_source(model, tensors: list, plan: Plan, src_dir: Path) -> dict:
+def fill_from_source(model, tensors: list, plan: Plan, src_dir: Path, metadata=None) -> dict:
     """Fill every parameter shard of `model` (the pruned model; `tensors` = its expanded
     ShardedTensors, views of its parameters) from the source checkpoint. No collectives:
     each rank reads only the source chunks overlapping the bounding box of the rows/cols
-    its shards keep. Returns byte counts: what was read (boxes) and written."""
+    its shards keep. Returns byte counts: what was read (boxes) and written. metadata:
+    torch_dist.check_files(src_dir) when the caller just ran it (not read twice)."""
     from ..compat import torch_dist
 
     read = written = 0
     filled = {}  # parameter storage -> elements filled: every element must be, exactly once
     rule = rules.Rules(plan)
-    with torch_dist.Reader(src_dir) as src, torch.no_grad():
+    boxes: dict = {}
+    with torch_dist.Reader(src_dir, metadata) as src, torch.no_grad(), torch_dist.OpThreads() as threads:
         for st in tensors:
             data = torch_dist.shard_data(st)  # [1, ...] per expert of a MoE layer
             src_key, idxs = rule(st.key)
@@ -183,8 +185,17 @@ def fill_from_source(model, tensors: list, plan: Plan, src_dir: Path) -> dict:
             src_shape = src.shape(src_key)
             if len(src_shape) != len(idxs):
                 raise ConfigError(f"{src_key}: source is {len(src_shape)}-D, rule has {len(idxs)} dims")
-            lo, box, local = rules.shard_box(idxs, st.global_offset, tuple(data.shape), src_shape)
+            # tensors of one kind share their index tensors (rules.Rules builds each once) and
+            # shapes: their boxes are computed once (a few small tensor ops per dimension)
+            bkey = (tuple(None if ix is None else id(ix) for ix in idxs), tuple(st.global_offset),
+                    tuple(data.shape), src_shape)
+            hit = boxes.get(bkey)
+            if hit is None:
+                hit = boxes[bkey] = (rules.shard_box(idxs, st.global_offset, tuple(data.shape), src_shape),
+                                     idxs)  # idxs: keeps the ids in the key from being reused
+            (lo, box, local), _ = hit
             region = src.read_box(src_key, lo, box, reuse=True)  # consumed before the next read
+            threads.fit(region.numel())  # small gathers on one thread: waking the others costs more
             read += region.numel() * region.element_size()
             rules.take(region, local, out=data)
             written += data.numel() * data.element_size()
@@ -287,7 +298,7 @@ def run_prune(cfg: PruneConfig) -> dict:
     plan = Plan.load(cfg.plan)
     src_cfg = ckpt.read_model_config(src_it)
     validate_plan(cfg, src_cfg, plan.source, plan.target, str(src_it))
-    torch_dist.check_files(src_it)  # a missing / truncated shard or .metadata: refused now
+    src_md = torch_dist.check_files(src_it)  # a missing / truncated shard or .metadata: refused now
     p = _paths(dst)
     if not in_place and _same_path(str(dst), str(src_it)):
         in_place = True
@@ -333,7 +344,7 @@ def run_prune(cfg: PruneConfig) -> dict:
     tensors, objects = mcore.sharded_parts(model)
     t_build = time.time() - t
     t = time.time()
-    io = fill_from_source(model, tensors, plan, src_it)
+    io = fill_from_source(model, tensors, plan, src_it, metadata=src_md)
     t_fill = time.time() - t
     log(f"prune: filled the pruned model ({plan.params_after['total']:,} params) from {src_it} "
         f"in {t_fill:.2f}s")
