@@ -104,6 +104,8 @@ def moe_path(tmp_path_factory):
     return wd, json.loads((wd / "result_generate.json").read_text()), out.stdout
 
 
+# ~2.5 min; its stages at EP=2 are in test_moe_dist.py and test_moe_hf_dist.py (CI)
+@pytest.mark.slow
 def test_moe_path_at_ep2_exports_a_model_that_generates(moe_path):
     wd, res, _ = moe_path
     for stage in ("stats", "distilled"):
