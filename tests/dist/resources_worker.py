@@ -4,9 +4,9 @@ the resource estimator.
     python tests/dist/resources_worker.py OUT.json '{"hidden_size": 128, ...}' MBS NUM_MICRO [MODE]
     torchrun --nproc_per_node 2 tests/dist/resources_worker.py ... train '{"ep": 2}'
 
-One shape per process (ru_maxrss only grows): the growth of the maximum resident set from
-just before the model is built to the end of two optimizer steps (Adam state exists after
-the first) is compared with estimate.training(impl="cpu") for the same layout. MODE stats:
+One shape per process: the growth of the anonymous resident set (RssAnon, sampled every
+millisecond by a thread) from just before the model is built to its peak within two optimizer
+steps (Adam state exists after the first) is compared with estimate.training(impl="cpu") for the same layout. MODE stats:
 the stats stage's calibration loop instead (hooks of every source attached, forward without
 logits, then the depth KL's skip-one-layer forwards in logits chunks; importance/stage.py's
 _run without the data set and checkpoint), two micro-batches, vs estimate.stats. An optional
@@ -17,8 +17,9 @@ counts of the built model beside estimate.local_param_split's.
 """
 
 import json
-import resource
 import sys
+import threading
+import time
 
 import torch
 
@@ -28,8 +29,40 @@ from megatron_minitron.resources import estimate as E
 from megatron_minitron.train.engine import MicroBatches, build_trainable, lm_forward_step, train_step
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class AnonPeak:
+    """Peak growth of the process's anonymous memory while the block runs. Not ru_maxrss: that
+    counts mapped library pages too, which a kernel short of memory (a long CI session filling
+    the page cache) takes back mid-run: it measured 404 MiB there for a shape that measures
+    1109 MiB on a quiet machine."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_anon()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+    @property
+    def growth(self) -> float:
+        return float(self.peak - self.base)
 
 
 def samples(cfg: ModelConfig, n: int) -> list:
@@ -44,12 +77,12 @@ def train(cfg: ModelConfig, pc: ParallelConfig, par, mbs: int, nm: int):
     s = cfg.seq_length
     data = samples(cfg, 4 * mbs * nm * par.dp)
     tr = TrainConfig(steps=10, global_batch_size=mbs * nm * par.dp, micro_batch_size=mbs, warmup_steps=1)
-    base = rss_mib()
-    t = build_trainable(cfg, par, tr, pc)
-    mb = MicroBatches(data, mbs, mbs * nm * par.dp, par.dp, par.dp_rank)
-    for _ in range(2):
-        train_step(t, mb, lm_forward_step, nm, s, mbs)
-    measured = (rss_mib() - base) * 2 ** 20
+    with AnonPeak() as peak:
+        t = build_trainable(cfg, par, tr, pc)
+        mb = MicroBatches(data, mbs, mbs * nm * par.dp, par.dp, par.dp_rank)
+        for _ in range(2):
+            train_step(t, mb, lm_forward_step, nm, s, mbs)
+    measured = peak.growth
     lay = E.Layout(tp=pc.tp, dp=par.dp, ep=pc.ep, micro_batch_size=mbs, num_micro=nm,
                    sequence_parallel=pc.sequence_parallel and pc.tp > 1, distributed_optimizer=False,
                    moe_aux_loss=cfg.is_moe and tr.moe_aux_loss_coeff > 0)
@@ -63,7 +96,7 @@ def stats(cfg: ModelConfig, pc: ParallelConfig, par, mbs: int, chunk: int = 128)
     from megatron_minitron.train.engine import collate, runtime_for
 
     data = samples(cfg, 2 * mbs * par.dp)
-    base = rss_mib()
+    peak = AnonPeak().__enter__()
     # as the stage: built uninitialised (its checkpoint load fills it), here filled in place
     # (CPU initialisation would add a transient full-size master copy of every weight)
     model = build_model(cfg, par, initialize=False, runtime=runtime_for(pc, training=False)).eval()
@@ -84,7 +117,8 @@ def stats(cfg: ModelConfig, pc: ParallelConfig, par, mbs: int, chunk: int = 128)
             with col.paused():
                 accumulate_kl(model, batch, held[0], L, 0, L, True, par.pg.tp,
                               col.acc["depth.kl_sum"], chunk_tokens=chunk)
-    measured = (rss_mib() - base) * 2 ** 20
+    peak.__exit__(None, None, None)
+    measured = peak.growth
     lay = E.Layout(tp=pc.tp, dp=par.dp, ep=pc.ep, micro_batch_size=mbs,
                    sequence_parallel=pc.sequence_parallel and pc.tp > 1)
     return measured, E.stats(cfg, lay, impl="cpu", depth=True, depth_chunk=chunk)

@@ -151,7 +151,7 @@ MOE_SHAPE = {"pattern": "ME*EME", "hidden_size": 512, "ffn_hidden_size": 2048, "
              "num_attention_heads": 8, "num_query_groups": 2, "kv_channels": 16, "vocab_size": 8192,
              "seq_length": 1024, "num_moe_experts": 16, "moe_ffn_hidden_size": 512, "moe_router_topk": 4,
              "moe_shared_expert_intermediate_size": 1024, "moe_router_topk_scaling_factor": 2.5}
-# glibc's default heap keeps freed blocks that ru_maxrss then counts, the more so the more
+# glibc's default heap keeps freed blocks resident, counted in the peak, the more so the more
 # the sizes of transient tensors vary: the stats loop (full, skip-one-layer and logits-chunk
 # forwards) measured -29% with it, -3.8% with tensors over 128 KiB mmapped (returned to the
 # OS on free); the ep=2 step (gathered tokens, reduce-scatter buffers) -17% / -20% (two
