@@ -74,3 +74,20 @@ def cli_refuses(argv, capsys) -> str:
     assert rc == 2, (argv, rc, err)
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     return err
+
+
+def one_token_used_parameters(model, cfg) -> int:
+    """Parameters one token's forward uses, measured: after its backward exactly those get a
+    gradient (each E layer's top-k experts, not the rest), the embedding table left out (one
+    row of it is used). A_log acts on the carried SSM state, zero at a sequence's first token:
+    used, but without a gradient there."""
+    import torch
+
+    from megatron_minitron.model import causal_mask
+
+    torch.manual_seed(1)
+    tok = torch.randint(0, cfg.vocab_size, (1, 1))
+    out = model(tok, torch.zeros(1, 1, dtype=torch.long), causal_mask(1))
+    out.float().square().sum().backward()
+    return sum(p.numel() for n, p in model.named_parameters() if "word_embeddings" not in n and (
+        n.endswith("A_log") or p.grad is not None and p.grad.abs().sum() > 0))

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelConfig
-from ..model import layer_param_counts, moe_param_counts
+from ..model import count_parameters, layer_param_counts, moe_param_counts
 
 GiB = 2 ** 30
 
@@ -415,6 +415,25 @@ def prune(cfg: ModelConfig, impl: str = "gpu") -> Estimate:
                         * (cfg.moe_latent_size or cfg.hidden_size))
     biggest = max(per_layer, cfg.vocab_size * cfg.hidden_size) * _bytes(cfg.params_dtype)
     return Estimate("prune", {"tensor buffers": 3.0 * biggest}, notes=["host memory, no GPU"])
+
+
+def serving(cfg: ModelConfig, seq_length: int, batch: int = 1, state_dtype: str = "fp32") -> dict:
+    """Bytes to serve `batch` sequences of `seq_length` tokens: bf16 weights, the attention
+    layers' bf16 K and V cache, and each Mamba layer's bf16 conv window and SSM state in
+    `state_dtype` (the shapes and dtypes transformers' NemotronH cache holds: conv [B,
+    conv_dim, d_conv], state [B, heads, head_dim, d_state] in fp32). Activations are left out: a decode step's
+    are small, a prefill's depend on its chunking."""
+    flat = cfg.pattern.replace("|", "")
+    conv_dim = cfg.mamba_d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
+    out = {
+        "weights": 2 * count_parameters(cfg)["total"],
+        "kv_cache": flat.count("*") * 2 * batch * seq_length * cfg.num_query_groups * cfg.kv_channels * 2,
+        "mamba_conv_state": flat.count("M") * batch * conv_dim * cfg.mamba_conv_kernel * 2,
+        "mamba_ssm_state": flat.count("M") * batch * cfg.mamba_d_inner * cfg.mamba_state_dim
+        * _bytes(state_dtype),
+    }
+    out["total"] = sum(out.values())
+    return out
 
 
 def fits(est: Estimate, limit_gb: float) -> bool:

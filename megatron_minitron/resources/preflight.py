@@ -245,7 +245,7 @@ def _prune(pre: Preflight, need: bool) -> None:
 
 def _search(pre: Preflight, need: bool) -> None:
     from ..importance.io import ImportanceFile
-    from ..search.stage import candidates, depth_drop_order, validate_settings, validate_teacher
+    from ..search.stage import budget_of, candidates, depth_drop_order, validate_settings, validate_teacher
 
     cfg = pre.cfg
     validate_settings(cfg, pre.world)
@@ -268,7 +268,7 @@ def _search(pre: Preflight, need: bool) -> None:
     seq = cfg.seq_length or t.seq_length
     pre.models["teacher"] = dataclasses.replace(t, seq_length=seq)
     pre.models["candidates"] = [dataclasses.replace(c.model_config(t), seq_length=seq) for c in cands]
-    pre.sources["candidates"] = f"{len(cands)} candidates within budget={cfg.budget:,} +- {cfg.tolerance:g}"
+    pre.sources["candidates"] = f"{len(cands)} candidates within {budget_of(cfg, t.seq_length).describe()}"
     _data(pre, t)
 
 

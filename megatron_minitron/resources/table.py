@@ -2,12 +2,13 @@
 their recipe YAMLs on 8 x 80 GB GPUs per node, from the model YAMLs alone.
 
     python -m megatron_minitron.resources.table [--recipe nemotron_h_8b] [--limit-gb 80]
-    python -m megatron_minitron.resources.table --recipe nemotron_3_nano [--search]
+    python -m megatron_minitron.resources.table --recipe nemotron_3_nano [--search] [--search-cost]
 
 nemotron_h_8b: configs/*nemotron_h_8b*.yaml (the README's table). nemotron_3_nano: Nemotron
 3 Nano 30B-A3B (configs/model/nemotron_3_nano_30b_a3b.yaml) at configs/stats_ and
 distill_nemotron_3_nano_30b_a3b.yaml, beside the same layouts without expert parallelism;
---search lists every (tp, pp, ep, recompute) of its distill job that fits.
+--search lists every (tp, pp, ep, recompute) of its distill job that fits; --search-cost
+the architecture search's cost per candidate (configs/search_*.yaml), from FLOPs.
 """
 
 from __future__ import annotations
@@ -115,7 +116,30 @@ def rows_nemotron_3_nano(world: int = 64) -> list[tuple[str, str, E.Estimate]]:
     for x in variants:
         out.append(("distill 30B-A3B -> 22B-A3B (KD, 8192)", layout_text(x, world // 8),
                     E.training(s, x, "gpu", "distill", kd_chunk=kd, teacher=t)))
+    out.append(_search_short_kd("nemotron_3_nano", world))
     return out
+
+
+def _search_short_kd(recipe: str, world: int) -> tuple[str, str, E.Estimate]:
+    """The search recipe's short KD of the candidate that needs the most memory."""
+    from ..config import load_stage_config
+    from ..search.space import enumerate_candidates
+    from ..search.stage import budget_of
+
+    cfg = load_stage_config("search", str(CONFIGS / SEARCH_RECIPES[recipe]), [])
+    t = build(ModelConfig, load_yaml(CONFIGS.parent / cfg.teacher_model)["model"], "model.")
+    p, kd, seq = cfg.parallel, cfg.kd, cfg.seq_length or t.seq_length
+    cands, _ = enumerate_candidates(t, cfg.space, budget_of(cfg, t.seq_length),
+                                    drop_order=list(range(t.num_layers))[::-1], tp=p.tp, pp=p.pp, ep=p.ep)
+    dp = world // (p.tp * p.pp)
+    lay = E.Layout(tp=p.tp, pp=p.pp, dp=dp, ep=p.ep, micro_batch_size=kd.micro_batch_size, seq_length=seq,
+                   num_micro=kd.global_batch_size // (kd.micro_batch_size * dp),
+                   sequence_parallel=p.sequence_parallel and p.tp > 1, recompute=kd.recompute,
+                   distributed_optimizer=True, moe_aux_loss=t.is_moe and kd.moe_aux_loss_coeff > 0)
+    est = max((E.training(dataclasses.replace(c.model_config(t), seq_length=seq), lay, "gpu", "distill",
+                          kd_chunk=cfg.kd_loss.chunk_size, teacher=dataclasses.replace(t, seq_length=seq))
+               for c in cands), key=lambda e: e.total)
+    return (f"search short KD (largest of {len(cands)} candidates)", layout_text(lay, world // 8), est)
 
 
 def search_distill(world: int = 64, limit_gb: float = 80.0, global_batch: int = 768,
@@ -137,6 +161,72 @@ def search_distill(world: int = 64, limit_gb: float = 80.0, global_batch: int = 
             if E.fits(est, limit_gb):
                 out.append((lay, est))
     return sorted(out, key=lambda x: x[1].total)
+
+
+SEARCH_RECIPES = {"nemotron_h_8b": "search_nemotron_h_8b_to_4b.yaml",
+                  "nemotron_3_nano": "search_nemotron_3_nano_30b_a3b.yaml"}
+
+
+def search_cost(recipe: str = "nemotron_3_nano", nodes: int = 8, tflops_per_gpu: float = 400.0) -> dict:
+    """Cost of a recipe's architecture search on `nodes` x 8 GPUs, from FLOPs at an assumed
+    sustained rate (400 TFLOP/s: about 40% of an H100's bf16 peak): per candidate, the
+    zero-shot forward over the fixed validation set (2 N_student FLOP/token) and the short KD
+    (teacher forward + student forward / backward: 2 N_teacher + 6 N_student FLOP/token).
+    N = the parameters a token uses, the input embedding left out (its row lookup is no
+    GEMM): MoE layers count their top-k experts. The student is the candidate closest to the
+    budgets (the recipe's candidates that drop layers drop the last ones here)."""
+    from ..config import load_stage_config
+    from ..model import count_parameters
+    from ..search.stage import budget_of
+    from ..search.space import enumerate_candidates
+
+    cfg = load_stage_config("search", str(CONFIGS / SEARCH_RECIPES[recipe]), [])
+    t = build(ModelConfig, load_yaml(CONFIGS.parent / cfg.teacher_model)["model"], "model.")
+    cands, info = enumerate_candidates(t, cfg.space, budget_of(cfg, t.seq_length),
+                                       drop_order=list(range(t.num_layers))[::-1], tp=cfg.parallel.tp,
+                                       pp=cfg.parallel.pp, ep=cfg.parallel.ep)
+    s = cands[0].model_config(t)
+
+    def n_used(m: ModelConfig) -> int:
+        n = count_parameters(m)
+        return n["active"] - n["embedding"]
+
+    seq = cfg.seq_length or t.seq_length
+    rate = nodes * 8 * tflops_per_gpu * 1e12
+    zs_tokens = cfg.eval_iters * cfg.micro_batch_size * seq
+    kd_tokens = cfg.short_kd_steps * cfg.kd.global_batch_size * seq
+    zs_flop = 2 * n_used(s) * zs_tokens
+    kd_flop_token = 2 * n_used(t) + 6 * n_used(s)
+    kd_flop = kd_flop_token * kd_tokens
+    top = min(cfg.top_k, len(cands))
+    return {"recipe": SEARCH_RECIPES[recipe], "nodes": nodes, "tflops_per_gpu": tflops_per_gpu, "seq": seq,
+            "candidates": len(cands), "combinations": info["combinations"], "top_k": top,
+            "student": cands[0].name, "student_params": cands[0].params,
+            "student_active": cands[0].active_params, "n_used_teacher": n_used(t), "n_used_student": n_used(s),
+            "zero_shot_tokens": zs_tokens, "zero_shot_flop": zs_flop, "zero_shot_s": zs_flop / rate,
+            "student_bf16_bytes": 2 * cands[0].params,
+            "kd_tokens": kd_tokens, "kd_flop_per_token": kd_flop_token, "kd_flop": kd_flop, "kd_s": kd_flop / rate,
+            "search_node_hours": nodes * (len(cands) * zs_flop + top * kd_flop) / rate / 3600}
+
+
+def search_cost_markdown(recipe: str = "nemotron_3_nano", nodes: int = 8) -> str:
+    c = search_cost(recipe, nodes)
+    gb = c["student_bf16_bytes"] / 1e9
+
+    def t(sec: float) -> str:
+        return f"{sec / 3600:.1f} h" if sec >= 3600 else f"{sec / 60:.0f} min" if sec >= 60 else f"{sec:.0f} s"
+
+    return "\n".join([
+        f"| step (per candidate) | work | {nodes} nodes ({nodes * 8} GPUs) |",
+        "|---|---|---|",
+        f"| zero-shot | {c['zero_shot_tokens'] // c['seq']} x {c['seq']} tokens forward through the "
+        f"{c['n_used_student'] / 1e9:.2f}B parameters a token uses ({c['zero_shot_flop']:.1e} FLOP) + reading "
+        f"its ~{gb:.0f} GB of teacher rows | {t(c['zero_shot_s'])} of compute (I/O-bound) |",
+        f"| short KD | {c['kd_tokens'] / 1e9:.1f}B tokens; teacher forward ({c['n_used_teacher'] / 1e9:.2f}B) + "
+        f"student forward / backward ({c['n_used_student'] / 1e9:.2f}B): {c['kd_flop_per_token'] / 1e9:.1f} "
+        f"GFLOP/token, {c['kd_flop']:.1e} FLOP | {t(c['kd_s'])} |",
+        f"| whole search | {c['candidates']} candidates zero-shot (of {c['combinations']:,} combinations), "
+        f"{c['top_k']} short KDs | {c['search_node_hours']:.0f} node-hours |"])
 
 
 def markdown(world: int = 64, limit_gb: float = 80.0, recipe: str = "nemotron_h_8b") -> str:
@@ -161,7 +251,12 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", choices=("nemotron_h_8b", "nemotron_3_nano"), default="nemotron_h_8b")
     ap.add_argument("--search", action="store_true",
                     help="nemotron_3_nano: every distill layout that fits, smallest first")
+    ap.add_argument("--search-cost", action="store_true",
+                    help="the recipe's architecture search: cost per candidate from FLOPs")
     a = ap.parse_args(argv)
+    if a.search_cost:
+        print(search_cost_markdown(a.recipe, a.world // 8))
+        return 0
     print(markdown(a.world, a.limit_gb, a.recipe))
     if a.search:
         print()

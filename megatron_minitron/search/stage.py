@@ -46,7 +46,7 @@ import torch
 
 from ..config import ConfigError, DataConfig, ParallelConfig, TrainConfig, check_ep_used, check_moe_train
 from ..distill.stage import LossConfig
-from .space import AXES, Candidate, SearchSpace, enumerate_candidates
+from .space import Budget, Candidate, SearchSpace, axes_of, enumerate_candidates
 
 STATE_FILE = "search_state.json"
 STATE_VERSION = 1
@@ -68,8 +68,15 @@ class SearchConfig:
     importance: str = "runs/default/stats/importance.pt"  # `stats` output for that teacher
     output_dir: str = "runs/default/search"
     space: SearchSpace = field(default_factory=SearchSpace)
-    budget: int = 2_065_000  # target parameter count (analytic, model.count_parameters)
-    tolerance: float = 0.05  # candidates within budget * (1 +- tolerance)
+    # the bounds a candidate must meet, any combination (0 = off; search/space.py Budget):
+    budget: int = 2_065_000  # total parameters (analytic, model.count_parameters), +- tolerance
+    active_budget: int = 0  # parameters one token uses (MoE: top-k experts), +- tolerance
+    tolerance: float = 0.05  # relative window of both parameter budgets
+    memory_budget_gib: float = 0.0  # serving memory ceiling: bf16 weights + KV cache + Mamba state ...
+    memory_seq_length: int = 0  # ... of sequences this long (0 = seq_length) ...
+    memory_batch_size: int = 1  # ... this many at once ...
+    memory_state_dtype: str = "fp32"  # ... with the Mamba SSM state in fp32 (as transformers) or bf16
+    expert_score: str = "out"  # MoE teachers: how experts are ranked (as the plan stage)
     depth_metric: str = "kl"  # kl | cosine: which depth scores decide the layers dropped
     mamba_source: str = "x"  # as the plan stage
     mamba_metric: str = "l2"  # l2 | flap
@@ -161,10 +168,11 @@ def validate_settings(cfg: SearchConfig, world: int | None = None) -> int:
         raise ConfigError(f"tie_tolerance={cfg.tie_tolerance} must be in [0, 1) (relative loss difference)")
     if cfg.depth_metric not in ("kl", "cosine"):
         raise ConfigError(f"depth_metric={cfg.depth_metric!r}: use kl or cosine")
-    if cfg.budget <= 0:
-        raise ConfigError(f"budget={cfg.budget} must be > 0 (a parameter count, e.g. 2065000)")
-    if not 0 <= cfg.tolerance < 1:
-        raise ConfigError(f"tolerance={cfg.tolerance} must be in [0, 1) (relative to the budget)")
+    budget_of(cfg, 1).validate()
+    if cfg.memory_seq_length < 0:
+        raise ConfigError(f"memory_seq_length={cfg.memory_seq_length} must be >= 0 (0 = seq_length)")
+    if cfg.expert_score not in ("out", "mass", "freq"):
+        raise ConfigError(f"expert_score={cfg.expert_score!r}: use out, mass or freq (as plan.expert_score)")
     if cfg.kd.warmup_steps >= cfg.short_kd_steps:
         raise ConfigError(f"kd.warmup_steps={cfg.kd.warmup_steps} must be < short_kd_steps="
                           f"{cfg.short_kd_steps}; lower kd.warmup_steps")
@@ -176,6 +184,13 @@ def validate_settings(cfg: SearchConfig, world: int | None = None) -> int:
                           "or another layout")
     cfg.kd_loss.validate("kd_loss")
     return dp
+
+
+def budget_of(cfg: SearchConfig, teacher_seq: int) -> Budget:
+    return Budget(params=cfg.budget, active_params=cfg.active_budget, memory_gib=cfg.memory_budget_gib,
+                  tolerance=cfg.tolerance,
+                  memory_seq_length=cfg.memory_seq_length or cfg.seq_length or teacher_seq,
+                  memory_batch_size=cfg.memory_batch_size, memory_state_dtype=cfg.memory_state_dtype)
 
 
 def validate_teacher(cfg: SearchConfig, t_cfg) -> None:
@@ -206,15 +221,18 @@ def depth_drop_order(cfg: SearchConfig, t_cfg, imp) -> list[int]:
 
 def candidates(cfg: SearchConfig, t_cfg, drop_order: list[int]):
     """(candidates, enumeration info) of the space under the budget; none is an error."""
-    cands, info = enumerate_candidates(t_cfg, cfg.space, cfg.budget, cfg.tolerance, drop_order,
-                                       tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    b = budget_of(cfg, t_cfg.seq_length)
+    cands, info = enumerate_candidates(t_cfg, cfg.space, b, drop_order=drop_order,
+                                       tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
     if not cands:
         rej = ", ".join(f"{n} {why}" for why, n in info["rejected"].items() if n) or "none"
-        lo, hi = int(cfg.budget * (1 - cfg.tolerance)), int(cfg.budget * (1 + cfg.tolerance))
+        windows = [f"{k}={v:,} -> [{int(v * (1 - b.tolerance)):,}, {int(v * (1 + b.tolerance)):,}]"
+                   for k, v in (("budget", b.params), ("active_budget", b.active_params)) if v]
+        windows += [f"memory_budget_gib={b.memory_gib:g}"] if b.memory_gib else []
         raise ConfigError(
             f"no candidate architecture: all {info['combinations']} combinations of the search space "
-            f"were rejected ({rej}); the budget window is [{lo:,}, {hi:,}] parameters (budget={cfg.budget:,}, "
-            f"tolerance={cfg.tolerance}). Widen `tolerance`, change `budget`, or widen the space "
+            f"were rejected ({rej}); the bounds are {', '.join(windows)} (tolerance={b.tolerance}). "
+            "Widen `tolerance`, change the budgets, or widen the space "
             f"(space.* axes; grid {info['grid']})")
     if cfg.max_candidates:
         cands = cands[:cfg.max_candidates]
@@ -228,8 +246,12 @@ def _fingerprint(cfg: SearchConfig, teacher_it: Path) -> str:
     d = dataclasses.asdict(cfg)
     for k in ("output_dir", "resume", "stop_after", "keep_checkpoints", "throughput_iters", "space",
               "budget", "tolerance", "max_candidates", "top_k", "tie_tolerance", "exit_duration_minutes",
-              "teacher_model"):  # teacher_model: a dry run's stand-in, never read by a run
+              "teacher_model",  # a dry run's stand-in, never read by a run
+              "active_budget", "memory_budget_gib", "memory_seq_length", "memory_batch_size",
+              "memory_state_dtype"):
         d.pop(k)
+    if not any(getattr(cfg.space, a) for a in ("num_moe_experts", "moe_ffn_hidden_size")):
+        d.pop("expert_score")  # ranks experts only when their count or width is searched
     d["teacher"] = str(Path(teacher_it).resolve())
     d["importance_mtime"] = os.path.getmtime(cfg.importance)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -274,15 +296,21 @@ class _Stop(Exception):
 def _plan_for(imp, c: Candidate, cfg: SearchConfig, teacher_layers: int):
     from ..plan.targets import TargetConfig, make_plan
 
+    src = imp.model
+    # an axis at the teacher's value stays unpruned (0): a plan then needs no scores for it
+    moe = {a: (getattr(c, a) if getattr(c, a) != getattr(src, a) else 0)
+           for a in ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")}
     t = TargetConfig(hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size,
                      mamba_num_heads=c.mamba_num_heads, mamba_head_dim=c.mamba_head_dim,
                      num_layers=c.num_layers if c.num_layers < teacher_layers else 0,
-                     depth_metric=cfg.depth_metric)
+                     depth_metric=cfg.depth_metric, **(moe if src.is_moe else {}))
     plan = make_plan(imp, t, mamba_source=cfg.mamba_source, mamba_metric=cfg.mamba_metric,
-                     tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    if plan.target.pattern != c.pattern or plan.params_after["total"] != c.params:
-        raise RuntimeError(f"{c.name}: the plan ({plan.target.pattern}, {plan.params_after['total']:,}) "
-                           f"disagrees with the enumerated candidate ({c.pattern}, {c.params:,})")
+                     tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
+                     expert_score=cfg.expert_score)
+    got = (plan.target.pattern, plan.params_after["total"], plan.params_after["active"])
+    if got != (c.pattern, c.params, c.active_params):
+        raise RuntimeError(f"{c.name}: the plan (pattern, params, active) {got} disagrees with the "
+                           f"enumerated candidate {(c.pattern, c.params, c.active_params)}")
     return plan
 
 
@@ -352,30 +380,63 @@ def rank(results: list[dict], tie_tolerance: float) -> list[dict]:
 
 COLUMNS = [("rank", "#"), ("num_layers", "layers"), ("hidden_size", "hidden"), ("ffn_hidden_size", "FFN"),
            ("mamba_num_heads", "Mamba heads"), ("mamba_head_dim", "head dim"), ("params", "params"),
+           ("active_params", "active"), ("memory_bytes", "memory"),
            ("zero_shot_loss", "zero-shot loss"), ("distilled_loss", "distilled loss"),
            ("tokens_per_s", "tokens/s")]
+MOE_COLUMNS = [("num_moe_experts", "experts"), ("moe_ffn_hidden_size", "expert FFN"),
+               ("moe_shared_expert_intermediate_size", "shared FFN")]
 
 
-def table_markdown(rows: list[dict], teacher: dict | None = None) -> str:
+def columns(moe: bool) -> list:
+    """The table's columns; a MoE teacher's add its three axes after the dense ones."""
+    return COLUMNS[:6] + MOE_COLUMNS + COLUMNS[6:] if moe else COLUMNS
+
+
+def axes_of_row(row: dict) -> list:
+    return [a for a, _ in COLUMNS[1:6] + MOE_COLUMNS if a in row]
+
+
+def _count(v: int) -> str:
+    return f"{v / 1e6:.3f}M" if v < 1e9 else f"{v / 1e9:.2f}B"
+
+
+def table_markdown(rows: list[dict], teacher: dict | None = None, moe: bool = False) -> str:
     def fmt(k, v):
         if v is None:
             return "-"
         if k in ("zero_shot_loss", "distilled_loss"):
             return f"{v:.4f}"
-        if k == "params":
-            return f"{v / 1e6:.3f}M" if v < 1e9 else f"{v / 1e9:.2f}B"
+        if k in ("params", "active_params"):
+            return _count(v)
+        if k == "memory_bytes":
+            return f"{v / 2 ** 30:.2f} GiB" if v >= 2 ** 30 else f"{v / 2 ** 20:.1f} MiB"
         if k == "tokens_per_s":
             return f"{v:,.0f}"
         return str(v)
 
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    cols = columns(moe)
+    lines = ["| " + " | ".join(h for _, h in cols) + " |",
+             "|" + "|".join("---:" for _ in cols) + "|"]
     for r in ([teacher] if teacher else []) + rows:
-        lines.append("| " + " | ".join(fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt(k, r.get(k)) for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], teacher: dict | None, path: Path) -> str | None:
+def _sizes(cfg, budget: Budget) -> dict:
+    from ..model import count_parameters
+
+    return {"active_params": count_parameters(cfg)["active"],
+            "memory_bytes": int(budget.memory(cfg)["total"])}
+
+
+def _budget_dict(cfg: SearchConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("budget", "active_budget", "tolerance", "memory_budget_gib",
+                                         "memory_seq_length", "memory_batch_size", "memory_state_dtype")}
+
+
+def _plot(rows: list[dict], zero_shot: list[dict], teacher: dict | None, path: Path) -> str | None:
+    """Four panels: distilled loss vs throughput (the top-k), and every candidate's zero-shot
+    loss against its total parameters, active parameters and serving memory."""
     try:
         import matplotlib
 
@@ -383,19 +444,32 @@ def _plot(rows: list[dict], teacher: dict | None, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axs = plt.subplots(2, 2, figsize=(10, 7))
+    ax = axs[0][0]
     ax.scatter([r["tokens_per_s"] for r in rows], [r["distilled_loss"] for r in rows], c="C0",
                label="candidates after short KD")
     for r in rows:
-        ax.annotate(f"#{r['rank']} {r['name']}", (r["tokens_per_s"], r["distilled_loss"]), fontsize=7,
+        ax.annotate(f"#{r['rank']} {r['name']}", (r["tokens_per_s"], r["distilled_loss"]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
     if teacher and teacher.get("tokens_per_s"):
         ax.scatter([teacher["tokens_per_s"]], [teacher["zero_shot_loss"]], c="C3", marker="*", s=120,
                    label="teacher")
     ax.set_xlabel("forward throughput (tokens/s, this machine)")
     ax.set_ylabel("validation LM loss")
-    ax.set_title("search: loss vs throughput")
-    ax.legend(fontsize=8)
+    ax.set_title("loss vs throughput", fontsize=9)
+    ax.legend(fontsize=7)
+    top = {r["name"] for r in rows}
+    for ax, key, label, scale in ((axs[0][1], "params", "total parameters (M)", 1e6),
+                                  (axs[1][0], "active_params", "active parameters per token (M)", 1e6),
+                                  (axs[1][1], "memory_bytes", "serving memory (MiB)", 2 ** 20)):
+        zs = [r for r in zero_shot if r.get(key) is not None]
+        ax.scatter([r[key] / scale for r in zs], [r["zero_shot_loss"] for r in zs],
+                   c=["C1" if r["name"] in top else "C7" for r in zs], s=14)
+        if teacher and teacher.get(key):
+            ax.scatter([teacher[key] / scale], [teacher["zero_shot_loss"]], c="C3", marker="*", s=120)
+        ax.set_xlabel(label)
+        ax.set_ylabel("zero-shot loss")
+        ax.set_title(f"zero-shot loss vs {label.split(' (')[0]} (orange: short-KD top-k)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -435,7 +509,8 @@ def run_search(cfg: SearchConfig) -> dict:
     D.barrier()  # every rank read the file before rank 0 writes it again
     n_layers = t_cfg.num_layers
     say = D.print0
-    say(f"[search] {len(cands)} candidates within {cfg.budget:,} +- {cfg.tolerance:.0%} parameters "
+    budget = budget_of(cfg, t_cfg.seq_length)
+    say(f"[search] {len(cands)} candidates within {budget.describe()} "
         f"(of {info['combinations']} combinations; rejected {info['rejected']}); teacher "
         f"{t_cfg.pattern} {_params(t_cfg):,} params; depth order ({cfg.depth_metric}) {drop_order}; "
         f"tp={par.tp} pp={par.pp} dp={par.dp}"
@@ -464,11 +539,11 @@ def run_search(cfg: SearchConfig) -> dict:
                 teacher = build_model(dataclasses.replace(t_cfg, seq_length=seq), par, initialize=False)
                 ckpt.load_model_weights(teacher_it, teacher)
                 state.put("zero_shot", "__teacher__", {
-                    "name": "teacher", "params": _params(t_cfg),
+                    "name": "teacher", "params": _params(t_cfg), **_sizes(t_cfg, budget),
                     "zero_shot_loss": _eval(teacher, valid_ds, cfg, par, seq), "distilled_loss": None,
                     "tokens_per_s": throughput(teacher, par, t_cfg.vocab_size, cfg.micro_batch_size,
                                                seq, cfg.throughput_iters),
-                    **{a: (n_layers if a == "num_layers" else getattr(t_cfg, a)) for a in AXES}})
+                    **{a: (n_layers if a == "num_layers" else getattr(t_cfg, a)) for a in axes_of(t_cfg)}})
                 del teacher
             todo = [c for c in todo if c is not None]
             prog = _progress(len(cands), len(cands) - len(todo), "search zero-shot", rank0)
@@ -558,7 +633,7 @@ def run_search(cfg: SearchConfig) -> dict:
         interrupted = stop.record(out, len(state.data["kd"]), "search state" + (
             " and the running short KD's checkpoint" if kd_stop is not None else ""))
     summary = _outputs(cfg, state, cands, info, drop_order, stopped, interrupted, teacher_it, out,
-                       t_start) if rank0 else None
+                       t_start, budget) if rank0 else None
     summary = D.broadcast_object(summary)  # every rank returns the same summary
     if owns_pg:
         D.shutdown()
@@ -566,13 +641,13 @@ def run_search(cfg: SearchConfig) -> dict:
 
 
 def _outputs(cfg: SearchConfig, state: State, cands, info, drop_order, stopped, interrupted,
-             teacher_it, out: Path, t_start: float) -> dict:
+             teacher_it, out: Path, t_start: float, budget: Budget) -> dict:
     """Rank 0: candidates.json, table.{json,md}, plot, chosen_plan.json, summary.json (also
     after a stop: what is finished so far)."""
     zs_all = sorted((v for k, v in state.data["zero_shot"].items() if k != "__teacher__"),
                     key=lambda r: (r["zero_shot_loss"], r["name"]))
     (out / "candidates.json").write_text(json.dumps({
-        "budget": cfg.budget, "tolerance": cfg.tolerance, "enumerated": len(cands),
+        "budget": cfg.budget, "tolerance": cfg.tolerance, "budgets": _budget_dict(cfg), "enumerated": len(cands),
         "combinations": info["combinations"], "rejected": info["rejected"], "grid": info["grid"],
         "drop_order": drop_order, "candidates": zs_all}, indent=1))
     if stopped:
@@ -592,24 +667,26 @@ def _outputs(cfg: SearchConfig, state: State, cands, info, drop_order, stopped, 
     kd_rows = [dict(r, **state.data["kd"][r["name"]]) for r in top]
     rows = rank(kd_rows, cfg.tie_tolerance)
     teacher_row = dict(state.data["zero_shot"]["__teacher__"], rank="teacher")
-    tcols = [k for k, _ in COLUMNS]
+    moe = "num_moe_experts" in teacher_row
+    tcols = [k for k, _ in columns(moe)]
     table = {"columns": tcols, "teacher": {k: teacher_row.get(k) for k in tcols},
              "rows": [{**{k: r.get(k) for k in tcols}, "name": r["name"], "pattern": r["pattern"]} for r in rows]}
     (out / "table.json").write_text(json.dumps(table, indent=1))
-    md = table_markdown(rows, teacher_row)
+    md = table_markdown(rows, teacher_row, moe)
     (out / "table.md").write_text(
-        f"# Architecture search (paper table 1)\n\nBudget {cfg.budget:,} +- {cfg.tolerance:.0%} parameters; "
+        f"# Architecture search (paper table 1)\n\nBudget: {budget.describe()}; "
         f"{len(cands)} candidates scored zero-shot; top {len(top)} after {cfg.short_kd_steps} KD steps; "
         f"ties within {cfg.tie_tolerance:.1%} broken by throughput.\n\n" + md)
-    plot = _plot(rows, teacher_row, out / "loss_vs_throughput.png")
+    plot = _plot(rows, zs_all, teacher_row, out / "loss_vs_throughput.png")
     chosen = rows[0]
     shutil.copyfile(chosen["plan"], out / "chosen_plan.json")
     summary = {
         "stage": "search", "stopped": False, "teacher": str(teacher_it), "importance": cfg.importance,
-        "budget": cfg.budget, "tolerance": cfg.tolerance, "candidates": len(cands),
+        "budget": cfg.budget, "tolerance": cfg.tolerance, "budgets": _budget_dict(cfg), "candidates": len(cands),
         "combinations": info["combinations"], "rejected": info["rejected"], "top_k": len(top),
         "short_kd_steps": cfg.short_kd_steps, "chosen": {k: chosen[k] for k in
-                                                          ["name", "pattern", "params", *AXES,
+                                                          ["name", "pattern", "params", "active_params",
+                                                           "memory_bytes", *axes_of_row(chosen),
                                                            "zero_shot_loss", "distilled_loss", "tokens_per_s"]},
         "chosen_plan": str(out / "chosen_plan.json"), "table": rows, "teacher_row": teacher_row,
         "plot": plot, "resumed": state.resumed, "elapsed_seconds": time.time() - t_start,

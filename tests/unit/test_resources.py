@@ -394,3 +394,17 @@ def test_nemotron_3_nano_stage_recipes_dry_run(capsys):
     assert "teacher" in printed and "moe_dispatch" in printed and "fits" in printed
     assert main(argv + ["--world-size", "4", *cpu]) == 2  # ep=8 does not divide dp=2
     assert "choose parallel.ep in [1, 2]" in capsys.readouterr().err
+
+
+def test_readme_nemotron_3_nano_search_tables_are_the_estimators_output():
+    """The README's 30B-A3B per-GPU table and search-cost table print what the estimator
+    gives for the recipes (each total, and the cost table line by line)."""
+    from megatron_minitron.resources.table import rows_nemotron_3_nano, search_cost_markdown
+
+    readme = (REPO / "README.md").read_text()
+    for line in search_cost_markdown("nemotron_3_nano", 8).splitlines():
+        assert line in readme, line
+    rs = rows_nemotron_3_nano(64)
+    section = readme[readme.index("**Nemotron 3 Nano 30B-A3B -> about 22B"):]
+    totals = re.findall(r"^\| [^|]+ \| [^|]+ \| ([0-9.]+) \| (?:yes|NO) \|$", section[:4000], re.M)
+    assert totals == [f"{e.total / E.GiB:.1f}" for _, _, e in (rs[0], rs[1], rs[2], rs[6], rs[3], rs[4], rs[5])]

@@ -98,7 +98,12 @@ def test_empty_space_is_a_clear_error(setup):
 @pytest.mark.parametrize("change, match", [
     (dict(teacher="/nonexistent/teacher"), r"teacher=.*no checkpoint"),
     (dict(importance="/nonexistent/imp.pt"), r"importance file .* does not exist"),
-    (dict(budget=0), r"budget=0"),
+    (dict(budget=0), r"budget, active_budget and memory_budget_gib are all 0"),
+    (dict(budget=-5), r"budget=-5"),
+    (dict(active_budget=-1), r"active_budget=-1"),
+    (dict(memory_state_dtype="fp16"), r"memory_state_dtype='fp16'"),
+    (dict(expert_score="max"), r"expert_score='max'"),
+    (dict(space=SearchSpace(num_moe_experts=[4])), r"space.num_moe_experts is set but the teacher"),
     (dict(top_k=0), r"top_k=0"),
     (dict(tie_tolerance=1.5), r"tie_tolerance"),
     (dict(depth_metric="l1"), r"depth_metric"),
@@ -161,6 +166,35 @@ def test_recipes_load_and_the_paper_candidate_is_in_the_8b_space():
     assert "L52-h3072-f12288-mh112-hd64" in names  # table 1, candidate #1
     assert len(cands) > 100  # "over a hundred candidate architectures"
     assert info["grid"]["num_layers"][0] == 26 and info["grid"]["mamba_num_heads"] == list(range(64, 129, 8))
+
+
+def test_the_published_30b_a3b_target_is_in_the_nano_recipes_space():
+    """Model Optimizer's Nemotron 3 Nano target (hidden 2304, 104 experts, shared 3072, expert
+    FFN 1856, 52 layers; published as about 22.3B total / 3.0B active) is a candidate of
+    configs/search_nemotron_3_nano_30b_a3b.yaml at its layout (tp=2, ep=8), the closest to its
+    budgets, and the same model as the distill recipe's student; the teacher itself is
+    outside the memory bound. Which layers a depth candidate drops does not matter for it."""
+    from megatron_minitron.model import count_parameters
+    from megatron_minitron.search.stage import budget_of
+
+    nano = load_stage_config("search", str(REPO / "configs/search_nemotron_3_nano_30b_a3b.yaml"), [])
+    t = build(ModelConfig, load_yaml(REPO / "configs/model/nemotron_3_nano_30b_a3b.yaml")["model"], "model.")
+    student = build(ModelConfig, load_yaml(REPO / "configs/model/nemotron_3_nano_22b_a3b.yaml")["model"],
+                    "model.")
+    b = budget_of(nano, t.seq_length)
+    assert (b.params, b.active_params, b.memory_gib, b.memory_seq_length) == (22_280_000_000, 3_000_000_000,
+                                                                               48, 131072)
+    cands, info = enumerate_candidates(t, nano.space, b, drop_order=list(range(52))[::-1],
+                                       tp=nano.parallel.tp, pp=nano.parallel.pp, ep=nano.parallel.ep)
+    assert info["combinations"] == 3 * 6 * 2 * 5 * 3 * 10 and 20 <= len(cands) <= 200
+    c = cands[0]
+    assert c.name == "L52-h2304-f1856-mh64-hd64-e104-ef1856-sh3072", [x.name for x in cands[:3]]
+    n = count_parameters(student)
+    assert (c.params, c.active_params) == (n["total"], n["active"])
+    assert c.params / 1e9 == pytest.approx(22.28, abs=0.01) and c.active_params / 1e9 == pytest.approx(3.00, abs=0.01)
+    assert c.model_config(t) == student
+    assert b.memory(t)["total"] > 48 * 2 ** 30 >= c.memory_bytes
+    assert info["rejected"]["memory_budget"] > 0
 
 
 def test_state_refuses_another_configuration_and_ignores_search_width(setup, tmp_path):
