@@ -140,17 +140,25 @@ def distill_cfg(work: Path, name: str, student: str, pc: ParallelConfig):
 
 
 def search_cfg(work: Path, pc: ParallelConfig):
-    """Width and depth around hidden 48: two candidates, the closer one gets a 2-step KD."""
+    """The MoE axes under an active-parameter and a memory bound: 6 layers, hidden 64; experts
+    4 / 6 / 8 x expert FFN 16 / 32 x shared expert 24 / 48. Active within 1% of 6 experts of
+    FFN 32 with the full shared expert leaves 4, 6 and 8 experts (they differ in active
+    parameters only by router rows); the memory ceiling of the 6-expert model drops the
+    teacher (8): two candidates, the closer (6) gets a 2-step KD."""
     from megatron_minitron.distill.stage import LossConfig
     from megatron_minitron.model import count_parameters
+    from megatron_minitron.resources.estimate import GiB, serving
     from megatron_minitron.search.space import SearchSpace
     from megatron_minitron.search.stage import SearchConfig
 
-    budget = count_parameters(replace(TEACHER, hidden_size=48))["total"]
+    six = replace(TEACHER, num_moe_experts=6)
     return SearchConfig(teacher=str(work / "teacher"), importance=str(work / "stats_ref" / "importance.pt"),
                         output_dir=str(work / "search_ep2"), parallel=pc,
-                        space=SearchSpace(num_layers=[5, 6], hidden_size=[48, 56, 64]),
-                        budget=budget, tolerance=0.08, max_candidates=2, top_k=1, short_kd_steps=2,
+                        space=SearchSpace(num_moe_experts=[4, 6, 8], moe_ffn_hidden_size=[16, 32],
+                                          moe_shared_expert_intermediate_size=[24, 48]),
+                        budget=0, active_budget=count_parameters(six)["active"], tolerance=0.01,
+                        memory_budget_gib=serving(six, 64, 2)["total"] / GiB, memory_seq_length=64,
+                        memory_batch_size=2, top_k=1, short_kd_steps=2,
                         tie_tolerance=0.0, data=data_cfg(work), eval_iters=2, micro_batch_size=2,
                         throughput_iters=1, kd=replace(TRAIN, steps=2), kd_loss=LossConfig(chunk_size=48))
 

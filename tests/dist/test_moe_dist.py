@@ -249,15 +249,34 @@ def test_real_dense_plan_on_moe_model(wd):
 
 
 def test_search_runs_on_an_moe_teacher_at_ep2(wd):
-    """The search's zero-shot scores, short KD and chosen plan on an MoE teacher at EP=2:
-    every candidate keeps the teacher's experts; the chosen plan is a plan `prune` reads."""
+    """The search over the MoE axes at EP=2 under an active-parameter and a memory bound
+    (moe_worker.search_cfg): exactly the two candidates that meet both, zero-shot scored and
+    the closer one distilled; the table shows total, active and memory; the chosen plan keeps
+    6 experts in each E layer (their router rows and bias with them), its counts are the
+    candidate's and `prune` reads it."""
+    from megatron_minitron.config import ModelConfig
+    from megatron_minitron.model import count_parameters
+    from megatron_minitron.resources.estimate import serving
+
     res = json.loads((wd / "par.json").read_text())["search_ep2"]
     cands = json.loads((wd / "search_ep2" / "candidates.json").read_text())["candidates"]
-    assert len(cands) == 2 and all(c["pattern"].count("E") >= 1 for c in cands), cands
-    rows = json.loads((wd / "search_ep2" / "table.json").read_text())["rows"]
-    assert len(rows) == 1 and rows[0]["distilled_loss"] is not None, rows
+    assert sorted(c["num_moe_experts"] for c in cands) == [4, 6], cands
+    assert all((c["moe_ffn_hidden_size"], c["moe_shared_expert_intermediate_size"]) == (32, 48) for c in cands)
+    rows = json.loads((wd / "search_ep2" / "table.json").read_text())
+    assert {"params", "active_params", "memory_bytes", "num_moe_experts"} <= set(rows["columns"])
+    assert len(rows["rows"]) == 1 and rows["rows"][0]["distilled_loss"] is not None, rows
+    assert rows["teacher"]["num_moe_experts"] == 8
     plan = json.loads((wd / "search_ep2" / "chosen_plan.json").read_text())
-    assert plan["target"]["num_moe_experts"] == 8 and res
+    assert plan["target"]["num_moe_experts"] == 6 and res["chosen"]["num_moe_experts"] == 6
+    kept = [e["experts"] for e in plan["layers"].values() if "experts" in e]
+    assert len(kept) == 2 and all(len(k) == 6 == len(set(k)) for k in kept), kept
+    target = ModelConfig(**plan["target"])
+    n = count_parameters(target)
+    row = rows["rows"][0]
+    assert (row["params"], row["active_params"]) == (n["total"], n["active"]) == (
+        plan["params_after"]["total"], plan["params_after"]["active"])
+    assert row["memory_bytes"] == serving(target, 64, 2)["total"]
+    assert "memory" in (wd / "search_ep2" / "table.md").read_text()
 
 
 def test_tp2_x_ep2_equals_ep1(wd):
