@@ -633,7 +633,7 @@ def run_search(cfg: SearchConfig) -> dict:
         interrupted = stop.record(out, len(state.data["kd"]), "search state" + (
             " and the running short KD's checkpoint" if kd_stop is not None else ""))
     summary = _outputs(cfg, state, cands, info, drop_order, stopped, interrupted, teacher_it, out,
-                       t_start, budget) if rank0 else None
+                       t_start, budget, t_cfg) if rank0 else None
     summary = D.broadcast_object(summary)  # every rank returns the same summary
     if owns_pg:
         D.shutdown()
@@ -641,10 +641,13 @@ def run_search(cfg: SearchConfig) -> dict:
 
 
 def _outputs(cfg: SearchConfig, state: State, cands, info, drop_order, stopped, interrupted,
-             teacher_it, out: Path, t_start: float, budget: Budget) -> dict:
+             teacher_it, out: Path, t_start: float, budget: Budget, t_cfg) -> dict:
     """Rank 0: candidates.json, table.{json,md}, plot, chosen_plan.json, summary.json (also
     after a stop: what is finished so far)."""
-    zs_all = sorted((v for k, v in state.data["zero_shot"].items() if k != "__teacher__"),
+    # sizes as this run counts them: a resumed record keeps those of the run that scored it,
+    # and the memory bound's batch / length are no part of the fingerprint
+    now = {c.name: c.to_dict() for c in cands}
+    zs_all = sorted((dict(v, **now.get(k, {})) for k, v in state.data["zero_shot"].items() if k != "__teacher__"),
                     key=lambda r: (r["zero_shot_loss"], r["name"]))
     (out / "candidates.json").write_text(json.dumps({
         "budget": cfg.budget, "tolerance": cfg.tolerance, "budgets": _budget_dict(cfg), "enumerated": len(cands),
@@ -662,11 +665,11 @@ def _outputs(cfg: SearchConfig, state: State, cands, info, drop_order, stopped, 
     from ..preempt import clear_record
 
     clear_record(out)
-    top = sorted((state.data["zero_shot"][c.name] for c in cands),
+    top = sorted((dict(state.data["zero_shot"][c.name], **now[c.name]) for c in cands),
                  key=lambda r: (r["zero_shot_loss"], r["name"]))[:cfg.top_k]
     kd_rows = [dict(r, **state.data["kd"][r["name"]]) for r in top]
     rows = rank(kd_rows, cfg.tie_tolerance)
-    teacher_row = dict(state.data["zero_shot"]["__teacher__"], rank="teacher")
+    teacher_row = dict(state.data["zero_shot"]["__teacher__"], **_sizes(t_cfg, budget), rank="teacher")
     moe = "num_moe_experts" in teacher_row
     tcols = [k for k, _ in columns(moe)]
     table = {"columns": tcols, "teacher": {k: teacher_row.get(k) for k in tcols},

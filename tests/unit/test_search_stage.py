@@ -203,6 +203,13 @@ def test_state_refuses_another_configuration_and_ignores_search_width(setup, tmp
     fp = _fingerprint(c, Path(c.teacher))
     # widening the search or raising top_k keeps every finished result valid ...
     assert _fingerprint(cfg(top_k=5, budget=450_000, tolerance=0.1, max_candidates=2), Path(c.teacher)) == fp
+    # ... as do other bounds (a candidate's loss does not depend on them; the tables count
+    # sizes afresh) and an expert score when no MoE axis is searched
+    assert _fingerprint(cfg(active_budget=400_000, memory_budget_gib=1.0, memory_seq_length=64,
+                            memory_batch_size=4, memory_state_dtype="bf16", expert_score="mass"),
+                        Path(c.teacher)) == fp
+    assert _fingerprint(cfg(expert_score="mass", space=SearchSpace(num_moe_experts=[4])), Path(c.teacher)) != \
+        _fingerprint(cfg(space=SearchSpace(num_moe_experts=[4])), Path(c.teacher))
     # ... a different KD recipe or evaluation set does not
     assert _fingerprint(cfg(short_kd_steps=5), Path(c.teacher)) != fp
     assert _fingerprint(cfg(eval_iters=2), Path(c.teacher)) != fp
