@@ -138,6 +138,94 @@ def ffn_source(res: dict) -> dict:
                 "yes" if better == "pre" else "no")
 
 
+# ----------------------------------------------------------------------------- MoE (issue 19)
+
+
+def _mean(d: dict) -> Optional[float]:
+    return sum(d.values()) / len(d) if d else None
+
+
+def _seedwise(a: dict, b: dict) -> str:
+    """"(a lower on k of n seeds)" over the seeds both have."""
+    common = [s for s in a if s in b]
+    return f" (lower on {sum(a[s] < b[s] for s in common)} of {len(common)} seeds)" if common else ""
+
+
+def expert_score(res: dict) -> dict:
+    """res: {"default": "out", "zero_shot": {score: loss}, "same_sets": {score: bool},
+    "kd": {score: {seed: loss}}, "steps"}: the default score against each alternative."""
+    d, z, kd = res["default"], res["zero_shot"], res.get("kd") or {}
+    parts, flags = [], []
+    for s in z:
+        if s == d:
+            continue
+        if res.get("same_sets", {}).get(s):
+            parts.append(f"{s}: the same experts as {d} in every layer (zero-shot {_f(z[s])})")
+            continue
+        p = f"{d} vs {s}: zero-shot {_f(z[d])} vs {_f(z[s])}"
+        flags.append(z[d] < z[s])
+        if kd.get(d) and kd.get(s):
+            p += (f", after {res['steps']} KD steps {_f(_mean(kd[d]))} vs {_f(_mean(kd[s]))}"
+                  + _seedwise(kd[d], kd[s]))
+            flags.append(_mean(kd[d]) < _mean(kd[s]))
+        parts.append(p)
+    return _row(f"Routed experts kept by the default score ({d}: the routing-weighted output norm) "
+                "beat those kept by the alternative scores (mass: routing weight summed; freq: "
+                "tokens routed)",
+                "No paper figure (Minitron-SSM has no MoE layers); issue 19 recommends `out` as "
+                "the default, to be measured here; Model Optimizer ranks experts by one rule",
+                "; ".join(parts) or "no alternative score measured", _verdict(flags))
+
+
+def expert_random(res: dict) -> dict:
+    """res: {"score", "zero_shot": {"scored": loss, "random": {draw: loss}},
+    "kd": {"scored": {seed: loss}, "random": {seed: loss}}, "steps"}; random draw k is
+    distilled with KD seed k."""
+    z, kd, sc = res["zero_shot"], res.get("kd") or {}, res["score"]
+    zr = z["random"]
+    ours = (f"zero-shot {sc} {_f(z['scored'])} vs random {_f(_mean(zr))} (draws "
+            + ", ".join(f"{k} {_f(v)}" for k, v in zr.items()) + ")")
+    flags = [z["scored"] < _mean(zr)] if zr else []
+    if kd.get("scored") and kd.get("random"):
+        ours += (f"; after {res['steps']} KD steps {_f(_mean(kd['scored']))} vs "
+                 f"{_f(_mean(kd['random']))}" + _seedwise(kd["scored"], kd["random"]))
+        flags.append(_mean(kd["scored"]) < _mean(kd["random"]))
+    return _row(f"Experts kept by importance ({sc}) beat experts kept at random (the same count "
+                "per layer, a seeded draw per seed)",
+                "Expected of any importance score (random keep sets are the usual pruning "
+                "baseline); no published MoE figure", ours, _verdict(flags))
+
+
+def experts_vs_ffn(res: dict, budget: str) -> dict:
+    """res: {"experts": {label, params, active, zero_shot, kd: {seed: loss}}, "ffn": {...},
+    "steps"}; budget "total" or "active": the parameter count the two targets share."""
+    e, f = res["experts"], res["ffn"]
+    ours = (f"{e['label']} ({e['params']:,} params, {e['active']:,} active) vs {f['label']} "
+            f"({f['params']:,}, {f['active']:,} active): zero-shot {_f(e['zero_shot'])} vs "
+            f"{_f(f['zero_shot'])}")
+    flags = [e["zero_shot"] < f["zero_shot"]]
+    if e.get("kd") and f.get("kd"):
+        ours += (f"; after {res['steps']} KD steps {_f(_mean(e['kd']))} vs {_f(_mean(f['kd']))}"
+                 + _seedwise(e["kd"], f["kd"]))
+        flags.append(_mean(e["kd"]) < _mean(f["kd"]))
+    if budget == "total":
+        paper = ("Model Optimizer's Nemotron 3 Nano 30B-A3B recipe prunes experts (128 -> 104) "
+                 "and keeps the expert FFN (1856)")
+    else:
+        paper = ("Not a published claim. With top-k fixed, dropping experts removes only router "
+                 "rows from the active count, so the equal-active FFN target keeps nearly every "
+                 "neuron: expected no (experts buy memory, not compute per token)")
+    return _row(f"At equal {budget} parameters, pruning routed experts beats pruning every "
+                "expert's FFN width", paper, ours, _verdict(flags))
+
+
+def moe_skipped(reason: str) -> dict:
+    """The MoE rows' place when there is no MoE teacher / importance file."""
+    return _row("MoE expert pruning (experts: score out vs mass/freq vs random; expert_ffn: "
+                "experts vs expert FFN at equal total and active parameters)",
+                "-", f"not measured: {reason}", "n/a")
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| claim | paper's finding | our figure | holds? |", "|---|---|---|---|"]
     for r in rows:

@@ -20,8 +20,18 @@ run resumes (results.json). Ablations (`only` selects a subset):
                layers: the best zero-shot candidate of each kind (search space), equal KD
   depth        depth ranking KL vs cosine: layers dropped, zero-shot loss after dropping
   ffn          FFN score before (eq. 26) vs after the activation on the default plan (zero-shot, KD)
+  experts      (MoE teacher, `moe`) routed experts pruned to moe.num_moe_experts by the default
+               score (out) vs the alternatives (mass, freq) vs a seeded random keep set per seed
+               (zero-shot; KD for moe.kd_scores and the random draws)
+  expert_ffn   (MoE teacher) experts pruned vs every expert's FFN pruned to the closest total and
+               the closest active parameter count (zero-shot, KD)
 
-Outputs (output_dir): claims.md / claims.json, results.json, candidates_loss_vs_throughput.png.
+The MoE two run on cfg.moe.teacher / cfg.moe.importance with moe.kd_steps. With `only` empty
+they are skipped when that teacher or its importance file is missing (the claims table gets
+a line saying how to make them); named in `only`, a missing one is refused.
+
+Outputs (output_dir): claims.md / claims.json, results.json (results_moe.json: the MoE
+variants), candidates_loss_vs_throughput.png.
 """
 
 from __future__ import annotations
@@ -44,7 +54,9 @@ from ..plan.targets import TargetConfig
 from ..search.space import SearchSpace
 from . import claims as CL
 
-ABLATIONS = ("group", "source", "flap", "heads", "width_depth", "depth", "ffn")
+DENSE = ("group", "source", "flap", "heads", "width_depth", "depth", "ffn")
+MOE = ("experts", "expert_ffn")  # on the MoE teacher (AblationsConfig.moe)
+ABLATIONS = DENSE + MOE
 
 
 def _default_kd() -> TrainConfig:
@@ -54,11 +66,25 @@ def _default_kd() -> TrainConfig:
 
 
 @dataclass
+class MoEAblationsConfig:
+    """The MoE ablations (`experts`, `expert_ffn`) on a mixture-of-experts teacher trained like
+    the dense one (configs/pretrain_moe_default.yaml) and its `stats` file (source `moe`)."""
+
+    teacher: str = "runs/moe/teacher"
+    importance: str = "runs/moe/stats/importance.pt"
+    num_moe_experts: int = 0  # routed experts kept per E layer; 0 = half the teacher's
+    scores: list[str] = field(default_factory=lambda: ["out", "mass", "freq"])  # experts: zero-shot
+    kd_scores: list[str] = field(default_factory=lambda: ["out", "mass"])  # ... and after KD
+    kd_steps: int = 0  # KD steps of every MoE variant; 0 = kd.steps
+    kd_equal_active: bool = True  # expert_ffn: KD the equal-active pair too (else zero-shot only)
+
+
+@dataclass
 class AblationsConfig:
     teacher: str = "runs/default/teacher"
     importance: str = "runs/default/stats/importance.pt"  # needs x, z, y, flap, ffn, ffn_pre, kl, cosine
     output_dir: str = "runs/ablations"
-    only: list[str] = field(default_factory=list)  # subset of ABLATIONS; empty = all
+    only: list[str] = field(default_factory=list)  # subset of ABLATIONS; empty = all (MoE: if trained)
     # the main job's plan target (configs/plan_default.yaml): flap and ffn ablate on it
     default_target: TargetConfig = field(default_factory=lambda: TargetConfig(
         hidden_size=160, ffn_hidden_size=384, mamba_num_heads=6, mamba_head_dim=24))
@@ -82,15 +108,15 @@ class AblationsConfig:
     seeds: list[int] = field(default_factory=lambda: [1])  # KD data orders; results are their mean
     keep_checkpoints: bool = False
     resume: bool = True
+    moe: MoEAblationsConfig = field(default_factory=MoEAblationsConfig)
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def validate(cfg: AblationsConfig):
-    from ..importance.io import ImportanceFile
-    from ..train import checkpoint as ckpt
-    from ..data.stage_data import check_data
+def validate(cfg: AblationsConfig) -> tuple[list[str], list[str]]:
+    """Settings every ablation shares -> (dense ablations to run, MoE ablations to run)."""
+    from ..plan.targets import EXPERT_SCORES
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("ablations run in one process (python, not torchrun)")
@@ -105,6 +131,39 @@ def validate(cfg: AblationsConfig):
     cfg.data.validate()
     cfg.kd.validate(1, prefix="kd")
     cfg.kd_loss.validate("kd_loss")
+    m = cfg.moe
+    bad = [s for s in m.scores if s not in EXPERT_SCORES]
+    if bad or not m.scores:
+        raise ConfigError(f"moe.scores={m.scores}: choose from {list(EXPERT_SCORES)}")
+    if any(s not in m.scores for s in m.kd_scores):
+        raise ConfigError(f"moe.kd_scores={m.kd_scores} must be a subset of moe.scores={m.scores}")
+    if m.kd_steps < 0 or m.num_moe_experts < 0:
+        raise ConfigError("moe.kd_steps and moe.num_moe_experts must be >= 0 (0 = the default)")
+    todo = cfg.only or list(ABLATIONS)
+    return [a for a in todo if a in DENSE], [a for a in todo if a in MOE]
+
+
+def moe_missing(cfg: AblationsConfig) -> str:
+    """Why the MoE ablations cannot run ("" when they can): teacher or importance file absent."""
+    from ..train import checkpoint as ckpt
+
+    m = cfg.moe
+    if ckpt.resolve(m.teacher) is None:
+        what = f"no MoE teacher at moe.teacher={m.teacher}"
+    elif not os.path.isfile(m.importance):
+        what = f"no MoE importance file at moe.importance={m.importance}"
+    else:
+        return ""
+    return (f"{what}; make them with scripts/run_ablations.sh (or `pretrain -c "
+            f"configs/pretrain_moe_default.yaml`, then `stats -c configs/stats_default.yaml "
+            f"checkpoint=runs/moe/teacher output_dir=runs/moe/stats`)")
+
+
+def validate_dense(cfg: AblationsConfig, todo: list[str]):
+    from ..importance.io import ImportanceFile
+    from ..train import checkpoint as ckpt
+    from ..data.stage_data import check_data
+
     if ckpt.resolve(cfg.teacher) is None:
         raise ConfigError(f"teacher={cfg.teacher!r}: no checkpoint there; run scripts/run_default.sh "
                           "(or pretrain) first")
@@ -116,11 +175,42 @@ def validate(cfg: AblationsConfig):
     need = {"group": ["x"], "source": ["x", "z", "y"], "flap": ["x", "flap"], "heads": ["x"],
             "width_depth": ["kl"], "depth": ["kl", "cosine"], "ffn": ["ffn", "ffn_pre"]}
     have = _sources(imp)
-    for a in cfg.only or ABLATIONS:
+    for a in todo:
         miss = [s for s in need[a] if s not in have]
         if miss:
             raise ConfigError(f"ablation {a!r} needs importance sources {miss} that {cfg.importance} "
                               f"lacks (has {sorted(have)}); re-run `stats` with them in sources")
+    check_data(cfg.data, t_cfg)
+    return t_cfg, imp
+
+
+def validate_moe(cfg: AblationsConfig):
+    from ..importance.io import ImportanceFile
+    from ..train import checkpoint as ckpt
+    from ..data.stage_data import check_data
+
+    m = cfg.moe
+    why = moe_missing(cfg)
+    if why:
+        raise ConfigError(f"the MoE ablations {list(MOE)}: {why}")
+    t_cfg = ckpt.read_model_config(m.teacher)
+    if not t_cfg.is_moe:
+        raise ConfigError(f"moe.teacher={m.teacher!r} has no mixture-of-experts layer (pattern "
+                          f"{t_cfg.pattern!r}); train configs/pretrain_moe_default.yaml")
+    imp = ImportanceFile.load(m.importance)
+    if imp.model.to_dict() != t_cfg.to_dict():
+        raise ConfigError(f"moe.importance={m.importance!r} was collected on another model than "
+                          f"moe.teacher={m.teacher!r}; run `stats` on this teacher")
+    e = next((imp.layers.get(i, {}) for i, c in enumerate(t_cfg.pattern) if c == "E"), {})
+    miss = [s for s in m.scores if not isinstance(e.get("experts"), dict) or s not in e["experts"]]
+    if miss or "expert_ffn" not in e:
+        raise ConfigError(f"moe.importance={m.importance!r} lacks the MoE scores (experts {miss}, "
+                          "expert_ffn); re-run `stats` with `moe` in sources")
+    kn = m.num_moe_experts or t_cfg.num_moe_experts // 2
+    if not t_cfg.moe_router_topk <= kn < t_cfg.num_moe_experts:
+        raise ConfigError(f"moe.num_moe_experts={kn}: keep between moe_router_topk="
+                          f"{t_cfg.moe_router_topk} and {t_cfg.num_moe_experts - 1} of the teacher's "
+                          f"{t_cfg.num_moe_experts} experts")
     check_data(cfg.data, t_cfg)
     return t_cfg, imp
 
@@ -166,6 +256,30 @@ def _depth_drop(imp, pattern: str, metric: str, n: int) -> list[int]:
 # ----------------------------------------------------------------------------- measuring
 
 
+def _box(st) -> tuple:
+    """A ShardedTensor's slice of its global tensor."""
+    from ..compat import torch_dist
+
+    return tuple(slice(o, o + n) for o, n in zip(st.global_offset, torch_dist.shard_data(st).shape))
+
+
+def _global_tensors(tensors) -> dict:
+    """key -> the full global tensor (a copy), assembled from one process's shards: at
+    TP=EP=1 a key is either one shard or split along prepended axes (megatron's
+    SequentialMLP: one [1, ...] chunk of the [experts, ...] tensor per local expert)."""
+    from ..compat import torch_dist
+
+    out = {}
+    for st in tensors:
+        if tuple(st.global_shape) == tuple(st.data.shape):
+            out[st.key] = st.data.detach().clone()
+            continue
+        if st.key not in out:
+            out[st.key] = torch.zeros(st.global_shape, dtype=st.data.dtype)
+        out[st.key][_box(st)] = torch_dist.shard_data(st).detach()
+    return out
+
+
 class Lab:
     """Zero-shot scoring in one process group: the teacher's full tensors in memory."""
 
@@ -181,7 +295,7 @@ class Lab:
         _, self.valid_ds, _ = datasets(cfg.data, seq, 1, cfg.eval_iters * cfg.micro_batch_size)
         teacher = build_model(dataclasses.replace(t_cfg, seq_length=seq), self.par, initialize=False)
         ckpt.load_model_weights(ckpt.require(cfg.teacher), teacher)
-        self.source = {st.key: st.data.detach().clone() for st in mcore.sharded_tensors(teacher)}
+        self.source = _global_tensors(mcore.sharded_tensors(teacher))
         self.teacher_loss = self.loss(teacher)
         self.teacher_tps = self.throughput(teacher)
         del teacher
@@ -214,7 +328,7 @@ class Lab:
 
     def pruned(self, plan):
         """The plan's pruned model, filled from the teacher's tensors by the prune rules."""
-        from ..compat import mcore
+        from ..compat import mcore, torch_dist
         from ..model import build_model
         from ..rewrite import rules
 
@@ -222,10 +336,16 @@ class Lab:
         model = build_model(dataclasses.replace(plan.target, seq_length=self.seq), self.par,
                             initialize=False)
         rule = rules.Rules(plan)
+        full: dict = {}  # pruned global tensors of keys split into shards (MoE: one per expert)
         with torch.no_grad():
             for st in mcore.sharded_tensors(model):
                 src_key, idxs = rule(st.key)
-                rules.take(self.source[src_key], idxs, out=st.data)
+                if tuple(st.global_shape) == tuple(st.data.shape):
+                    rules.take(self.source[src_key], idxs, out=st.data)
+                    continue
+                if st.key not in full:
+                    full[st.key] = rules.take(self.source[src_key], idxs)
+                torch_dist.shard_data(st).copy_(full[st.key][_box(st)])
         return model
 
     def close(self) -> None:
@@ -302,17 +422,14 @@ def _fingerprint(cfg: AblationsConfig) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_ablations(cfg: AblationsConfig) -> dict:
+def _run_dense(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, dict, str, str]:
+    """The dense ablations on cfg.teacher -> (claims rows, detail, markdown header, plot)."""
     from ..model import count_parameters
     from ..plan.targets import make_plan
     from ..search.space import enumerate_candidates
 
-    t_start = time.time()
-    t_cfg, imp = validate(cfg)
-    todo = cfg.only or list(ABLATIONS)
+    t_cfg, imp = validate_dense(cfg, todo)
     seq = cfg.seq_length or t_cfg.seq_length
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     res = Results(out / "results.json", _fingerprint(cfg), cfg.resume)
     pattern = t_cfg.pattern
     n_layers = t_cfg.num_layers
@@ -526,13 +643,217 @@ def run_ablations(cfg: AblationsConfig) -> dict:
                             "params": by_name[n].plan.params_after["total"]})
         plot = loss_vs_throughput(pts, out / "candidates_loss_vs_throughput.png",
                                   "candidates (W width-only, D depth-only, DW both), zero-shot")
-    md = (f"# Ablations (paper sec. 4) on the embedded default teacher\n\nTeacher `{pattern}` "
-          f"{params(t_cfg):,} params, validation loss {teacher['loss']:.4f} on "
-          f"{cfg.eval_iters * cfg.micro_batch_size} x {seq} held-out tokens (the same for every "
-          f"variant). KD = {cfg.kd.steps} steps x {cfg.kd.global_batch_size} x {seq} tokens "
-          f"({cfg.kd.steps * cfg.kd.global_batch_size * seq:,} tokens) per seed, seeds {cfg.seeds}, "
-          f"forward KL at T={cfg.kd_loss.temperature}, lr {cfg.kd.lr}.\n\n" + CL.markdown(rows)
-          + (f"\n![candidates]({Path(plot).name})\n" if plot else ""))
+    head = (f"Teacher `{pattern}` {params(t_cfg):,} params, validation loss {teacher['loss']:.4f} on "
+            f"{cfg.eval_iters * cfg.micro_batch_size} x {seq} held-out tokens (the same for every "
+            f"variant). KD = {cfg.kd.steps} steps x {cfg.kd.global_batch_size} x {seq} tokens "
+            f"({cfg.kd.steps * cfg.kd.global_batch_size * seq:,} tokens) per seed, seeds {cfg.seeds}, "
+            f"forward KL at T={cfg.kd_loss.temperature}, lr {cfg.kd.lr}.")
+    detail["teacher"] = teacher
+    return rows, detail, head, plot
+
+
+# ----------------------------------------------------------------------------- MoE (issue 19)
+
+
+def random_expert_plan(imp, target: TargetConfig, seed: int, ep: int = 1):
+    """`make_plan(imp, target)` with every E layer's routed experts drawn at random: the
+    baseline of the `experts` ablation. Per E layer i, uniform scores from a generator seeded
+    by (seed, i) go through the real rule (keep.experts_keep: the same count per routing
+    group), kept sorted; expert FFN keep sets, if the target prunes them, are the drawn
+    experts' own top neurons. Deterministic; the plan is checked like any other (assemble_plan,
+    the pruned model's validation), so `prune` and the in-memory rules accept it."""
+    from ..plan import keep as K
+    from ..plan.targets import assemble_plan, make_plan
+
+    src = imp.model
+    p = make_plan(imp, target, ep=ep)
+    layers = {i: dict(e) for i, e in p.layers.items()}
+    for i, e in layers.items():
+        if "experts" not in e:
+            continue
+        g = torch.Generator().manual_seed(1_000_003 * int(seed) + int(i))
+        drawn = K.experts_keep(torch.rand(src.num_moe_experts, generator=g), src.moe_router_num_groups,
+                               len(e["experts"])).sort().values
+        e["experts"] = drawn.tolist()
+        if "expert_ffn" in e:
+            rows = K.expert_ffn_keep(imp.layers[i]["expert_ffn"].float(), drawn, len(e["expert_ffn"][0]))
+            e["expert_ffn"] = rows.sort(dim=-1).values.tolist()
+    q = assemble_plan(src, p.hidden, layers, p.dropped_layers,
+                      dict(p.settings, expert_score="random", expert_seed=int(seed)))
+    try:
+        q.target.validate(tp=1, pp=1, prefix="pruned model", ep=ep)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return q
+
+
+def _ffn_matching(t_cfg, plan, key: str) -> int:
+    """The moe_ffn_hidden_size whose model is closest to `plan`'s in count_parameters[key]
+    (total or active); ties: the wider."""
+    from ..model import count_parameters
+
+    want = plan.params_after[key]
+    return min(range(1, t_cfg.moe_ffn_hidden_size),
+               key=lambda f: (abs(count_parameters(dataclasses.replace(t_cfg, moe_ffn_hidden_size=f))[key]
+                                  - want), -f))
+
+
+def _run_moe(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, dict, str]:
+    """`experts` and `expert_ffn` on cfg.moe.teacher -> (claims rows, detail, markdown header).
+
+    experts: num_moe_experts pruned (to moe.num_moe_experts) by each of moe.scores, and by a
+    random keep set per seed (random_expert_plan; draw s is distilled with KD seed s);
+    zero-shot, and KD for moe.kd_scores and the random draws. expert_ffn: the same expert
+    count (default score) vs moe_ffn_hidden_size pruned to the closest total and the closest
+    active parameter count. Results: output_dir/results_moe.json (own fingerprint, so the
+    dense results stay valid whether or not the MoE teacher exists)."""
+    from ..model import count_parameters
+    from ..plan.stage import PlanConfig
+    from ..plan.targets import make_plan
+
+    m = cfg.moe
+    mcfg = dataclasses.replace(cfg, teacher=m.teacher, importance=m.importance,
+                               kd=dataclasses.replace(cfg.kd, steps=m.kd_steps or cfg.kd.steps))
+    t_cfg, imp = validate_moe(cfg)
+    seq = cfg.seq_length or t_cfg.seq_length
+    res = Results(out / "results_moe.json", _fingerprint(mcfg), cfg.resume)
+    n = t_cfg.num_moe_experts
+    kn = m.num_moe_experts or n // 2
+    default = PlanConfig().expert_score
+    tgt = _target(num_moe_experts=kn)
+
+    def record(v: Variant) -> Variant:
+        res.d["variants"][v.name] = {"key": v.key, "params": v.plan.params_after["total"],
+                                     "active": v.plan.params_after["active"], "settings": v.opts,
+                                     "target": dataclasses.asdict(v.target)}
+        return v
+
+    def variant(name, target, **opts) -> Variant:
+        v = Variant(name, target, opts)
+        try:
+            v.plan = make_plan(imp, target, **opts)
+        except ConfigError as e:
+            raise ConfigError(f"ablation variant {name}: {e}") from None
+        return record(v)
+
+    want: list[tuple[Variant, list[int]]] = []  # (variant, KD seeds)
+    scores = list(m.scores) if "experts" in todo else [default]
+    scores = [default] + [s for s in scores if s != default]
+    by_score = {s: variant(f"experts:{s}", tgt, expert_score=s) for s in scores}
+    for s, v in by_score.items():
+        kd = s in m.kd_scores or (s == default and "expert_ffn" in todo)
+        want.append((v, list(cfg.seeds) if kd else []))
+    rand = {}
+    if "experts" in todo:
+        for s in cfg.seeds:
+            v = Variant(f"experts:random:r{s}", tgt, {"expert_score": "random", "seed": s})
+            v.plan = random_expert_plan(imp, tgt, s)
+            rand[s] = record(v)
+            want.append((v, [s]))
+    ffn = {}
+    if "expert_ffn" in todo:
+        for b in ("total", "active"):
+            f = _ffn_matching(t_cfg, by_score[default].plan, b)
+            ffn[b] = variant(f"expert_ffn:{b}:f{f}", _target(moe_ffn_hidden_size=f))
+            want.append((ffn[b], list(cfg.seeds) if b == "total" or m.kd_equal_active else []))
+    print(f"[ablations] MoE: {len(want)} variants for {', '.join(todo)}; teacher {t_cfg.pattern} "
+          f"{count_parameters(t_cfg)['total']:,} params ({count_parameters(t_cfg)['active']:,} active), "
+          f"{n} experts -> {kn}", flush=True)
+
+    # zero-shot, teacher in memory
+    zs = [v for v, _ in want if v.key not in res.d["zero_shot"]]
+    if zs or "teacher" not in res.d["zero_shot"]:
+        lab = Lab(mcfg, t_cfg, seq)
+        try:
+            res.put("zero_shot", "teacher", {"loss": lab.teacher_loss, "tokens_per_s": lab.teacher_tps})
+            for v in zs:
+                if v.key in res.d["zero_shot"]:
+                    continue
+                model = lab.pruned(v.plan)
+                rec = {"loss": lab.loss(model), "name": v.name}
+                del model
+                res.put("zero_shot", v.key, rec)
+                print(f"[ablations] zero-shot {v.name}: {v.plan.params_after['total']:,} params "
+                      f"({v.plan.params_after['active']:,} active), loss {rec['loss']:.4f}", flush=True)
+        finally:
+            lab.close()
+    todo_kd = []
+    for v, seeds in want:
+        for s in seeds:
+            if f"{v.key}/s{s}" not in res.d["kd"] and (v.key, s) not in [(w.key, t) for w, t in todo_kd]:
+                todo_kd.append((v, s))
+    for i, (v, s) in enumerate(todo_kd):
+        print(f"[ablations] MoE KD {i + 1}/{len(todo_kd)}: {v.name} seed {s} ({mcfg.kd.steps} steps)", flush=True)
+        rec = _kd_one(mcfg, v, s, seq, out / "kd_moe" / f"{v.key}-s{s}")
+        rec["name"] = v.name
+        res.put("kd", f"{v.key}/s{s}", rec)
+        print(f"[ablations] KD {v.name} seed {s}: loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)", flush=True)
+
+    Z = lambda v: res.d["zero_shot"][v.key]["loss"]  # noqa: E731
+    K = lambda v, seeds: {f"s{s}": res.d["kd"][f"{v.key}/s{s}"]["loss"] for s in seeds  # noqa: E731
+                          if f"{v.key}/s{s}" in res.d["kd"]}
+    steps = f"{mcfg.kd.steps} x {len(cfg.seeds)} seed(s)"
+    rows, detail = [], {}
+    d0 = by_score[default]
+    if "experts" in todo:
+        r = {"default": default, "steps": steps, "zero_shot": {s: Z(v) for s, v in by_score.items()},
+             "same_sets": {s: v.key == d0.key for s, v in by_score.items() if s != default},
+             "kd": {s: K(v, cfg.seeds) for s, v in by_score.items() if s in m.kd_scores}}
+        rows.append(CL.expert_score(r))
+        detail["expert_score"] = r
+        r = {"score": default, "steps": steps,
+             "zero_shot": {"scored": Z(d0), "random": {f"r{s}": Z(v) for s, v in rand.items()}},
+             "kd": {"scored": K(d0, cfg.seeds), "random": {f"s{s}": K(v, [s])[f"s{s}"] for s, v in rand.items()
+                                                           if K(v, [s])}},
+             "experts": {f"r{s}": {str(i): e["experts"] for i, e in v.plan.layers.items() if "experts" in e}
+                         for s, v in rand.items()} | {default: {str(i): e["experts"] for i, e in
+                                                               d0.plan.layers.items() if "experts" in e}}}
+        rows.append(CL.expert_random(r))
+        detail["expert_random"] = r
+    if "expert_ffn" in todo:
+        def side(v, label):
+            return {"label": label, "params": v.plan.params_after["total"],
+                    "active": v.plan.params_after["active"], "zero_shot": Z(v), "kd": K(v, cfg.seeds)}
+        for b, v in ffn.items():
+            r = {"steps": steps, "experts": side(d0, f"experts {n} -> {kn}"),
+                 "ffn": side(v, f"expert FFN {t_cfg.moe_ffn_hidden_size} -> {v.plan.target.moe_ffn_hidden_size}")}
+            rows.append(CL.experts_vs_ffn(r, b))
+            detail[f"experts_vs_ffn_{b}"] = r
+    teacher = res.d["zero_shot"]["teacher"]
+    c = count_parameters(t_cfg)
+    head = (f"MoE teacher (`{m.teacher}`) `{t_cfg.pattern}`, {n} experts top-{t_cfg.moe_router_topk}: "
+            f"{c['total']:,} params ({c['active']:,} active), validation loss {teacher['loss']:.4f} on the "
+            f"same held-out tokens. MoE KD = {mcfg.kd.steps} steps x {cfg.kd.global_batch_size} x {seq} "
+            f"tokens per seed, seeds {cfg.seeds}; random experts: draw s is distilled with seed s.")
+    detail["teacher"] = teacher
+    return rows, detail, head
+
+
+def run_ablations(cfg: AblationsConfig) -> dict:
+    t_start = time.time()
+    dense, moe = validate(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, detail, heads, plot = [], {}, [], None
+    teacher = None
+    if dense:
+        rows, detail, head, plot = _run_dense(cfg, dense, out)
+        teacher = detail.pop("teacher")
+        heads.append(head)
+    if moe:
+        why = moe_missing(cfg)
+        if why and cfg.only:  # asked for by name: refuse (validate_moe says why)
+            validate_moe(cfg)
+        if why:  # `only` empty: the dense table, and a line saying how to add the MoE rows
+            print(f"[ablations] MoE ablations skipped: {why}", flush=True)
+            rows.append(CL.moe_skipped(why))
+        else:
+            r, d, head = _run_moe(cfg, moe, out)
+            rows += r
+            detail["moe"] = d
+            heads.append(head)
+    md = ("# Ablations (paper sec. 4) on the embedded default teacher\n\n" + "\n\n".join(heads)
+          + "\n\n" + CL.markdown(rows) + (f"\n![candidates]({Path(plot).name})\n" if plot else ""))
     (out / "claims.md").write_text(md)
     (out / "claims.json").write_text(json.dumps({"rows": rows, "detail": detail, "teacher": teacher}, indent=1))
     summary = {"stage": "ablations", "claims": rows, "output_dir": str(out),

@@ -1,6 +1,7 @@
 """Worker for tests/dist/test_ablations_dist.py: the `ablations` stage end to end in one
 process on a tiny teacher trained a few steps and its real `stats` importance file (every
-ablation, 2 KD steps, one seed), then the same command again (resume). Writes
+dense ablation, 2 KD steps, one seed; no MoE teacher, so the MoE rows are one skipped line),
+then the same command again (resume). Writes
 <workdir>/result.json."""
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_minitron import dist as D  # noqa: E402
-from megatron_minitron.ablations.stage import AblationsConfig, run_ablations  # noqa: E402
+from megatron_minitron.ablations.stage import AblationsConfig, MoEAblationsConfig, run_ablations  # noqa: E402
 from megatron_minitron.config import ParallelConfig, TrainConfig  # noqa: E402
 from megatron_minitron.distill.stage import LossConfig  # noqa: E402
 from megatron_minitron.plan.targets import TargetConfig  # noqa: E402
@@ -31,7 +32,8 @@ def cfg(work: Path) -> AblationsConfig:
         throughput_iters=1,
         kd=TrainConfig(steps=2, global_batch_size=2, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
                        warmup_steps=1, log_interval=1, eval_interval=1000, eval_iters=2, save_interval=1000),
-        kd_loss=LossConfig(chunk_size=48), seeds=[1], keep_checkpoints=True)
+        kd_loss=LossConfig(chunk_size=48), seeds=[1], keep_checkpoints=True,
+        moe=MoEAblationsConfig(teacher=str(work / "no_moe_teacher")))  # absent: the MoE rows are skipped
 
 
 def main():
