@@ -34,6 +34,7 @@ from .hooks import MAMBA_SOURCES, SOURCES, StatsCollector, out_proj_col_sq
 from .io import ImportanceFile
 
 ALL_SOURCES = list(SOURCES) + ["kl"]
+MAMBA_ONLY_SOURCES = MAMBA_SOURCES + ("flap",)  # what only Mamba layers have
 
 
 @dataclass
@@ -118,12 +119,16 @@ def validate_settings(cfg: StatsConfig, world: int | None = None) -> None:
 
 def validate_model(cfg: StatsConfig, model_cfg: ModelConfig) -> None:
     """The checkpoint's model against the settings."""
-    if "M" not in model_cfg.pattern:
-        raise ConfigError(
-            f"checkpoint={cfg.checkpoint!r} is not a hybrid Mamba model (pattern "
-            f"{model_cfg.pattern!r} has no 'M' layer); the stats stage needs a Mamba2 hybrid")
     model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="checkpoint model", ep=cfg.parallel.ep)
     check_ep_used(cfg.parallel.ep, model_cfg)
+    asked = [s for s in dict.fromkeys(cfg.sources) if s in MAMBA_ONLY_SOURCES]
+    # no Mamba layer: the default list skips its Mamba sources (the run says so); a list of
+    # the user's own naming one is refused
+    if "M" not in model_cfg.pattern and asked and set(cfg.sources) != set(ALL_SOURCES):
+        rest = [s for s in dict.fromkeys(cfg.sources) if s not in MAMBA_ONLY_SOURCES]
+        raise ConfigError(
+            f"sources={cfg.sources} names the Mamba source(s) {asked}, but the checkpoint's pattern "
+            f"{model_cfg.pattern!r} has no Mamba (M) layer; remove them: sources=[{','.join(rest)}]")
     if "ffn_pre" in cfg.sources and model_cfg.activation == "swiglu":
         raise ConfigError("sources contains ffn_pre (FFN score before the activation), which is "
                           "undefined for a gated MLP (activation=swiglu); use ffn instead")
@@ -361,6 +366,10 @@ def _run(cfg: StatsConfig, model_cfg: ModelConfig, seq: int, par, t_start: float
     offset = model_cfg.layer_offset(par.pp, par.pp_rank)
     n_local = len(model.decoder.layers)
     sources = list(dict.fromkeys(cfg.sources))
+    if "M" not in model_cfg.pattern and set(sources) & set(MAMBA_ONLY_SOURCES):
+        D.print0(f"[stats] pattern {model_cfg.pattern!r} has no Mamba layer: sources "
+                 f"{', '.join(s for s in sources if s in MAMBA_ONLY_SOURCES)} skipped")
+        sources = [s for s in sources if s not in MAMBA_ONLY_SOURCES]
     col = StatsCollector(model, model_cfg, par.tp, offset, [s for s in sources if s != "kl"],
                          device=par.device, sp_group=par.pg.tp if rt.sequence_parallel else None,
                          expt_tp_group=par.pg.expt_tp if model_cfg.is_moe else None)

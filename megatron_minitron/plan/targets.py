@@ -380,6 +380,11 @@ def validate_targets(src: ModelConfig, t: TargetConfig, tp: int = 1, pp: int = 1
             raise ConfigError(f"{p}{name}={v} is not divisible by {what}={by}; "
                               f"use e.g. {_alt_multiple(v, by, hi)}")
 
+    if "M" not in types:  # an attention / MLP (/ MoE) model: its axes are hidden, FFN, heads, depth
+        for name in ("mamba_num_heads", "mamba_head_dim"):
+            if getattr(t, name):
+                raise ConfigError(f"{p}{name}={getattr(t, name)} is set but the source pattern "
+                                  f"{src.pattern!r} has no Mamba (M) layer; set {p}{name}=0")
     le("hidden_size", t.hidden_size, src.hidden_size)
     le("ffn_hidden_size", t.ffn_hidden_size, src.ffn_hidden_size)
     le("mamba_num_heads", t.mamba_num_heads, src.mamba_num_heads)
@@ -622,6 +627,8 @@ def summary_lines(p: Plan) -> list[str]:
             ("mamba_num_heads", s.mamba_num_heads, t.mamba_num_heads),
             ("mamba_head_dim", s.mamba_head_dim, t.mamba_head_dim),
             ("num_attention_heads", s.num_attention_heads, t.num_attention_heads)]
+    if "M" not in s.pattern:  # no Mamba layer: its fields are unused
+        rows = [r for r in rows if not r[0].startswith("mamba_")]
     if s.is_moe:
         rows += [(n, getattr(s, a), getattr(t, a)) for n, a in zip(
             ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_ffn"), MOE_AXES) if getattr(s, a)]

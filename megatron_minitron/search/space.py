@@ -184,6 +184,12 @@ def axes_of(teacher: ModelConfig) -> tuple[str, ...]:
 
 
 def check_space(teacher: ModelConfig, space: SearchSpace) -> None:
+    if "M" not in teacher.pattern:  # attention / MLP teacher: hidden, FFN and depth remain
+        asked = [a for a in ("mamba_num_heads", "mamba_head_dim")
+                 if parse_axis(getattr(space, a), f"search.space.{a}")]
+        if asked:
+            raise ConfigError(f"search.space.{asked[0]} is set but the teacher ({teacher.pattern!r}) has "
+                              f"no Mamba (M) layer; remove that axis (search.space.{asked[0]}=[])")
     if not teacher.is_moe:
         asked = [a for a in MOE_AXES if parse_axis(getattr(space, a), f"search.space.{a}")]
         if asked:

@@ -300,8 +300,9 @@ def _plan_for(imp, c: Candidate, cfg: SearchConfig, teacher_layers: int):
     # an axis at the teacher's value stays unpruned (0): a plan then needs no scores for it
     moe = {a: (getattr(c, a) if getattr(c, a) != getattr(src, a) else 0)
            for a in ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")}
-    t = TargetConfig(hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size,
-                     mamba_num_heads=c.mamba_num_heads, mamba_head_dim=c.mamba_head_dim,
+    mamba = (dict(mamba_num_heads=c.mamba_num_heads, mamba_head_dim=c.mamba_head_dim)
+             if "M" in src.pattern else {})  # no Mamba layer: no Mamba target (refused if set)
+    t = TargetConfig(hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size, **mamba,
                      num_layers=c.num_layers if c.num_layers < teacher_layers else 0,
                      depth_metric=cfg.depth_metric, **(moe if src.is_moe else {}))
     plan = make_plan(imp, t, mamba_source=cfg.mamba_source, mamba_metric=cfg.mamba_metric,

@@ -5,14 +5,17 @@
                      `dense` (M, * and - layers, 2 Mamba groups, 2 KV groups) and two MoE hybrids
                      (M, E, *, E, -, E; 8 experts, top-2, a shared expert, routed scaling 2.5):
                      `moe` (n_group 1) and `moe_grouped` (2 routing groups of 4, a token's top 2
-                     from 1 group; latent projections of width 24).
+                     from 1 group; latent projections of width 24); `attn`, no Mamba layer
+                     (*, -, *, -; the real corpus's vocabulary of 4096, issue 23).
   par  (2 processes): import-hf (TP=1) -> our checkpoints; rank 0 draws random plans that
                      prune EVERY axis (hidden, FFN, Mamba heads + channels, attention heads,
                      dropped layers; random orders within groups; for MoE also the experts of
                      each layer (within routing groups), each expert's own FFN neurons and the
                      shared expert's), a zeroing plan (FFN neurons + attention heads only) and
                      expert-dropping plans (experts only); `prune` (the code under test) at
-                     TP=2, TP=1 and EP=2.
+                     TP=2, TP=1 and EP=2. `attn` goes the user's way instead: stats at TP=2
+                     (the real corpus) -> plan (hidden, FFN, heads, depth) -> prune at TP=2 ->
+                     distill (2 steps, TP=2).
   exp  (1 process):  export-hf of each pruned checkpoint -> transformers logits; the oracle:
                      slice the ORIGINAL transformers state dict with `slice_hf` below (plan.json
                      alone; no import from megatron_minitron.rewrite / plan / hf.mapping) ->
@@ -25,6 +28,8 @@
                      weights from the unbiased scores and normalises over the chosen ones, so
                      an expert at -inf is simply never chosen (with grouped routing every
                      group keeps >= 2 experts: its top-2 group score is over the kept ones).
+                     `attn`: stats again at TP=1 (the parity reference), eval and export-hf of
+                     the distilled checkpoint.
 """
 
 import json
@@ -55,6 +60,10 @@ SOURCES = {  # source model name -> NemotronHConfig fields over the dense defaul
                 moe_latent_size=None),
 }
 SOURCES["moe_grouped"] = dict(SOURCES["moe"], n_group=2, topk_group=1, moe_latent_size=24)
+# no Mamba layer (issue 23); the vocabulary of the real corpus its stats / distill read
+SOURCES["attn"] = dict(layers_block_type=["full_attention", "mlp", "full_attention", "mlp"], vocab_size=4096)
+ATTN_TARGET = dict(hidden_size=48, ffn_hidden_size=64, num_attention_heads=2, num_layers=3)
+ATTN_STATS = dict(samples=8, seq_length=32, micro_batch_size=4, depth_samples=4, save_interval=0)
 
 
 def hf_config(**over):
@@ -307,6 +316,8 @@ PLANS = {  # name: (source, prune at layout, random_plan arguments)
     # experts only, for the -inf oracle
     "moe_drop_experts": ("moe", dict(tp=1), dict(experts_per_group=5)),
     "moe_drop_experts_grouped_ep2": ("moe_grouped", dict(ep=2), dict(experts_per_group=2)),
+    # no Mamba layer: the plan stage's plan from stats at TP=2 (par)
+    "attn_tp2": ("attn", dict(tp=2), None),
 }
 EP2_TARGET = dict(hidden_size=48, ffn_hidden_size=62, mamba_num_heads=4, mamba_head_dim=12, num_attention_heads=2,
                   drop_layers=[3], num_moe_experts=6, moe_ffn_hidden_size=20, moe_shared_expert_intermediate_size=30)
@@ -316,7 +327,7 @@ def par(wd: Path):
     import torch.distributed as dist
 
     from megatron_minitron import dist as D
-    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.config import ParallelConfig, TrainConfig
     from megatron_minitron.hf.stage import ImportHFConfig, run_import_hf
     from megatron_minitron.rewrite.stage import PruneConfig, run_prune
     from megatron_minitron.train import checkpoint as ckpt
@@ -324,14 +335,22 @@ def par(wd: Path):
     for source in SOURCES:
         run_import_hf(ImportHFConfig(hf_dir=str(wd / _hf_dir(source)), output_dir=str(wd / f"src_{source}")),
                       shutdown=False)
+    attn_stats(wd, "stats_attn_tp2", ParallelConfig(tp=2))
     if dist.get_rank() == 0:
         from megatron_minitron.importance.io import ImportanceFile
-        from megatron_minitron.plan.targets import TargetConfig, make_plan
+        from megatron_minitron.plan.targets import Plan, TargetConfig, make_plan
 
         g = torch.Generator().manual_seed(2024)
         for name, (source, _, kw) in PLANS.items():
             cfg = ckpt.read_model_config(wd / f"src_{source}")
-            if kw is None:  # the plan stage's path: random expert / neuron scores, ranked order
+            if source == "attn":  # the plan stage on the stats file
+                from megatron_minitron.plan.stage import PlanConfig, run_plan
+
+                run_plan(PlanConfig(importance=str(wd / "stats_attn_tp2" / "importance.pt"),
+                                    output_dir=str(wd / "plan_attn"), target=TargetConfig(**ATTN_TARGET),
+                                    parallel=ParallelConfig(tp=2)))
+                plan = Plan.load(wd / "plan_attn" / "plan.json")
+            elif kw is None:  # the plan stage's path: random expert / neuron scores, ranked order
                 plan = make_plan(ImportanceFile.random(cfg, g), TargetConfig(**EP2_TARGET), order="ranked", ep=2)
             else:
                 plan = random_plan(cfg, g, **kw)
@@ -357,14 +376,41 @@ def par(wd: Path):
     for name, (source, layout, _) in list(PLANS.items()) + [("zero", ("dense", dict(tp=2), None))]:
         run_prune(PruneConfig(checkpoint=str(wd / f"src_{source}"), plan=str(wd / f"plan_{name}.json"),
                               output=str(wd / f"pruned_{name}"), parallel=ParallelConfig(**layout)))
+    from megatron_minitron.distill.stage import DistillConfig, run_distill
+
+    run_distill(DistillConfig(
+        student=str(wd / "pruned_attn_tp2"), teacher=str(wd / "src_attn"), output_dir=str(wd / "distilled_attn"),
+        data=data_cfg(wd), seq_length=32, parallel=ParallelConfig(tp=2),
+        train=TrainConfig(steps=2, global_batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=0,
+                          eval_interval=2, eval_iters=1, save_interval=2, log_interval=1)))
     D.shutdown()
+
+
+def data_cfg(wd: Path):
+    from megatron_minitron.config import DataConfig
+
+    info = json.loads((wd / "data.json").read_text())
+    return DataConfig(prefix=info["prefix"], tokenizer=info["tokenizer"], split="90,10,0")
+
+
+def attn_stats(wd: Path, name: str, pc) -> None:
+    """`stats` on the imported attention-only model (every source; the Mamba ones skipped)."""
+    from megatron_minitron.importance.stage import StatsConfig, run_stats
+
+    run_stats(StatsConfig(checkpoint=str(wd / "src_attn"), output_dir=str(wd / name), parallel=pc,
+                          data=data_cfg(wd), **ATTN_STATS))
 
 
 def exp(wd: Path):
     from transformers import AutoModelForCausalLM
 
+    from megatron_minitron import dist as D
+    from megatron_minitron.config import EvalConfig, ParallelConfig
     from megatron_minitron.hf.stage import ExportHFConfig, run_export_hf
+    from megatron_minitron.train.pretrain import run_eval
 
+    D.init(ParallelConfig(), seed=0)  # one process group for every stage below
+    attn_stats(wd, "stats_attn_tp1", ParallelConfig())  # the TP=1 reference of the parity test
     src_cfgs, sds = {}, {}
     for source in SOURCES:
         src_cfgs[source] = json.loads((wd / _hf_dir(source) / "config.json").read_text())
@@ -401,8 +447,17 @@ def exp(wd: Path):
         wrong["hidden"] = list(range(len(plan["hidden"])))
         r["max_abs_vs_first_k_slicer"] = (got - oracle_logits(sd, src_cfg, wrong, source)).abs().max().item()
         res[name] = r
-    from megatron_minitron import dist as D
-
+    # the distilled attention-only student: eval, export-hf, transformers loads it
+    ev = run_eval(EvalConfig(checkpoint=str(wd / "distilled_attn"), output_dir=str(wd / "eval_attn"),
+                             data=data_cfg(wd), eval_iters=1, micro_batch_size=2))
+    run_export_hf(ExportHFConfig(checkpoint=str(wd / "distilled_attn"), output_dir=str(wd / "exp_distilled_attn"),
+                                 dtype="fp32", tokenizer="none"), shutdown=False)
+    got = logits(AutoModelForCausalLM.from_pretrained(wd / "exp_distilled_attn").float())
+    pruned = logits(AutoModelForCausalLM.from_pretrained(wd / "exp_attn_tp2").float())
+    res["distilled_attn"] = {
+        "eval": ev, "blocks": json.loads((wd / "exp_distilled_attn" / "config.json").read_text())["layers_block_type"],
+        "finite": bool(torch.isfinite(got).all()), "moved_vs_pruned": (got - pruned).abs().max().item(),
+        "distill": json.loads((wd / "distilled_attn" / "summary.json").read_text())}
     D.shutdown()
     (wd / "result_oracle.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -284,8 +284,14 @@ def test_bad_input_fails_before_any_work(tmp_path, real_data):
         validate(StatsConfig(checkpoint=str(tmp_path / "nothing"), data=data))
     (tmp_path / "gpt").mkdir()
     gpt = _fake_ckpt(tmp_path / "gpt", dataclasses.replace(SMALL, pattern="*-*-"))
-    with pytest.raises(ConfigError, match="not a hybrid Mamba model"):
+    # no Mamba layer (issue 23): the default sources pass every config check (the Mamba ones
+    # are skipped at run time); a list of one's own naming a Mamba source is refused
+    with pytest.raises(ConfigError, match="metadata.json"):
         validate(StatsConfig(checkpoint=gpt, data=data))
+    with pytest.raises(ConfigError, match=r"names the Mamba source\(s\) \['x', 'flap'\], but the "
+                       r"checkpoint's pattern '\*-\*-' has no Mamba \(M\) layer; remove them: "
+                       r"sources=\[ffn,attn\]"):
+        validate(StatsConfig(checkpoint=gpt, data=data, sources=["x", "ffn", "flap", "attn"]))
     with pytest.raises(ConfigError, match="parallel.tp"):
         validate(StatsConfig(checkpoint=good, data=data, parallel=ParallelConfig(tp=3)))
 

@@ -10,7 +10,7 @@ from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.importance.io import ImportanceFile
 from megatron_minitron.plan.stage import PlanConfig, run_plan
 from megatron_minitron.plan.targets import (Plan, TargetConfig, assemble_plan, identity_plan,
-                                            make_plan, validate_targets)
+                                            make_plan, summary_lines, validate_targets)
 from megatron_minitron.rewrite import rules
 
 SRC = ModelConfig(pattern="M-*-M-", hidden_size=64, ffn_hidden_size=128, mamba_num_heads=8,
@@ -426,3 +426,26 @@ def test_export_notes_expert_widths_transformers_default_kernel_refuses():
     odd = dataclasses.replace(MOE, moe_ffn_hidden_size=18)  # 72 bytes a row in fp32
     assert "moe_ffn_hidden_size=18 is not a multiple of 4" in grouped_mm_note(odd, 4)
     assert "experts_implementation='eager'" in grouped_mm_note(dataclasses.replace(MOE, hidden_size=36), 2)
+
+
+ATTN = dataclasses.replace(SRC, pattern="*-*-")  # no Mamba layer (issue 23)
+
+
+def test_attention_mlp_model_prunes_hidden_ffn_heads_and_depth():
+    """A pattern without Mamba layers: hidden, FFN, attention heads and depth are its axes;
+    a Mamba target is refused naming the key, and the summary shows no Mamba rows."""
+    t = TargetConfig(hidden_size=48, ffn_hidden_size=64, num_attention_heads=2, num_layers=3)
+    imp = importance(ATTN)
+    p = make_plan(imp, t)
+    dropped = int(imp.depth["kl"].argmin())  # depth: the lowest-KL layer goes
+    assert p.dropped_layers == [dropped] and p.target.pattern == "*-*-"[:dropped] + "*-*-"[dropped + 1:]
+    assert (p.target.hidden_size, p.target.ffn_hidden_size, p.target.num_attention_heads) == (48, 64, 2)
+    assert [len(v) for e in p.layers.values() for v in e.values()] == [
+        2 if ATTN.pattern[i] == "*" else 64 for i in p.kept_layers]
+    assert p.params_after["total"] < p.params_before["total"]
+    lines = "\n".join(summary_lines(p))
+    assert "mamba" not in lines and "num_attention_heads" in lines
+    for key in ("mamba_num_heads", "mamba_head_dim"):
+        with pytest.raises(ConfigError, match=rf"^target\.{key}=4 is set but the source pattern '\*-\*-' "
+                                              rf"has no Mamba \(M\) layer; set target\.{key}=0$"):
+            make_plan(importance(ATTN), dataclasses.replace(t, **{key: 4}))

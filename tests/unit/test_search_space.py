@@ -210,3 +210,27 @@ def test_moe_axes_refused_where_they_cannot_apply():
     _, info = enumerate_candidates(MOE_TEACHER, SearchSpace(num_moe_experts=[1, 2, 3, 4]),
                                    Budget(params=10 ** 9, tolerance=0.999999), drop_order=MOE_DROP, ep=2)
     assert info["rejected"]["divisibility"] == 2  # 1 (< top-2) and 3 (odd at ep=2)
+
+
+def test_attention_mlp_teacher_searches_hidden_ffn_and_depth():
+    """A teacher without Mamba layers (issue 23): candidates over depth, hidden and FFN, each
+    one's plan (the search's own make_plan call) giving its pattern and parameter count; a
+    Mamba axis is refused naming the key."""
+    import torch
+
+    from megatron_minitron.importance.io import ImportanceFile
+    from megatron_minitron.search.stage import SearchConfig, _plan_for
+
+    teacher = dataclasses.replace(TEACHER, pattern="*-*-*-")
+    space = SearchSpace(num_layers=[4, 5, 6], hidden_size=[48, 64], ffn_hidden_size=[96, 192])
+    imp = ImportanceFile.random(teacher, torch.Generator().manual_seed(0))
+    order = sorted(range(6), key=lambda i: float(imp.depth["kl"][i]))
+    cands, info = enumerate_candidates(teacher, space, 110_000, 0.3, order)
+    assert len(cands) == info["combinations"] - sum(info["rejected"].values()) > 4
+    for c in cands:
+        plan = _plan_for(imp, c, SearchConfig(), 6)  # raises if the plan disagrees with c
+        assert "M" not in plan.target.pattern and plan.params_after["total"] == c.params
+    for axis in ("mamba_num_heads", "mamba_head_dim"):
+        with pytest.raises(ConfigError, match=rf"search\.space\.{axis} is set but the teacher \('\*-\*-\*-'\) "
+                                              r"has no Mamba \(M\) layer; remove that axis"):
+            enumerate_candidates(teacher, dataclasses.replace(space, **{axis: [8]}), 110_000, 0.3, order)
