@@ -143,10 +143,10 @@ class Candidate:
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
-    mamba_num_heads: int
-    mamba_head_dim: int
     pattern: str
     params: int
+    mamba_num_heads: int = 0  # the Mamba axes: 0 for a teacher without Mamba layers
+    mamba_head_dim: int = 0
     num_moe_experts: int = 0  # the MoE axes: 0 for a dense teacher
     moe_ffn_hidden_size: int = 0
     moe_shared_expert_intermediate_size: int = 0
@@ -155,8 +155,9 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        n = (f"L{self.num_layers}-h{self.hidden_size}-f{self.ffn_hidden_size}"
-             f"-mh{self.mamba_num_heads}-hd{self.mamba_head_dim}")
+        n = f"L{self.num_layers}-h{self.hidden_size}-f{self.ffn_hidden_size}"
+        if self.mamba_num_heads:
+            n += f"-mh{self.mamba_num_heads}-hd{self.mamba_head_dim}"
         if self.num_moe_experts:
             n += (f"-e{self.num_moe_experts}-ef{self.moe_ffn_hidden_size}"
                   f"-sh{self.moe_shared_expert_intermediate_size}")
@@ -179,8 +180,9 @@ def drop_pattern(pattern: str, drop_order: Sequence[int], num_layers: int) -> st
 
 
 def axes_of(teacher: ModelConfig) -> tuple[str, ...]:
-    """The axes a teacher has: the MoE ones only with E layers."""
-    return AXES if teacher.is_moe else DENSE_AXES
+    """The axes a teacher has: the Mamba ones only with M layers, the MoE ones with E layers."""
+    axes = DENSE_AXES if "M" in teacher.pattern else DENSE_AXES[:3]
+    return axes + MOE_AXES if teacher.is_moe else axes
 
 
 def check_space(teacher: ModelConfig, space: SearchSpace) -> None:

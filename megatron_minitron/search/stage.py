@@ -388,20 +388,23 @@ MOE_COLUMNS = [("num_moe_experts", "experts"), ("moe_ffn_hidden_size", "expert F
                ("moe_shared_expert_intermediate_size", "shared FFN")]
 
 
-def columns(moe: bool) -> list:
-    """The table's columns; a MoE teacher's add its three axes after the dense ones."""
-    return COLUMNS[:6] + MOE_COLUMNS + COLUMNS[6:] if moe else COLUMNS
+def columns(moe: bool, mamba: bool = True) -> list:
+    """The table's columns: a teacher without Mamba layers has no Mamba columns, an MoE
+    teacher's add its three axes after the dense ones."""
+    dense = COLUMNS[:6] if mamba else COLUMNS[:4]
+    return dense + (MOE_COLUMNS if moe else []) + COLUMNS[6:]
 
 
 def axes_of_row(row: dict) -> list:
-    return [a for a, _ in COLUMNS[1:6] + MOE_COLUMNS if a in row]
+    return [a for a, _ in COLUMNS[1:6] + MOE_COLUMNS if row.get(a)]
 
 
 def _count(v: int) -> str:
     return f"{v / 1e6:.3f}M" if v < 1e9 else f"{v / 1e9:.2f}B"
 
 
-def table_markdown(rows: list[dict], teacher: dict | None = None, moe: bool = False) -> str:
+def table_markdown(rows: list[dict], teacher: dict | None = None, moe: bool = False,
+                   mamba: bool = True) -> str:
     def fmt(k, v):
         if v is None:
             return "-"
@@ -415,7 +418,7 @@ def table_markdown(rows: list[dict], teacher: dict | None = None, moe: bool = Fa
             return f"{v:,.0f}"
         return str(v)
 
-    cols = columns(moe)
+    cols = columns(moe, mamba)
     lines = ["| " + " | ".join(h for _, h in cols) + " |",
              "|" + "|".join("---:" for _ in cols) + "|"]
     for r in ([teacher] if teacher else []) + rows:
@@ -671,12 +674,12 @@ def _outputs(cfg: SearchConfig, state: State, cands, info, drop_order, stopped, 
     kd_rows = [dict(r, **state.data["kd"][r["name"]]) for r in top]
     rows = rank(kd_rows, cfg.tie_tolerance)
     teacher_row = dict(state.data["zero_shot"]["__teacher__"], **_sizes(t_cfg, budget), rank="teacher")
-    moe = "num_moe_experts" in teacher_row
-    tcols = [k for k, _ in columns(moe)]
+    moe, mamba = "num_moe_experts" in teacher_row, "mamba_num_heads" in teacher_row
+    tcols = [k for k, _ in columns(moe, mamba)]
     table = {"columns": tcols, "teacher": {k: teacher_row.get(k) for k in tcols},
              "rows": [{**{k: r.get(k) for k in tcols}, "name": r["name"], "pattern": r["pattern"]} for r in rows]}
     (out / "table.json").write_text(json.dumps(table, indent=1))
-    md = table_markdown(rows, teacher_row, moe)
+    md = table_markdown(rows, teacher_row, moe, mamba)
     (out / "table.md").write_text(
         f"# Architecture search (paper table 1)\n\nBudget: {budget.describe()}; "
         f"{len(cands)} candidates scored zero-shot; top {len(top)} after {cfg.short_kd_steps} KD steps; "

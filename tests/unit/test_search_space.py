@@ -230,6 +230,8 @@ def test_attention_mlp_teacher_searches_hidden_ffn_and_depth():
     for c in cands:
         plan = _plan_for(imp, c, SearchConfig(), 6)  # raises if the plan disagrees with c
         assert "M" not in plan.target.pattern and plan.params_after["total"] == c.params
+        assert c.name == f"L{c.num_layers}-h{c.hidden_size}-f{c.ffn_hidden_size}"  # no Mamba fields
+        assert (c.model_config(teacher).mamba_num_heads, c.mamba_num_heads) == (teacher.mamba_num_heads, 0)
     for axis in ("mamba_num_heads", "mamba_head_dim"):
         with pytest.raises(ConfigError, match=rf"search\.space\.{axis} is set but the teacher \('\*-\*-\*-'\) "
                                               r"has no Mamba \(M\) layer; remove that axis"):

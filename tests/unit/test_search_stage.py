@@ -146,6 +146,10 @@ def test_rank_breaks_near_ties_by_throughput():
     md = table_markdown([dict(r, params=1_000_000, zero_shot_loss=3.0, num_layers=5, hidden_size=1,
                               ffn_hidden_size=1, mamba_num_heads=1, mamba_head_dim=1) for r in out])
     assert md.count("\n") == 6 and "| 1 | 5 |" in md
+    assert "Mamba heads" in md and "experts" not in md
+    md = table_markdown([dict(r, params=1, zero_shot_loss=3.0, num_moe_experts=4) for r in out], moe=True,
+                        mamba=False)
+    assert "Mamba heads" not in md.splitlines()[0] and "| experts | expert FFN | shared FFN |" in md
 
 
 def test_recipes_load_and_the_paper_candidate_is_in_the_8b_space():
