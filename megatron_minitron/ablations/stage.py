@@ -852,7 +852,8 @@ def run_ablations(cfg: AblationsConfig) -> dict:
             rows += r
             detail["moe"] = d
             heads.append(head)
-    md = ("# Ablations (paper sec. 4) on the embedded default teacher\n\n" + "\n\n".join(heads)
+    title = "Ablations (paper sec. 4" + (", and MoE: issue 19" if moe else "") + ") on the default-scale teachers"
+    md = (f"# {title}\n\n" + "\n\n".join(heads)
           + "\n\n" + CL.markdown(rows) + (f"\n![candidates]({Path(plot).name})\n" if plot else ""))
     (out / "claims.md").write_text(md)
     (out / "claims.json").write_text(json.dumps({"rows": rows, "detail": detail, "teacher": teacher}, indent=1))
