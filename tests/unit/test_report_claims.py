@@ -105,8 +105,8 @@ def test_random_expert_keep_sets_are_seeded_valid_and_prunable():
     import torch
 
     from megatron_minitron import dist as D
-    from megatron_minitron.ablations import stage as S
-    from megatron_minitron.ablations.stage import random_expert_plan
+    from megatron_minitron.ablations import lab as S
+    from megatron_minitron.ablations.moe import random_expert_plan
     from megatron_minitron.compat import mcore
     from megatron_minitron.config import ModelConfig, ParallelConfig
     from megatron_minitron.importance.io import ImportanceFile
