@@ -360,6 +360,7 @@ def test_in_place_prune_of_a_run_dir_rewrites_only_the_checkpoint(env):
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
 
 
+@pytest.mark.slow  # CI time (150 s); CI keeps this file's in-place prune and test_prune_dist's kill -9
 def test_kill_sweep_reduced(env):
     res = sweep(env, CI_TRIALS)
     assert all(sum(c.values()) >= CI_TRIALS for c in res.values())

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import REPO, child_env, free_port, launch, write_data_json
 from tests.dist.test_stats_dist import _flat
 
 STATS_WORKER = Path(__file__).with_name("stats_worker.py")
+pytestmark = pytest.mark.slow  # CI time (50 s): two launches of the CLI stats stage
 
 
 def _cli(wd: Path, out: str) -> list[str]:

