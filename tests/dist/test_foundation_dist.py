@@ -10,7 +10,6 @@ import torch
 from tests.conftest import launch, write_data_json
 
 WORKER = Path(__file__).with_name("foundation_worker.py")
-pytestmark = pytest.mark.smoke
 
 # fp32 on CPU. Logits: TP splits GEMM reductions (row-parallel all-reduce), so sums are
 # re-associated: observed ~1e-6; asserted 1e-4 absolute on logits of magnitude ~1-10.
