@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError
 from . import claims as CL
-from .lab import Lab, Results, Variant, _depth_drop, _fingerprint, _kd_one, _target
+from .lab import Lab, Results, Variant, _depth_drop, _fingerprint, _target, run_kds
 
 if TYPE_CHECKING:
     from .stage import AblationsConfig
@@ -178,17 +178,7 @@ def _run_dense(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, 
                 want.append((by_name[best], False, True, False))
 
     # ---- 2. KD, per seed
-    kd_todo = []
-    for v, _, kd, _ in want:
-        for s in cfg.seeds if kd else []:
-            if f"{v.key}/s{s}" not in res.d["kd"] and (v.key, s) not in [(w.key, t) for w, t in kd_todo]:
-                kd_todo.append((v, s))
-    for i, (v, s) in enumerate(kd_todo):
-        print(f"[ablations] KD {i + 1}/{len(kd_todo)}: {v.name} seed {s} ({cfg.kd.steps} steps)", flush=True)
-        rec = _kd_one(cfg, v, s, seq, out / "kd" / f"{v.key}-s{s}")
-        rec["name"] = v.name
-        res.put("kd", f"{v.key}/s{s}", rec)
-        print(f"[ablations] KD {v.name} seed {s}: loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)", flush=True)
+    run_kds(cfg, res, [(v, s) for v, _, kd, _ in want for s in (cfg.seeds if kd else [])], seq, out / "kd")
 
     def K(name):
         vals = [res.d["kd"][f"{by_name[name].key}/s{s}"]["loss"] for s in cfg.seeds

@@ -190,6 +190,21 @@ def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path
             "tokens": cfg.kd.steps * cfg.kd.global_batch_size * seq}
 
 
+def run_kds(cfg: AblationsConfig, res: Results, want: list, seq: int, root: Path, label: str = "") -> None:
+    """The short KD of each (variant, seed) of `want` without a result yet, each pair once,
+    in order; every result is recorded as it finishes."""
+    todo = []
+    for v, s in want:
+        if f"{v.key}/s{s}" not in res.d["kd"] and (v.key, s) not in [(w.key, t) for w, t in todo]:
+            todo.append((v, s))
+    for i, (v, s) in enumerate(todo):
+        print(f"[ablations] {label}KD {i + 1}/{len(todo)}: {v.name} seed {s} ({cfg.kd.steps} steps)", flush=True)
+        rec = _kd_one(cfg, v, s, seq, root / f"{v.key}-s{s}")
+        rec["name"] = v.name
+        res.put("kd", f"{v.key}/s{s}", rec)
+        print(f"[ablations] KD {v.name} seed {s}: loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)", flush=True)
+
+
 # ----------------------------------------------------------------------------- state
 
 

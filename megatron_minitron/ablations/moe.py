@@ -14,7 +14,7 @@ import torch
 from ..config import ConfigError
 from ..plan.targets import TargetConfig
 from . import claims as CL
-from .lab import MOE, Lab, Results, Variant, _fingerprint, _kd_one, _target
+from .lab import MOE, Lab, Results, Variant, _fingerprint, _target, run_kds
 
 if TYPE_CHECKING:
     from .stage import AblationsConfig
@@ -189,17 +189,7 @@ def _run_moe(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, di
                       f"({v.plan.params_after['active']:,} active), loss {rec['loss']:.4f}", flush=True)
         finally:
             lab.close()
-    todo_kd = []
-    for v, seeds in want:
-        for s in seeds:
-            if f"{v.key}/s{s}" not in res.d["kd"] and (v.key, s) not in [(w.key, t) for w, t in todo_kd]:
-                todo_kd.append((v, s))
-    for i, (v, s) in enumerate(todo_kd):
-        print(f"[ablations] MoE KD {i + 1}/{len(todo_kd)}: {v.name} seed {s} ({mcfg.kd.steps} steps)", flush=True)
-        rec = _kd_one(mcfg, v, s, seq, out / "kd_moe" / f"{v.key}-s{s}")
-        rec["name"] = v.name
-        res.put("kd", f"{v.key}/s{s}", rec)
-        print(f"[ablations] KD {v.name} seed {s}: loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)", flush=True)
+    run_kds(mcfg, res, [(v, s) for v, seeds in want for s in seeds], seq, out / "kd_moe", "MoE ")
 
     Z = lambda v: res.d["zero_shot"][v.key]["loss"]  # noqa: E731
     K = lambda v, seeds: {f"s{s}": res.d["kd"][f"{v.key}/s{s}"]["loss"] for s in seeds  # noqa: E731
