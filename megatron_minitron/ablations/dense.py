@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError
 from . import claims as CL
-from .lab import Lab, Results, Variant, _depth_drop, _fingerprint, _target, run_kds
+from .lab import Lab, Results, Variant, _depth_drop, _fingerprint, _target, planned, run_kds
 
 if TYPE_CHECKING:
     from .stage import AblationsConfig
@@ -66,11 +66,7 @@ def _run_dense(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, 
     params = lambda c: count_parameters(c)["total"]  # noqa: E731
 
     def variant(name, target, **opts) -> Variant:
-        v = Variant(name, target, opts)
-        try:
-            v.plan = make_plan(imp, target, **opts)
-        except ConfigError as e:
-            raise ConfigError(f"ablation variant {name}: {e}") from None
+        v = planned(imp, name, target, **opts)
         res.d["variants"][name] = {"key": v.key, "params": v.plan.params_after["total"],
                                    "pattern": v.plan.target.pattern, "settings": opts,
                                    "target": dataclasses.asdict(target)}

@@ -46,6 +46,19 @@ class Variant:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def planned(imp, name: str, target: TargetConfig, **opts) -> Variant:
+    """A variant with its plan (make_plan with `opts`); a target the plan refuses names it."""
+    from ..config import ConfigError
+    from ..plan.targets import make_plan
+
+    v = Variant(name, target, opts)
+    try:
+        v.plan = make_plan(imp, target, **opts)
+    except ConfigError as e:
+        raise ConfigError(f"ablation variant {name}: {e}") from None
+    return v
+
+
 def _target(base: TargetConfig | None = None, **kw) -> TargetConfig:
     return dataclasses.replace(base or TargetConfig(), **kw)
 

@@ -14,7 +14,7 @@ import torch
 from ..config import ConfigError
 from ..plan.targets import TargetConfig
 from . import claims as CL
-from .lab import MOE, Lab, Results, Variant, _fingerprint, _target, run_kds
+from .lab import MOE, Lab, Results, Variant, _fingerprint, _target, planned, run_kds
 
 if TYPE_CHECKING:
     from .stage import AblationsConfig
@@ -121,7 +121,6 @@ def _run_moe(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, di
     dense results stay valid whether or not the MoE teacher exists)."""
     from ..model import count_parameters
     from ..plan.stage import PlanConfig
-    from ..plan.targets import make_plan
 
     m = cfg.moe
     mcfg = dataclasses.replace(cfg, teacher=m.teacher, importance=m.importance,
@@ -141,12 +140,7 @@ def _run_moe(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, di
         return v
 
     def variant(name, target, **opts) -> Variant:
-        v = Variant(name, target, opts)
-        try:
-            v.plan = make_plan(imp, target, **opts)
-        except ConfigError as e:
-            raise ConfigError(f"ablation variant {name}: {e}") from None
-        return record(v)
+        return record(planned(imp, name, target, **opts))
 
     want: list[tuple[Variant, list[int]]] = []  # (variant, KD seeds)
     scores = list(m.scores) if "experts" in todo else [default]
