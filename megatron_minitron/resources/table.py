@@ -120,17 +120,25 @@ def rows_nemotron_3_nano(world: int = 64) -> list[tuple[str, str, E.Estimate]]:
     return out
 
 
-def _search_short_kd(recipe: str, world: int) -> tuple[str, str, E.Estimate]:
-    """The search recipe's short KD of the candidate that needs the most memory."""
+def _search_recipe(recipe: str):
+    """(search config, teacher, candidates, enumeration info) of a search recipe, from its
+    teacher_model YAML; candidates that drop layers drop the last ones (no importance file)."""
     from ..config import load_stage_config
     from ..search.space import enumerate_candidates
     from ..search.stage import budget_of
 
     cfg = load_stage_config("search", str(CONFIGS / SEARCH_RECIPES[recipe]), [])
     t = build(ModelConfig, load_yaml(CONFIGS.parent / cfg.teacher_model)["model"], "model.")
+    p = cfg.parallel
+    cands, info = enumerate_candidates(t, cfg.space, budget_of(cfg, t.seq_length),
+                                       drop_order=list(range(t.num_layers))[::-1], tp=p.tp, pp=p.pp, ep=p.ep)
+    return cfg, t, cands, info
+
+
+def _search_short_kd(recipe: str, world: int) -> tuple[str, str, E.Estimate]:
+    """The search recipe's short KD of the candidate that needs the most memory."""
+    cfg, t, cands, _ = _search_recipe(recipe)
     p, kd, seq = cfg.parallel, cfg.kd, cfg.seq_length or t.seq_length
-    cands, _ = enumerate_candidates(t, cfg.space, budget_of(cfg, t.seq_length),
-                                    drop_order=list(range(t.num_layers))[::-1], tp=p.tp, pp=p.pp, ep=p.ep)
     dp = world // (p.tp * p.pp)
     lay = E.Layout(tp=p.tp, pp=p.pp, dp=dp, ep=p.ep, micro_batch_size=kd.micro_batch_size, seq_length=seq,
                    num_micro=kd.global_batch_size // (kd.micro_batch_size * dp),
@@ -175,16 +183,9 @@ def search_cost(recipe: str = "nemotron_3_nano", nodes: int = 8, tflops_per_gpu:
     N = the parameters a token uses, the input embedding left out (its row lookup is no
     GEMM): MoE layers count their top-k experts. The student is the candidate closest to the
     budgets (the recipe's candidates that drop layers drop the last ones here)."""
-    from ..config import load_stage_config
     from ..model import count_parameters
-    from ..search.stage import budget_of
-    from ..search.space import enumerate_candidates
 
-    cfg = load_stage_config("search", str(CONFIGS / SEARCH_RECIPES[recipe]), [])
-    t = build(ModelConfig, load_yaml(CONFIGS.parent / cfg.teacher_model)["model"], "model.")
-    cands, info = enumerate_candidates(t, cfg.space, budget_of(cfg, t.seq_length),
-                                       drop_order=list(range(t.num_layers))[::-1], tp=cfg.parallel.tp,
-                                       pp=cfg.parallel.pp, ep=cfg.parallel.ep)
+    cfg, t, cands, info = _search_recipe(recipe)
     s = cands[0].model_config(t)
 
     def n_used(m: ModelConfig) -> int:
