@@ -198,6 +198,10 @@ def validate_teacher(cfg: SearchConfig, t_cfg) -> None:
     t_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="teacher model", ep=cfg.parallel.ep)
     check_ep_used(cfg.parallel.ep, t_cfg)
     check_moe_train(cfg.kd, t_cfg, "kd")  # candidates keep the teacher's E layers
+    if cfg.expert_score != "out" and not (t_cfg.is_moe and cfg.space.values("num_moe_experts", 0) != [0]):
+        raise ConfigError(f"expert_score={cfg.expert_score!r} ranks the experts a candidate keeps, but no "
+                          "candidate prunes experts (no E layer, or space.num_moe_experts not searched); "
+                          "remove expert_score or search space.num_moe_experts")
 
 
 def depth_drop_order(cfg: SearchConfig, t_cfg, imp) -> list[int]:

@@ -103,6 +103,7 @@ def test_empty_space_is_a_clear_error(setup):
     (dict(active_budget=-1), r"active_budget=-1"),
     (dict(memory_state_dtype="fp16"), r"memory_state_dtype='fp16'"),
     (dict(expert_score="max"), r"expert_score='max'"),
+    (dict(expert_score="mass"), r"expert_score='mass' ranks the experts .* no candidate prunes experts"),
     (dict(space=SearchSpace(num_moe_experts=[4])), r"space.num_moe_experts is set but the teacher"),
     (dict(top_k=0), r"top_k=0"),
     (dict(tie_tolerance=1.5), r"tie_tolerance"),
