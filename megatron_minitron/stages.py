@@ -16,6 +16,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "stats": ("megatron_minitron.importance.stage", "StatsConfig", "run_stats"),
     "plan": ("megatron_minitron.plan.stage", "PlanConfig", "run_plan"),
     "prune": ("megatron_minitron.rewrite.stage", "PruneConfig", "run_prune"),
+    "teacher-logits": ("megatron_minitron.distill.logits_stage", "TeacherLogitsConfig", "run_teacher_logits"),
     "distill": ("megatron_minitron.distill.stage", "DistillConfig", "run_distill"),
     "search": ("megatron_minitron.search.stage", "SearchConfig", "run_search"),
     "import-hf": ("megatron_minitron.hf.stage", "ImportHFConfig", "run_import_hf"),

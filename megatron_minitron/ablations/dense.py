@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError
 from . import claims as CL
-from .lab import Lab, Results, Variant, _depth_drop, _fingerprint, _target, planned, run_kds
+from .lab import Lab, Results, Variant, _depth_drop, _fingerprint, _target, kd_key, planned, run_kds
 
 if TYPE_CHECKING:
     from .stage import AblationsConfig
@@ -31,7 +31,7 @@ def validate_dense(cfg: AblationsConfig, todo: list[str]):
         raise ConfigError(f"importance={cfg.importance!r} was collected on another model than "
                           f"teacher={cfg.teacher!r}; run `stats` on this teacher")
     need = {"group": ["x"], "source": ["x", "z", "y"], "flap": ["x", "flap"], "heads": ["x"],
-            "width_depth": ["kl"], "depth": ["kl", "cosine"], "ffn": ["ffn", "ffn_pre"]}
+            "width_depth": ["kl"], "depth": ["kl", "cosine"], "ffn": ["ffn", "ffn_pre"], "cache": ["x", "ffn"]}
     have = _sources(imp)
     for a in todo:
         miss = [s for s in need[a] if s not in have]
@@ -100,6 +100,8 @@ def _run_dense(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, 
     if "ffn" in todo:
         for f in ("pre", "post"):
             want.append((variant(f"ffn:default:{f}", D0, ffn_source=f), True, True, False))
+    if "cache" in todo:  # the default plan, online KD (shared with flap / ffn) and cached top-K KD
+        want.append((variant("cache:default", D0), False, True, False))
     depth_rows = {}
     if "depth" in todo:
         for n in cfg.depth_drops:
@@ -174,11 +176,14 @@ def _run_dense(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, 
                 want.append((by_name[best], False, True, False))
 
     # ---- 2. KD, per seed
-    run_kds(cfg, res, [(v, s) for v, _, kd, _ in want for s in (cfg.seeds if kd else [])], seq, out / "kd")
+    kds = [(v, s) for v, _, kd, _ in want for s in (cfg.seeds if kd else [])]
+    if "cache" in todo:
+        kds += [(by_name["cache:default"], s, cfg.cache_k) for s in cfg.seeds]
+    run_kds(cfg, res, kds, seq, out / "kd")
 
     def K(name):
-        vals = [res.d["kd"][f"{by_name[name].key}/s{s}"]["loss"] for s in cfg.seeds
-                if f"{by_name[name].key}/s{s}" in res.d["kd"]]
+        vals = [res.d["kd"][kd_key(by_name[name], s)]["loss"] for s in cfg.seeds
+                if kd_key(by_name[name], s) in res.d["kd"]]
         return sum(vals) / len(vals) if vals else None
 
     steps = f"{cfg.kd.steps} x {len(cfg.seeds)} seed(s)"
@@ -242,6 +247,20 @@ def _run_dense(cfg: AblationsConfig, todo: list[str], out: Path) -> tuple[list, 
              "default": PlanConfig().ffn_source}
         rows.append(CL.ffn_source(r))
         detail["ffn"] = r
+
+    if "cache" in todo:
+        v = by_name["cache:default"]
+        on = {f"s{s}": res.d["kd"][kd_key(v, s)] for s in cfg.seeds if kd_key(v, s) in res.d["kd"]}
+        ca = {f"s{s}": res.d["kd"][kd_key(v, s, cfg.cache_k)] for s in cfg.seeds
+              if kd_key(v, s, cfg.cache_k) in res.d["kd"]}
+        r = {"k": cfg.cache_k, "steps": steps, "tolerance": cfg.cache_tolerance,
+             "online": {s: x["loss"] for s, x in on.items()}, "cached": {s: x["loss"] for s, x in ca.items()},
+             "train_seconds": {"online": {s: x.get("train_seconds") for s, x in on.items()},
+                               "cached": {s: x.get("train_seconds") for s, x in ca.items()}},
+             "cache_seconds": {s: x.get("cache_seconds") for s, x in ca.items()},
+             "bytes_per_token": next((x.get("cache_bytes_per_token") for x in ca.values()), None)}
+        rows.append(CL.teacher_cache(r))
+        detail["cache"] = r
 
     teacher = res.d["zero_shot"]["teacher"]
     plot = None

@@ -23,7 +23,7 @@ from ..plan.targets import TargetConfig
 if TYPE_CHECKING:
     from .stage import AblationsConfig
 
-DENSE = ("group", "source", "flap", "heads", "width_depth", "depth", "ffn")
+DENSE = ("group", "source", "flap", "heads", "width_depth", "depth", "ffn", "cache")
 MOE = ("experts", "expert_ffn")  # on the MoE teacher (AblationsConfig.moe)
 ABLATIONS = DENSE + MOE
 
@@ -170,8 +170,9 @@ class Lab:
         D.shutdown()
 
 
-def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path) -> dict:
-    """prune + distill (seed = data order) + score on the fixed validation set."""
+def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path, cache_k: int = 0) -> dict:
+    """prune + distill (seed = data order) + score on the fixed validation set; cache_k > 0:
+    the teacher's top-K over the KD's tokens cached first (`teacher-logits`), the KD reads it."""
     from .. import dist as D
     from ..distill.stage import DistillConfig, run_distill
     from ..rewrite.stage import PruneConfig, run_prune
@@ -188,9 +189,19 @@ def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path
     train = dataclasses.replace(cfg.kd, seed=cfg.kd.seed + seed, eval_interval=cfg.kd.steps,
                                 save_interval=cfg.kd.steps)
     data = dataclasses.replace(cfg.data, seed=cfg.data.seed + seed)
-    run_distill(DistillConfig(student=str(workdir / "pruned"), teacher=str(ckpt.require(cfg.teacher)),
-                              output_dir=str(workdir / "distilled"), seq_length=seq, loss=cfg.kd_loss,
-                              data=data, train=train, resume=False))
+    cache, cache_rec = "", {}
+    if cache_k:
+        from ..distill.logits_stage import TeacherLogitsConfig, run_teacher_logits
+
+        cache, t1 = str(workdir / "teacher_logits"), time.time()
+        m = run_teacher_logits(TeacherLogitsConfig(
+            teacher=str(ckpt.require(cfg.teacher)), output_dir=cache, data=data, seq_length=seq,
+            samples=cfg.kd.steps * cfg.kd.global_batch_size, top_k=cache_k, temperature=cfg.kd_loss.temperature,
+            micro_batch_size=cfg.kd.micro_batch_size, eval_iters=cfg.kd.eval_iters, resume=False))
+        cache_rec = {"cache_seconds": time.time() - t1, "cache_bytes_per_token": m["bytes_per_token"]}
+    d = run_distill(DistillConfig(student=str(workdir / "pruned"), teacher=str(ckpt.require(cfg.teacher)),
+                                  output_dir=str(workdir / "distilled"), seq_length=seq, loss=cfg.kd_loss,
+                                  data=data, train=train, resume=False, teacher_cache=cache))
     par = D.init(ParallelConfig(tp=1, pp=1))
     try:
         loss = eval_checkpoint(workdir / "distilled", cfg.data, par, cfg.eval_iters, cfg.micro_batch_size)["loss"]
@@ -199,22 +210,31 @@ def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path
     if not cfg.keep_checkpoints:
         shutil.rmtree(workdir / "pruned", ignore_errors=True)
         shutil.rmtree(workdir / "distilled" / "checkpoints", ignore_errors=True)
-    return {"loss": loss, "seconds": time.time() - t0,
-            "tokens": cfg.kd.steps * cfg.kd.global_batch_size * seq}
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    return {"loss": loss, "seconds": time.time() - t0, "train_seconds": d["train_seconds"],
+            "tokens": cfg.kd.steps * cfg.kd.global_batch_size * seq, **cache_rec}
+
+
+def kd_key(v: Variant, seed: int, cache_k: int = 0) -> str:
+    return f"{v.key}/cache{cache_k}/s{seed}" if cache_k else f"{v.key}/s{seed}"
 
 
 def run_kds(cfg: AblationsConfig, res: Results, want: list, seq: int, root: Path, label: str = "") -> None:
-    """The short KD of each (variant, seed) of `want` without a result yet, each pair once,
-    in order; every result is recorded as it finishes."""
-    todo = []
-    for v, s in want:
-        if f"{v.key}/s{s}" not in res.d["kd"] and (v.key, s) not in [(w.key, t) for w, t in todo]:
-            todo.append((v, s))
-    for i, (v, s) in enumerate(todo):
-        print(f"[ablations] {label}KD {i + 1}/{len(todo)}: {v.name} seed {s} ({cfg.kd.steps} steps)", flush=True)
-        rec = _kd_one(cfg, v, s, seq, root / f"{v.key}-s{s}")
+    """The short KD of each (variant, seed[, cache K]) of `want` without a result yet, each
+    once, in order; every result is recorded as it finishes."""
+    todo, seen = [], set()
+    for v, s, *k in want:
+        key = kd_key(v, s, *k)
+        if key not in res.d["kd"] and key not in seen:
+            seen.add(key)
+            todo.append((v, s, k[0] if k else 0, key))
+    for i, (v, s, k, key) in enumerate(todo):
+        how = f", teacher top-{k} cached" if k else ""
+        print(f"[ablations] {label}KD {i + 1}/{len(todo)}: {v.name} seed {s} ({cfg.kd.steps} steps{how})", flush=True)
+        rec = _kd_one(cfg, v, s, seq, root / key.replace("/", "-"), cache_k=k)
         rec["name"] = v.name
-        res.put("kd", f"{v.key}/s{s}", rec)
+        res.put("kd", key, rec)
         print(f"[ablations] KD {v.name} seed {s}: loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)", flush=True)
 
 

@@ -20,6 +20,8 @@ run resumes (results.json). Ablations (`only` selects a subset):
                layers: the best zero-shot candidate of each kind (search space), equal KD
   depth        depth ranking KL vs cosine: layers dropped, zero-shot loss after dropping
   ffn          FFN score before (eq. 26) vs after the activation on the default plan (zero-shot, KD)
+  cache        KD of the default plan from a cache of the teacher's top-`cache_k` logits
+               (`teacher-logits`, written per seed) vs online full-vocabulary KD (issue 22)
   experts      (MoE teacher, `moe`) routed experts pruned to moe.num_moe_experts by the default
                score (out) vs the alternatives (mass, freq) vs a seeded random keep set per seed
                (zero-shot; KD for moe.kd_scores and the random draws)
@@ -101,6 +103,8 @@ class AblationsConfig:
     kd: TrainConfig = field(default_factory=_default_kd)
     kd_loss: LossConfig = field(default_factory=LossConfig)
     seeds: list[int] = field(default_factory=lambda: [1])  # KD data orders; results are their mean
+    cache_k: int = 32  # cache: the teacher's top-K tokens cached per position
+    cache_tolerance: float = 0.01  # cache: the claim holds when |cached - online| <= this on every seed
     keep_checkpoints: bool = False
     resume: bool = True
     moe: MoEAblationsConfig = field(default_factory=MoEAblationsConfig)
@@ -123,6 +127,8 @@ def validate(cfg: AblationsConfig) -> tuple[list[str], list[str]]:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")
     if not cfg.seeds:
         raise ConfigError("seeds is empty; give at least one KD seed, e.g. [1]")
+    if cfg.cache_k < 1 or not cfg.cache_tolerance >= 0:
+        raise ConfigError(f"cache_k={cfg.cache_k} must be >= 1 and cache_tolerance={cfg.cache_tolerance} >= 0")
     cfg.data.validate()
     cfg.kd.validate(1, prefix="kd")
     cfg.kd_loss.validate("kd_loss")

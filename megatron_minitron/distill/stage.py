@@ -32,7 +32,9 @@ from ..train.engine import (MicroBatches, Progress, build_trainable, load_weight
                             train_step, valid_batches)
 from ..train.pretrain import _tensorboard, world_size_from_env
 from ..preempt import StopRequest, clear_record
+from .cache import open_cache
 from .loss import kd_loss
+from .topk import topk_kd_loss
 from .teacher import checksum, distill_forward_step, load_teacher, pair_shapes_fn
 
 
@@ -68,6 +70,10 @@ def _default_train() -> TrainConfig:
 class DistillConfig:
     student: str = "runs/default/pruned"  # checkpoint the student starts from (step 0)
     teacher: str = "runs/default/teacher"  # frozen teacher checkpoint (same vocabulary)
+    # a `teacher-logits` cache of this teacher over this run's tokens: the KL is taken
+    # against its top-K targets (distill/topk.py) and the teacher is never loaded; "" = the
+    # teacher runs every step (full-vocabulary KD)
+    teacher_cache: str = ""
     # their shapes for --dry-run / --print-config before the checkpoints exist: a model YAML
     # (configs/model/*.yaml), a recipe with a model: mapping, a plan.json (its target) or a
     # checkpoint; a checkpoint's own config wins once it exists
@@ -100,6 +106,9 @@ class DistillConfig:
             raise ConfigError(f"seq_length={self.seq_length} must be >= 0 (0 = the student's)")
         if self.exit_after_steps < 0:
             raise ConfigError(f"exit_after_steps={self.exit_after_steps} must be >= 0")
+        if self.teacher_cache and self.loss.alpha_kd == 0:
+            raise ConfigError(f"teacher_cache={self.teacher_cache!r} with loss.alpha_kd=0: the cross-entropy "
+                              "baseline reads no teacher; drop teacher_cache or set loss.alpha_kd > 0")
         self.loss.validate()
         self.parallel.validate()
         self.train.validate(max(dp, 1))
@@ -139,6 +148,11 @@ def _kd_loss_func(loss_cfg: LossConfig, tp_group, batch: dict, teacher_logits, s
         temperature=loss_cfg.temperature, alpha_kd=loss_cfg.alpha_kd, tp_group=tp_group,
         chunk_size=loss_cfg.chunk_size or None,
     )
+    return _report(loss, logs, mask)
+
+
+def _report(loss, logs: dict, mask):
+    """(sum over tokens, tokens, report) from a token-mean loss and its logged terms."""
     n = mask.sum()
     total = loss * n.clamp(min=1)  # kd_loss is the token mean; the schedule wants the sum
     report = {"loss": torch.stack([total.detach(), n.detach()]).float()}
@@ -158,6 +172,11 @@ def run_distill(cfg: DistillConfig) -> dict:
     s_cfg = replace(s_cfg, seq_length=seq)
     t_cfg = replace(t_cfg, seq_length=seq)
     data_summary = check_data(cfg.data, s_cfg)
+    cache = open_cache(cfg.teacher_cache)
+    samples_needed = cfg.train.steps * cfg.train.global_batch_size
+    if cache is not None:
+        cache.match(teacher=cfg.teacher, data=cfg.data, seq=seq, samples_needed=samples_needed,
+                    temperature=cfg.loss.temperature)
     from ..resources.check import check
 
     check("distill", cfg)  # per-GPU memory estimate vs parallel.memory_limit_gb
@@ -172,8 +191,11 @@ def run_distill(cfg: DistillConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(dump_json(cfg))
     num_micro = tr.global_batch_size // (tr.micro_batch_size * par.dp)
-    train_ds, valid_ds, _ = datasets(cfg.data, seq, tr.steps * tr.global_batch_size,
+    # with a cache, the training set of the cache's size: the order its samples were cached in
+    train_ds, valid_ds, _ = datasets(cfg.data, seq, cache.samples if cache else samples_needed,
                                      tr.eval_iters * tr.micro_batch_size * par.dp)
+    if cache is not None:
+        cache.spot_check(train_ds, samples_needed)  # before any model is built
 
     def val_loss(model) -> float:
         return evaluate(model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
@@ -192,9 +214,9 @@ def run_distill(cfg: DistillConfig) -> dict:
         resumed_from = t.iteration
     else:
         load_weights(t, cfg.student)  # + the optimizer's fp32 main params
-    teacher, _, _ = load_teacher(cfg.teacher, par, t_cfg,
-                                 runtime=runtime_for(cfg.parallel))  # no recompute: frozen
-    teacher_sum = checksum(teacher)
+    teacher = None if cache else load_teacher(cfg.teacher, par, t_cfg,
+                                              runtime=runtime_for(cfg.parallel))[0]  # no recompute: frozen
+    teacher_sum = checksum(teacher) if teacher is not None else None
     n_trainable = sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
 
     s_params, t_params = count_parameters(s_cfg)["total"], count_parameters(t_cfg)["total"]
@@ -202,9 +224,11 @@ def run_distill(cfg: DistillConfig) -> dict:
         f"[distill] teacher {cfg.teacher} ({t_params:,} params) -> student {cfg.student} "
         f"({s_params:,} params); tp={par.tp} pp={par.pp} dp={par.dp}; seq {seq}; "
         f"{num_micro} micro-batches of {tr.micro_batch_size} per step; alpha_kd={lc.alpha_kd} "
-        f"T={lc.temperature}" + (f"; resumed at step {resumed_from}" if resumed_from is not None else "")
+        f"T={lc.temperature}" + (f"; teacher top-{cache.k} from {cfg.teacher_cache}" if cache else "")
+        + (f"; resumed at step {resumed_from}" if resumed_from is not None else "")
     )
-    teacher_val = val_loss(teacher)
+    # with a cache: the teacher's loss the cache recorded on its validation sequences
+    teacher_val = cache.manifest["teacher_val_loss"] if cache else val_loss(teacher)
     if resumed_from is not None and prev_meta.get("student_val_before") is not None:
         student_before = prev_meta["student_val_before"]
     else:
@@ -212,19 +236,22 @@ def run_distill(cfg: DistillConfig) -> dict:
     D.print0(f"[distill] val loss: teacher {teacher_val:.4f}, student before {student_before:.4f}")
 
     # ---- the loop
-    fwd = partial(
-        distill_forward_step, teacher=teacher, student_hidden=s_cfg.hidden_size,
-        is_first_stage=par.is_first_stage, is_last_stage=par.is_last_stage,
-        loss_func=partial(_kd_loss_func, lc, par.pg.tp),
-    ) if use_teacher_in_training else partial(_ce_forward_step, lc, par.pg.tp)
+    if cache is not None:
+        fwd = partial(_student_forward_step, partial(_cached_kd_loss_func, lc, par.pg.tp, cache))
+    elif use_teacher_in_training:
+        fwd = partial(distill_forward_step, teacher=teacher, student_hidden=s_cfg.hidden_size,
+                      is_first_stage=par.is_first_stage, is_last_stage=par.is_last_stage,
+                      loss_func=partial(_kd_loss_func, lc, par.pg.tp))
+    else:
+        fwd = partial(_student_forward_step, lambda batch: partial(_kd_loss_func, lc, par.pg.tp, batch, None))
     sched_kw = {"adjust_tensor_shapes_fn": pair_shapes_fn(t_cfg.hidden_size)} \
-        if (use_teacher_in_training and par.pp > 1) else None
+        if (teacher is not None and use_teacher_in_training and par.pp > 1) else None
     data = MicroBatches(train_ds, tr.micro_batch_size, tr.global_batch_size, par.dp,
                         par.dp_rank, start_step=t.iteration, device=par.device)
     tokens_per_step = tr.global_batch_size * seq
     meta = {"stage": "distill", "teacher": str(ckpt.require(cfg.teacher)),
             "student_init": str(ckpt.require(cfg.student)), "teacher_val_loss": teacher_val,
-            "student_val_before": student_before}
+            "student_val_before": student_before, "teacher_cache": cfg.teacher_cache}
     history = []
     writer = _tensorboard(out / "tensorboard") if D.is_rank0() else None
     metrics = open(out / "metrics.jsonl", "a") if D.is_rank0() else None
@@ -281,8 +308,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     clear_record(out)
     if last_val is None:  # nothing left to train, or stopped between evaluations
         last_val = val_loss(t.model)
-    teacher_sum_after = checksum(teacher)
-    if teacher_sum_after != teacher_sum:  # cannot happen unless something wrote into it
+    if teacher is not None and checksum(teacher) != teacher_sum:  # cannot happen unless something wrote into it
         raise RuntimeError("the teacher's weights changed during distillation")
     summary = {
         "stage": "distill",
@@ -296,6 +322,10 @@ def run_distill(cfg: DistillConfig) -> dict:
         "student_val_before": student_before,
         "student_val_after": last_val,
         "loss": {"alpha_kd": lc.alpha_kd, "temperature": lc.temperature},
+        # the teacher's side: online (full vocabulary, every step) or a cache's top-K
+        "teacher_source": ({"cache": cfg.teacher_cache, "top_k": cache.k,
+                            "teacher_val_samples": cache.manifest.get("valid_samples")}
+                           if cache else "online"),
         "steps": tr.steps,
         "iteration": t.iteration,
         "resumed_from": resumed_from,
@@ -307,7 +337,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         "unigram_baseline": data_summary.get("unigram_entropy"),
         "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
         "teacher_checksum_rank0": teacher_sum,
-        "teacher_unchanged": True,
+        "teacher_unchanged": True if teacher is not None else None,
         "history": history,
     }
     if D.is_rank0():
@@ -329,11 +359,30 @@ def _has(lc: LossConfig, key: str) -> bool:
     return (key == "kd" and lc.alpha_kd > 0) or (key == "ce" and lc.alpha_kd < 1)
 
 
-def _ce_forward_step(lc: LossConfig, tp_group, data_iterator, model):
-    """alpha_kd = 0 (cross-entropy baseline): the student alone, same loss code path."""
+def _student_forward_step(loss_of, data_iterator, model):
+    """The student alone (the CE baseline, or KD from a teacher cache): loss_of(batch) is
+    the last stage's loss function of the student's logits."""
     from ..model import causal_mask
 
     batch = next(data_iterator)
     tokens = batch["tokens"]
     s_out = model(tokens, batch["position_ids"], causal_mask(tokens.shape[1], str(tokens.device)))
-    return s_out, partial(_kd_loss_func, lc, tp_group, batch, None)
+    return s_out, loss_of(batch)
+
+
+def _cached_kd_loss_func(loss_cfg: LossConfig, tp_group, cache, batch: dict):
+    """The loss function of one micro-batch with its top-K targets read from `cache` (its
+    tokens checked against the cached hashes first); as _kd_loss_func, logits [b, s, V/tp]
+    with the targets [b, s, K] as they are and labels / mask transposed. Read on the last
+    pipeline stage only (the one that calls it)."""
+    def loss_func(student_logits):
+        idx = batch["index"].tolist()
+        cache.check_tokens(idx, batch["tokens"])
+        tg = cache.get(idx)
+        dev = student_logits.device
+        loss, logs = topk_kd_loss(
+            student_logits, tg["ids"].to(dev), tg["logprobs"].to(dev), tg["log_rest"].to(dev),
+            labels=batch["labels"].t(), loss_mask=batch["loss_mask"].t(), temperature=loss_cfg.temperature,
+            alpha_kd=loss_cfg.alpha_kd, tp_group=tp_group, chunk_size=loss_cfg.chunk_size or None)
+        return _report(loss, logs, batch["loss_mask"])
+    return loss_func

@@ -21,7 +21,7 @@ from typing import Optional
 from ..config import ConfigError, ModelConfig
 from . import estimate as E
 
-CHECKED = ("pretrain", "distill", "stats", "eval", "prune")  # the runs that check
+CHECKED = ("pretrain", "distill", "stats", "eval", "prune", "teacher-logits")  # the runs that check
 ESTIMATED = CHECKED + ("search",)  # the dry runs that estimate (search: its KD and forwards)
 TRAINING = ("pretrain", "distill", "search")
 
@@ -82,10 +82,28 @@ def stage_models(stage: str, cfg) -> dict[str, ModelConfig]:
         return {"model": cfg.model}
     if stage == "distill":
         return {"student": ckpt.read_model_config(cfg.student),
-                "teacher": ckpt.read_model_config(cfg.teacher)}
+                "teacher": ckpt.read_model_config(cfg.teacher)}  # (with a teacher_cache: not loaded)
+    if stage == "teacher-logits":
+        return {"model": ckpt.read_model_config(cfg.teacher)}
     if stage in CHECKED:
         return {"model": ckpt.read_model_config(cfg.checkpoint)}
     raise ConfigError(f"no resource estimate for stage {stage!r}; stages with one: {', '.join(CHECKED)}")
+
+
+def _cache_k(cfg) -> int:
+    """top_k of a distillation's teacher_cache (its manifest), 0 without one (or before the
+    cache exists: the teacher is then counted, the larger estimate)."""
+    import json
+    from pathlib import Path
+
+    path = getattr(cfg, "teacher_cache", "")
+    m = Path(path) / "manifest.json" if path else None
+    if m is None or not m.is_file():
+        return 0
+    try:
+        return int(json.loads(m.read_text()).get("top_k", 0))
+    except (ValueError, TypeError):
+        return 0
 
 
 def plan_for(stage: str, cfg, world: int, models: Optional[dict] = None, kind: Optional[str] = None):
@@ -107,16 +125,19 @@ def plan_for(stage: str, cfg, world: int, models: Optional[dict] = None, kind: O
         lay = _layout(cfg.parallel, world, tr.micro_batch_size, seq, tr.global_batch_size,
                       tr.recompute, tr, kind)
         chunk = cfg.loss.chunk_size or None
-        return (lambda l: E.training(s_cfg, l, kind, "distill", kd_chunk=chunk, teacher=t_cfg)), lay, s_cfg
+        k = _cache_k(cfg)
+        return (lambda l: E.training(s_cfg, l, kind, "distill", kd_chunk=chunk, teacher=None if k else t_cfg,
+                                     cache_k=k)), lay, s_cfg
     if stage == "stats":
         m = models["model"]
         seq = cfg.seq_length or m.seq_length
         lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, kind=kind)
         depth = "kl" in cfg.sources and cfg.depth_samples > 0
         return (lambda l: E.stats(m, l, kind, depth, cfg.depth_chunk_tokens)), lay, m
-    if stage == "eval":  # forward only, LM loss: the stats estimate without depth KL
-        m = models["model"]
-        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, m.seq_length, kind=kind)
+    if stage in ("eval", "teacher-logits"):  # forward only, LM loss / top-K of the logits: the
+        m = models["model"]                    # stats estimate without depth KL
+        seq = getattr(cfg, "seq_length", 0) or m.seq_length
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, kind=kind)
         return (lambda l: E.stats(m, l, kind, depth=False)), lay, m
     if stage == "prune":
         m = models["model"]
@@ -137,11 +158,12 @@ def _search_plan(cfg, world: int, models: dict, kind: str):
     lay = _layout(cfg.parallel, world, kd.micro_batch_size, seq, kd.global_batch_size,
                   kd.recompute, kd, kind)
     chunk = cfg.kd_loss.chunk_size or None
+    k = _cache_k(cfg)
 
     def phases(c: ModelConfig, l: E.Layout) -> E.Estimate:
         zs = dataclasses.replace(l, micro_batch_size=cfg.micro_batch_size, num_micro=1,
                                  recompute="none")
-        kd_est = E.training(c, l, kind, "distill", kd_chunk=chunk, teacher=t_cfg)
+        kd_est = E.training(c, l, kind, "distill", kd_chunk=chunk, teacher=None if k else t_cfg, cache_k=k)
         zs_est = E.stats(c, zs, kind, depth=False)
         est = kd_est if kd_est.total >= zs_est.total else zs_est
         what = "short KD" if est is kd_est else f"zero-shot forward (micro_batch_size={cfg.micro_batch_size})"

@@ -314,8 +314,10 @@ def _largest(name: str, per_stage: list, impl: str) -> Estimate:
 
 
 def training(cfg: ModelConfig, lay: Layout, impl: str = "gpu", stage: str = "pretrain",
-             kd_chunk: Optional[int] = None, teacher: Optional[ModelConfig] = None) -> Estimate:
-    """pretrain (LM cross-entropy) or distill (teacher given: forward KL on logits)."""
+             kd_chunk: Optional[int] = None, teacher: Optional[ModelConfig] = None,
+             cache_k: int = 0) -> Estimate:
+    """pretrain (LM cross-entropy) or distill (teacher given: forward KL on logits; cache_k
+    > 0: KL against a teacher-logits cache of top-K targets, no teacher in memory)."""
     seq = lay.seq_length or cfg.seq_length
     tokens = lay.micro_batch_size * seq
     a = _bytes(cfg.params_dtype)
@@ -335,7 +337,12 @@ def training(cfg: ModelConfig, lay: Layout, impl: str = "gpu", stage: str = "pre
             items["activations"] += tokens * cfg.hidden_size * a * in_flight  # embedding output
         if last:
             v = cfg.vocab_size / lay.tp
-            if teacher is None:  # logits, fp32 softmax (in place when fp32), their gradient
+            if cache_k:  # logits, their gradient, one fp32 chunk buffer; the micro-batch's
+                # targets (int64 ids, fp32 log-probs, log rest) read from the cache
+                chunk = min(kd_chunk or tokens, tokens)
+                items["logits"] = tokens * v * 2 * a + chunk * v * 4
+                items["teacher cache"] = tokens * (cache_k * 12 + 4)
+            elif teacher is None:  # logits, fp32 softmax (in place when fp32), their gradient
                 items["logits"] = tokens * v * (2 * a + (4 if a < 4 else 0))
             else:
                 chunk = min(kd_chunk or tokens, tokens)

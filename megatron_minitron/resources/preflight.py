@@ -209,6 +209,46 @@ def _distill(pre: Preflight, need: bool) -> None:
         pre.models = {"student": dataclasses.replace(s, seq_length=seq),
                       "teacher": dataclasses.replace(t, seq_length=seq)}
         _data(pre, pre.models["student"])
+    _teacher_cache(pre)
+
+
+def _teacher_logits(pre: Preflight, need: bool) -> None:
+    from ..distill.logits_stage import validate_models
+
+    cfg = pre.cfg
+    cfg.validate()
+    m = _shape(pre, "model", "teacher", "teacher_model", need)
+    if m is not None:
+        validate_models(cfg, m)
+        pre.models["model"] = dataclasses.replace(m, seq_length=cfg.seq_length or m.seq_length)
+        _data(pre, pre.models["model"])
+    _checkpoint_files(pre, "teacher")
+
+
+def _teacher_cache(pre: Preflight) -> None:
+    """distill / search with teacher_cache: the cache's match, once it and the teacher exist."""
+    from ..train import checkpoint as ckpt
+
+    cfg = pre.cfg
+    path = getattr(cfg, "teacher_cache", "")
+    if not path:
+        return
+    if not (Path(path) / "manifest.json").is_file():
+        pre.notes.append(f"teacher_cache={path}: not written yet (`teacher-logits`); its match waits for the run")
+        return
+    if ckpt.resolve(cfg.teacher) is None:
+        pre.notes.append(f"teacher_cache={path}: its teacher check waits for teacher={cfg.teacher}")
+        return
+    from ..distill.cache import TeacherCache
+
+    t = ckpt.read_model_config(cfg.teacher)
+    if getattr(cfg, "kd_train", None):  # search: its short KDs
+        tr, loss = cfg.kd_train(), cfg.kd_loss
+    else:
+        tr, loss = cfg.train, cfg.loss
+    seq = cfg.seq_length or (pre.models["student"].seq_length if "student" in pre.models else t.seq_length)
+    TeacherCache(path).match(teacher=cfg.teacher, data=cfg.data, seq=seq,
+                             samples_needed=tr.steps * tr.global_batch_size, temperature=loss.temperature)
 
 
 def _prune(pre: Preflight, need: bool) -> None:
@@ -270,6 +310,7 @@ def _search(pre: Preflight, need: bool) -> None:
     pre.models["candidates"] = [dataclasses.replace(c.model_config(t), seq_length=seq) for c in cands]
     pre.sources["candidates"] = f"{len(cands)} candidates within {budget_of(cfg, t.seq_length).describe()}"
     _data(pre, t)
+    _teacher_cache(pre)
 
 
 def _plan(pre: Preflight, need: bool) -> None:
@@ -321,7 +362,7 @@ def _settings(pre: Preflight, need: bool) -> None:
 
 STAGES = {"pretrain": _pretrain, "eval": _eval, "stats": _stats, "distill": _distill,
           "prune": _prune, "search": _search, "plan": _plan, "import-hf": _import_hf,
-          "export-hf": _export_hf}
+          "export-hf": _export_hf, "teacher-logits": _teacher_logits}
 
 
 def default_world(cfg) -> tuple[int, bool]:

@@ -3,12 +3,14 @@ their recipe YAMLs on 8 x 80 GB GPUs per node, from the model YAMLs alone.
 
     python -m megatron_minitron.resources.table [--recipe nemotron_h_8b] [--limit-gb 80]
     python -m megatron_minitron.resources.table --recipe nemotron_3_nano [--search] [--search-cost]
+    python -m megatron_minitron.resources.table [--recipe ...] --teacher-cache
 
 nemotron_h_8b: configs/*nemotron_h_8b*.yaml (the README's table). nemotron_3_nano: Nemotron
 3 Nano 30B-A3B (configs/model/nemotron_3_nano_30b_a3b.yaml) at configs/stats_ and
 distill_nemotron_3_nano_30b_a3b.yaml, beside the same layouts without expert parallelism;
 --search lists every (tp, pp, ep, recompute) of its distill job that fits; --search-cost
-the architecture search's cost per candidate (configs/search_*.yaml), from FLOPs.
+the architecture search's cost per candidate (configs/search_*.yaml), from FLOPs;
+--teacher-cache what one teacher-logits cache costs and saves there and in the long KD.
 """
 
 from __future__ import annotations
@@ -230,6 +232,83 @@ def search_cost_markdown(recipe: str = "nemotron_3_nano", nodes: int = 8) -> str
         f"{c['top_k']} short KDs | {c['search_node_hours']:.0f} node-hours |"])
 
 
+DISTILL_RECIPES = {"nemotron_h_8b": "distill_nemotron_h_8b_to_4b.yaml",
+                   "nemotron_3_nano": "distill_nemotron_3_nano_30b_a3b.yaml"}
+
+
+def teacher_cache_cost(recipe: str = "nemotron_h_8b", nodes: int = 8, tflops_per_gpu: float = 400.0,
+                       ks=(8, 32, 128), dtype: str = "float32") -> dict:
+    """What a teacher-logits cache (issue 22) costs and saves for a recipe's search (its
+    top_k short KDs over the same tokens) and its long KD, from FLOPs at the search-cost
+    rate: the cache is one teacher forward over the tokens (2 N_teacher FLOP/token, N = the
+    parameters a token uses, embedding left out), the same work one online KD spends on its
+    teacher; every run that reads it instead skips that forward. Per K: the cache's bytes
+    (distill/cache.bytes_per_token) and the read rate a cached KD step needs."""
+    from ..distill.cache import bytes_per_token
+    from ..model import count_parameters
+
+    sc = search_cost(recipe, nodes, tflops_per_gpu)
+    rate = nodes * 8 * tflops_per_gpu * 1e12
+    d = build_distill(recipe)
+    t, s = d["teacher"], d["student"]
+
+    def n_used(m: ModelConfig) -> int:
+        n = count_parameters(m)
+        return n["active"] - n["embedding"]
+
+    def job(tokens: int, runs: int, n_student: int, step_tokens: int) -> dict:
+        teacher_h = 2 * sc["n_used_teacher"] * tokens / rate * nodes  # node-hours x 3600
+        step_s = (2 * sc["n_used_teacher"] + 6 * n_student) * step_tokens / rate
+        cached_step_s = 6 * n_student * step_tokens / rate
+        return {"tokens": tokens, "runs": runs, "teacher_forward_node_hours": teacher_h / 3600,
+                "saved_node_hours": (runs - 1) * teacher_h / 3600,
+                "online_node_hours": runs * (2 * sc["n_used_teacher"] + 6 * n_student) * tokens / rate * nodes / 3600,
+                "online_step_s": step_s, "cached_step_s": cached_step_s,
+                "per_k": {k: {"bytes": tokens * bytes_per_token(k, dtype),
+                              "read_gb_per_s": step_tokens * bytes_per_token(k, dtype) / cached_step_s / 1e9}
+                          for k in ks}}
+
+    search_tokens = sc["kd_tokens"]
+    search_step = sc["kd_tokens"] // max(1, _search_recipe(recipe)[0].short_kd_steps)
+    long_tokens = d["tokens"]
+    return {"recipe": recipe, "nodes": nodes, "tflops_per_gpu": tflops_per_gpu, "dtype": dtype, "ks": list(ks),
+            "n_used_teacher": sc["n_used_teacher"], "n_used_student": sc["n_used_student"],
+            "search": job(search_tokens, sc["top_k"], sc["n_used_student"], search_step),
+            "long_kd": job(long_tokens, 1, n_used(s), d["step_tokens"]),
+            "break_even_runs": 1}
+
+
+def build_distill(recipe: str) -> dict:
+    """The recipe's long KD: teacher, student (its plan target or model YAML) and tokens."""
+    cfg = load_yaml(CONFIGS / DISTILL_RECIPES[recipe])
+    if recipe == "nemotron_h_8b":
+        t, s = nemotron_h_8b(), nemotron_h_4b()
+    else:
+        t, s = nemotron_3_nano_30b_a3b(), nemotron_3_nano_22b_a3b()
+    tr = cfg["train"]
+    seq = cfg.get("seq_length") or s.seq_length
+    return {"teacher": t, "student": s, "tokens": tr["steps"] * tr["global_batch_size"] * seq,
+            "step_tokens": tr["global_batch_size"] * seq}
+
+
+def teacher_cache_markdown(recipe: str = "nemotron_h_8b", nodes: int = 8) -> str:
+    c = teacher_cache_cost(recipe, nodes)
+
+    def size(b: float) -> str:
+        return f"{b / 1e12:.1f} TB" if b >= 1e12 else f"{b / 1e9:.0f} GB"
+
+    rows = [f"| job | tokens | runs over them | teacher forward once | saved by one cache | "
+            + " | ".join(f"cache, top-{k} ({c['dtype']}): size, read rate" for k in c["ks"]) + " |",
+            "|---|---|---|---|---|" + "---|" * len(c["ks"])]
+    for name, key in (("search: short KDs", "search"), ("long KD", "long_kd")):
+        j = c[key]
+        rows.append(f"| {name} | {j['tokens'] / 1e9:.1f}B | {j['runs']} | {j['teacher_forward_node_hours']:.1f} "
+                    f"node-h | {j['saved_node_hours']:.0f} node-h of {j['online_node_hours']:.0f} | "
+                    + " | ".join(f"{size(j['per_k'][k]['bytes'])}, {j['per_k'][k]['read_gb_per_s']:.2f} GB/s"
+                                 for k in c["ks"]) + " |")
+    return "\n".join(rows)
+
+
 def markdown(world: int = 64, limit_gb: float = 80.0, recipe: str = "nemotron_h_8b") -> str:
     rs = rows(world) if recipe == "nemotron_h_8b" else rows_nemotron_3_nano(world)
     present = {k for _, _, e in rs for k in e.items}
@@ -254,7 +333,12 @@ def main(argv=None) -> int:
                     help="nemotron_3_nano: every distill layout that fits, smallest first")
     ap.add_argument("--search-cost", action="store_true",
                     help="the recipe's architecture search: cost per candidate from FLOPs")
+    ap.add_argument("--teacher-cache", action="store_true",
+                    help="a teacher-logits cache for the recipe's search and long KD: size, savings")
     a = ap.parse_args(argv)
+    if a.teacher_cache:
+        print(teacher_cache_markdown(a.recipe, a.world // 8))
+        return 0
     if a.search_cost:
         print(search_cost_markdown(a.recipe, a.world // 8))
         return 0

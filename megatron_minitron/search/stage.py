@@ -91,6 +91,9 @@ class SearchConfig:
     throughput_iters: int = 4
     kd: TrainConfig = field(default_factory=_default_kd)  # short-KD recipe (steps = short_kd_steps)
     kd_loss: LossConfig = field(default_factory=LossConfig)
+    # one `teacher-logits` cache every short KD reads (top-K targets, no teacher forward);
+    # "" = the teacher runs in every KD step
+    teacher_cache: str = ""
     # the layout the search runs at (torchrun: DP = world / (tp x pp)); every candidate's
     # sizes divide by its tp / pp, so the chosen model also runs there
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -132,6 +135,13 @@ def validate(cfg: SearchConfig):
                           f"teacher={cfg.teacher!r}: (teacher, importance) differ in {diff}; run `stats` "
                           "on this teacher")
     check_data(cfg.data, t_cfg)
+    if cfg.teacher_cache:
+        from ..distill.cache import TeacherCache
+
+        kd = cfg.kd_train()
+        TeacherCache(cfg.teacher_cache).match(
+            teacher=cfg.teacher, data=cfg.data, seq=cfg.seq_length or t_cfg.seq_length,
+            samples_needed=kd.steps * kd.global_batch_size, temperature=cfg.kd_loss.temperature)
     it_imp, it_t = imp.meta.get("checkpoint_iteration"), ckpt.read_meta(cfg.teacher).get("iteration")
     if it_imp is not None and it_t is not None and it_imp != it_t and int(os.environ.get("RANK", "0")) == 0:
         # same architecture, other weights (said once, by rank 0 of a launch)
@@ -183,6 +193,9 @@ def validate_settings(cfg: SearchConfig, world: int | None = None) -> int:
                           f"over DP ranks; use eval_iters={max(dp, cfg.eval_iters - cfg.eval_iters % dp)} "
                           "or another layout")
     cfg.kd_loss.validate("kd_loss")
+    if cfg.teacher_cache and cfg.kd_loss.alpha_kd == 0:
+        raise ConfigError(f"teacher_cache={cfg.teacher_cache!r} with kd_loss.alpha_kd=0: cross-entropy KDs "
+                          "read no teacher; drop teacher_cache or set kd_loss.alpha_kd > 0")
     return dp
 
 
@@ -256,6 +269,8 @@ def _fingerprint(cfg: SearchConfig, teacher_it: Path) -> str:
         d.pop(k)
     if not any(getattr(cfg.space, a) for a in ("num_moe_experts", "moe_ffn_hidden_size")):
         d.pop("expert_score")  # ranks experts only when their count or width is searched
+    if not cfg.teacher_cache:
+        d.pop("teacher_cache")  # (states written before the cache existed stay valid)
     d["teacher"] = str(Path(teacher_it).resolve())
     d["importance_mtime"] = os.path.getmtime(cfg.importance)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -607,7 +622,7 @@ def run_search(cfg: SearchConfig) -> dict:
             kd = run_distill(DistillConfig(
                 student=str(cdir / "pruned"), teacher=str(teacher_it), output_dir=str(cdir / "distilled"),
                 seq_length=seq, loss=cfg.kd_loss, data=cfg.data, train=train, resume=True,
-                parallel=cfg.parallel))
+                parallel=cfg.parallel, teacher_cache=cfg.teacher_cache))
             if kd.get("interrupted"):  # it saved its checkpoint; the search stops too
                 stopped, kd_stop = "preempt", kd["interrupted"]
                 break

@@ -53,12 +53,15 @@ class MicroBatches:
         idx = [base + i for i in range(self.mbs)]
         if not self.wrap and idx[-1] >= len(self.ds):
             raise StopIteration
-        samples = [self.ds[i % len(self.ds)] for i in idx]
+        idx = [i % len(self.ds) for i in idx]
+        samples = [self.ds[i] for i in idx]
         self.m += 1
         if self.m == self.num_micro:
             self.m = 0
             self.step += 1
-        return collate(samples, self.device)
+        batch = collate(samples, self.device)
+        batch["index"] = torch.tensor(idx, dtype=torch.long)  # dataset indices (a teacher cache's keys)
+        return batch
 
 
 def valid_batches(ds, micro_batch_size: int, eval_iters: int, par: Parallel) -> MicroBatches:

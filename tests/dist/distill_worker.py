@@ -5,6 +5,10 @@
                     distill 4 steps at TP1/PP1 (reference); the same run interrupted after
                     2 steps and resumed; the cross-entropy baseline (alpha_kd=0).
   par (2 processes): the reference distillation at TP=2, at PP=2 and at DP=2.
+Teacher cache (issue 22): ref writes caches of the teacher's top-4096 (= the vocabulary)
+and top-8 at TP=1 and distills from each; par writes the top-8 cache again at TP=2 and at
+DP=2 (two writers), distills at TP=2 and PP=2 from the TP=1 cache and at DP=2 (TP=1) from
+the TP=2 cache.
 
 Every run writes its summary.json under WORKDIR/<name>/; this worker adds a few files
 (teacher checkpoint hashes, eval result).
@@ -48,6 +52,16 @@ def distill_cfg(work: Path, name: str, **kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
+def logits_cfg(work: Path, name: str, **kw):
+    from megatron_minitron.distill.logits_stage import TeacherLogitsConfig
+
+    base = dict(teacher=str(work / "teacher"), output_dir=str(work / name), data=data_cfg(work),
+                samples=DISTILL_TRAIN.steps * DISTILL_TRAIN.global_batch_size, top_k=8, micro_batch_size=MBS,
+                shard_samples=4, eval_iters=EVAL_ITERS)
+    base.update(kw)
+    return TeacherLogitsConfig(**base)
+
+
 def tree_hash(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -85,6 +99,12 @@ def ref(work: Path) -> None:
     run_distill(distill_cfg(work, "resume", exit_after_steps=2))
     run_distill(distill_cfg(work, "resume"))
     run_distill(distill_cfg(work, "ce", loss=LossConfig(alpha_kd=0.0, chunk_size=48)))
+    from megatron_minitron.distill.logits_stage import run_teacher_logits
+
+    run_teacher_logits(logits_cfg(work, "cache_all", top_k=TEACHER.vocab_size))
+    run_distill(distill_cfg(work, "cached_all", teacher_cache=str(work / "cache_all")))
+    run_teacher_logits(logits_cfg(work, "cache8"))
+    run_distill(distill_cfg(work, "cached8", teacher_cache=str(work / "cache8")))
     after = tree_hash(work / "teacher" / "checkpoints")
     (work / "teacher_files.json").write_text(json.dumps({"before": before, "after": after}))
     D.shutdown()
@@ -95,6 +115,14 @@ def par(work: Path) -> None:
     run_distill(distill_cfg(work, "tp2", parallel=ParallelConfig(tp=2)))
     run_distill(distill_cfg(work, "pp2", parallel=ParallelConfig(pp=2)))
     run_distill(distill_cfg(work, "dp2"))  # world 2 at tp=pp=1: data parallel
+    from megatron_minitron.distill.logits_stage import run_teacher_logits
+
+    run_teacher_logits(logits_cfg(work, "cache8_tp2", parallel=ParallelConfig(tp=2)))
+    run_teacher_logits(logits_cfg(work, "cache8_dp2"))
+    cache8 = str(work / "cache8")
+    run_distill(distill_cfg(work, "cached8_tp2", teacher_cache=cache8, parallel=ParallelConfig(tp=2)))
+    run_distill(distill_cfg(work, "cached8_pp2", teacher_cache=cache8, parallel=ParallelConfig(pp=2)))
+    run_distill(distill_cfg(work, "cached8_from_tp2", teacher_cache=str(work / "cache8_tp2")))  # DP=2, TP=1
     D.shutdown()
 
 

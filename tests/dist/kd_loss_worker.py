@@ -121,6 +121,43 @@ def run_cases(rank, world):
     return results
 
 
+def topk_cases(rank, world):
+    """Cached top-K KD (distill/topk.py) with the vocabulary sharded: the teacher's top-K
+    (ids equal, log-probs / rest mass) and the KL_K loss + gradient vs the world-size-1 path
+    on the full logits (itself checked against a brute-force twin in tests/unit/test_topk_loss.py)."""
+    from megatron_minitron.distill.topk import teacher_topk, topk_kd_loss
+
+    sl = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL)
+    out, seed = {}, 100
+    for dtype_name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
+        for k in (1, 8, V_LOCAL + 3, V_LOCAL * world):  # one rank's share, more, all
+            for temperature, chunk, alpha in ((1.0, None, 1.0), (2.0, 4, 0.5)):
+                seed += 1
+                s, t, labels, mask = _full_inputs(dtype, world, seed)
+                ids, lps, rest = teacher_topk(t[..., sl], k, temperature, dist.group.WORLD, chunk)
+                rids, rlps, rrest = teacher_topk(t, k, temperature, None, chunk)
+                kw = dict(labels=labels, loss_mask=mask, temperature=temperature, alpha_kd=alpha,
+                          chunk_size=chunk)
+                a = s[..., sl].clone().requires_grad_(True)
+                loss, _ = topk_kd_loss(a, ids, lps, rest, tp_group=dist.group.WORLD, **kw)
+                loss.backward()
+                b = s.clone().requires_grad_(True)
+                ref, _ = topk_kd_loss(b, rids, rlps, rrest, tp_group=None, **kw)
+                ref.backward()
+                fin = torch.isfinite(rrest)
+                out[f"topk/{dtype_name}/k={k}/T={temperature}/chunk={chunk}/alpha={alpha}"] = {
+                    "dtype": dtype_name,
+                    "ids_differ": _max_across(float((ids != rids).sum())),
+                    "loss_err": _max_across(abs(loss.item() - ref.item())),
+                    "logprob_err": _max_across((lps - rlps).abs().max().item()),
+                    "rest_err": _max_across(((rest - rrest).abs()[fin].max().item() if fin.any() else 0.0)
+                                            + float((torch.isinf(rest) != ~fin).sum())),
+                    "grad_err": _max_across((a.grad - b.grad[..., sl]).abs().max().item()),
+                    "loss_rank_spread": _spread_across(loss),
+                }
+    return out
+
+
 def megatron_ce_parity(rank, world):
     """Our explicit-group CE vs megatron's global-state CE, both at TP=world."""
     from megatron.core import parallel_state, tensor_parallel
@@ -160,6 +197,7 @@ def main():
     try:
         payload["cases"] = run_cases(rank, world)
         payload["megatron_ce"] = megatron_ce_parity(rank, world)
+        payload["cases"].update(topk_cases(rank, world))
         failures = []
         for name, r in list(payload["cases"].items()) + [("megatron_ce", payload["megatron_ce"])]:
             tol_loss, tol_grad = TOL[r["dtype"]]
@@ -167,8 +205,8 @@ def main():
                 if key == "dtype":
                     continue
                 tol = tol_grad if key.startswith("grad") else tol_loss
-                if key == "loss_rank_spread":
-                    tol = 0.0  # bitwise identical on every rank
+                if key in ("loss_rank_spread", "ids_differ"):
+                    tol = 0.0  # bitwise identical on every rank / the same top-K ids
                 if not val <= tol:
                     failures.append(f"{name}: {key}={val:.3e} > {tol:.0e}")
         payload["failures"] = failures

@@ -29,7 +29,10 @@ def res(real_data, tmp_path_factory):
 
 def test_claims_table(res):
     rows = res["claims"]["rows"]
-    assert len(rows) == 8  # 7 dense + the MoE line: no MoE teacher, so skipped, saying how to make it
+    assert len(rows) == 9  # 8 dense + the MoE line: no MoE teacher, so skipped, saying how to make it
+    cache = res["claims"]["detail"]["cache"]  # cached top-32 KD vs online KD of the default plan
+    assert set(cache["online"]) == set(cache["cached"]) == {"s1"} and cache["bytes_per_token"] == 8 * 32 + 4
+    assert cache["cached"]["s1"] != cache["online"]["s1"] and "cached top-32" in rows[7]["ours"]
     assert rows[-1]["holds"] == "n/a" and "no MoE teacher" in rows[-1]["ours"] and "run_ablations.sh" in rows[-1]["ours"]
     for r in rows:
         assert r["holds"] in ("yes", "no", "mixed", "n/a") and r["ours"] and r["paper"]

@@ -149,3 +149,16 @@ def test_resume_skips_finished_candidates(run):
     assert _strip(tables[0]["rows"]) == _strip(tables[1]["rows"])  # losses bit-identical
     assert json.loads((work / "res" / "chosen_plan.json").read_text()) == \
         json.loads((work / "full" / "chosen_plan.json").read_text())
+
+
+def test_short_kds_from_a_teacher_cache(run):
+    """One cache of every token (top-4096 = the vocabulary) serves both short KDs: the same
+    candidates, distilled losses within 1e-5 of the online KDs'."""
+    work, res = run
+    full = {r["name"]: r for r in json.loads((work / "full" / "table.json").read_text())["rows"]}
+    cached = {r["name"]: r for r in json.loads((work / "cached" / "table.json").read_text())["rows"]}
+    assert set(full) == set(cached) and len(full) == 2
+    for n in full:
+        assert abs(full[n]["distilled_loss"] - cached[n]["distilled_loss"]) < 1e-5, n
+    kd = json.loads((work / "cached" / "candidates" / next(iter(cached)) / "distilled" / "summary.json").read_text())
+    assert kd["teacher_source"]["top_k"] == 4096
