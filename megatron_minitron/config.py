@@ -282,31 +282,32 @@ class ParallelConfig:
     fp8: str = ""  # '' | e4m3 | hybrid: Transformer Engine fp8 GEMMs (GPU with TE only)
     overlap_grad_reduce: bool = False  # DDP: overlap DP gradient reduce with backward (GPU)
     overlap_param_gather: bool = False  # distributed optimizer: overlap param all-gather (GPU)
-    # context parallelism: only 1. megatron-core 0.16/0.19 run hybrid models with CP only
-    # through Transformer Engine's attention (their local attention asserts cp == 1), and
-    # this package's batch split, stats hooks and losses are not CP-aware: refused.
+    # context parallelism: each sequence split over cp ranks (megatron's load-balanced
+    # chunks; Mamba through megatron's MambaContextParallel, attention through TE on GPU
+    # and compat/cp_attention.py elsewhere). Data parallel size = world / (tp * pp * cp).
+    # pretrain and eval only so far (CP_STAGES); the other stages refuse cp > 1.
     cp: int = 1
     # the stage refuses to start when its memory estimate per GPU exceeds this (GiB);
     # 0 = the device's memory (on CPU: host memory / ranks per node). --dry-run prints it.
     memory_limit_gb: float = 0.0
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
 
-    def validate(self, prefix: str = "parallel") -> None:
-        if self.tp < 1 or self.pp < 1 or self.ep < 1:
-            raise ConfigError(f"{prefix}.tp={self.tp}, {prefix}.pp={self.pp}, {prefix}.ep={self.ep}: "
-                              "all must be >= 1")
+    def validate(self, prefix: str = "parallel", cp_ok: bool = False) -> None:
+        """cp_ok: the calling stage runs with context parallelism (CP_STAGES)."""
+        if self.tp < 1 or self.pp < 1 or self.ep < 1 or self.cp < 1:
+            raise ConfigError(f"{prefix}.tp={self.tp}, {prefix}.pp={self.pp}, {prefix}.ep={self.ep}, "
+                              f"{prefix}.cp={self.cp}: all must be >= 1")
         if self.moe_dispatcher not in ("auto", "allgather", "alltoall", "flex"):
             raise ConfigError(f"{prefix}.moe_dispatcher={self.moe_dispatcher!r}: use auto, "
                               "allgather, alltoall or flex")
         for key in ("distributed_optimizer", "mamba_mem_eff_path", "moe_grouped_gemm"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r}: use auto, true or false")
-        if self.cp != 1:
+        if self.cp != 1 and not cp_ok:
             raise ConfigError(
-                f"{prefix}.cp={self.cp}: context parallelism is not supported here (megatron-core "
-                "runs hybrid Mamba models with it only through Transformer Engine attention, and "
-                "this package's batches, stats hooks and losses are not split over CP ranks); use "
-                f"{prefix}.cp=1 with {prefix}.tp / sequence_parallel for long sequences")
+                f"{prefix}.cp={self.cp}: context parallelism runs in {' and '.join(CP_STAGES)} only "
+                "so far; this stage's batches, hooks and losses are not split over CP ranks. Use "
+                f"{prefix}.cp=1 here (with {prefix}.tp / sequence_parallel for long sequences)")
         if not self.memory_limit_gb >= 0:
             raise ConfigError(f"{prefix}.memory_limit_gb={self.memory_limit_gb} must be >= 0 "
                               "(0 = the device's memory)")
@@ -317,6 +318,39 @@ class ParallelConfig:
                               "dp_sharded or reshardable")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"{prefix}.backend={self.backend!r}: use auto, nccl or gloo")
+
+
+CP_STAGES = ("pretrain", "eval")  # the stages that accept parallel.cp > 1
+
+
+def check_cp(model: "ModelConfig", parallel: ParallelConfig, prefix: str = "model") -> None:
+    """The model splits over parallel.cp ranks: the sequence into 2*cp equal chunks; each
+    Mamba layer's heads (and B/C groups) over the CP ranks of a TP rank, as megatron's
+    MambaContextParallel requires. MoE layers are refused under CP until their router
+    losses are checked there."""
+    cp, tp, p = parallel.cp, parallel.tp, prefix + "."
+    if cp == 1:
+        return
+    if model.seq_length % (2 * cp):
+        lo = model.seq_length - model.seq_length % (2 * cp)
+        raise ConfigError(f"{p}seq_length={model.seq_length} is not divisible by 2 x parallel.cp = "
+                          f"{2 * cp} (each CP rank holds two equal chunks); use e.g. {lo or 2 * cp}")
+    if parallel.sequence_parallel and tp > 1 and (model.seq_length // cp) % tp:
+        raise ConfigError(f"{p}seq_length={model.seq_length} / parallel.cp={cp} is not divisible by "
+                          f"parallel.tp={tp} (sequence parallelism splits each CP rank's part)")
+    if "M" in model.pattern:
+        heads, groups = model.mamba_num_heads // tp, model.mamba_num_groups // tp
+        if heads % cp:
+            raise ConfigError(f"{p}mamba_num_heads={model.mamba_num_heads} gives {heads} heads per "
+                              f"TP rank, not divisible by parallel.cp={cp} (Mamba layers split heads "
+                              f"over CP ranks); choose parallel.cp dividing {heads}")
+        if (groups < cp and cp % groups) or (groups >= cp and groups % cp):
+            raise ConfigError(f"{p}mamba_num_groups={model.mamba_num_groups} gives {groups} groups "
+                              f"per TP rank: parallel.cp={cp} must divide it or be a multiple of it "
+                              "(megatron's MambaContextParallel)")
+    if model.is_moe:
+        raise ConfigError(f"parallel.cp={cp} with mixture-of-experts layers is not supported yet; "
+                          "use parallel.cp=1 (and parallel.ep / tp) for this model")
 
 
 @dataclass

@@ -30,6 +30,8 @@ class Parallel:
     device: torch.device
     ep: int = 1  # expert parallel: MoE experts split over ep ranks of the DP group
     ep_rank: int = 0
+    cp: int = 1  # context parallel: each sequence split over the cp ranks of pg.cp
+    cp_rank: int = 0
 
     @property
     def rank(self) -> int:
@@ -105,11 +107,11 @@ def init(parallel: ParallelConfig, seed: int = 1234) -> Parallel:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     world = dist.get_world_size()
     check_world(parallel, world)
-    mp = parallel.tp * parallel.pp
+    mp = parallel.tp * parallel.pp * parallel.cp
     mcore.parallel_state.destroy_model_parallel()
     mcore.parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
-        expert_model_parallel_size=parallel.ep,
+        expert_model_parallel_size=parallel.ep, context_parallel_size=parallel.cp,
     )
     set_seed(seed)
     ps = mcore.parallel_state
@@ -125,16 +127,20 @@ def init(parallel: ParallelConfig, seed: int = 1234) -> Parallel:
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
         ep=parallel.ep,
         ep_rank=ps.get_expert_model_parallel_rank(),
+        cp=parallel.cp,
+        cp_rank=ps.get_context_parallel_rank(),
     )
 
 
 def check_world(parallel: ParallelConfig, world: int) -> None:
-    """The layout fits `world` processes: tp x pp divides it, and the data-parallel size is
-    a multiple of ep (megatron's expert-parallel ranks are drawn from the DP group)."""
-    mp = parallel.tp * parallel.pp
+    """The layout fits `world` processes: tp x pp x cp divides it, and the data-parallel
+    size is a multiple of ep (megatron's expert-parallel ranks are drawn from the DP group)."""
+    cp = getattr(parallel, "cp", 1)
+    mp = parallel.tp * parallel.pp * cp
+    what = "parallel.tp x parallel.pp" + (" x parallel.cp" if cp > 1 else "")
     if world % mp:
         raise ConfigError(
-            f"world size {world} is not divisible by parallel.tp x parallel.pp = {mp}; "
+            f"world size {world} is not divisible by {what} = {mp}; "
             f"launch a multiple of {mp} processes or change the layout"
         )
     dp = world // mp
@@ -142,7 +148,7 @@ def check_world(parallel: ParallelConfig, world: int) -> None:
         ok = [e for e in range(1, dp + 1) if dp % e == 0]
         raise ConfigError(
             f"parallel.ep={parallel.ep} does not divide the data-parallel size {dp} (world {world} "
-            f"/ tp x pp = {mp}); choose parallel.ep in {ok}, or launch "
+            f"/ {what.replace('parallel.', '')} = {mp}); choose parallel.ep in {ok}, or launch "
             f"{mp * parallel.ep * max(1, -(-dp // parallel.ep))} processes")
 
 

@@ -53,8 +53,8 @@ class Runtime:
 
 
 def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_parallel=False,
-                       initialize: bool = True, runtime: Optional[Runtime] = None):
-    """The megatron TransformerConfig for `cfg` at a (tp, pp) layout. initialize=False
+                       initialize: bool = True, runtime: Optional[Runtime] = None, cp: int = 1):
+    """The megatron TransformerConfig for `cfg` at a (tp, pp, cp) layout. initialize=False
     leaves the weights uninitialized (they are about to be overwritten)."""
     from .compat import mcore
 
@@ -95,6 +95,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_para
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         sequence_parallel=rt.sequence_parallel and tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -151,9 +152,10 @@ def build_model(cfg: ModelConfig, parallel, pre_process=None, post_process=None,
         raise ValueError(f"runtime ep={rt.ep} but the process groups have ep={parallel.ep}")
     cfg.validate(tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)
     pattern = cfg.pattern.replace("|", "")
-    tcfg = transformer_config(cfg, parallel.tp, parallel.pp, initialize=initialize, runtime=rt)
+    cp = getattr(parallel, "cp", 1)
+    tcfg = transformer_config(cfg, parallel.tp, parallel.pp, initialize=initialize, runtime=rt, cp=cp)
     spec = mcore.hybrid_stack_spec(mcore.te_usable(), cfg.mamba_conv_kernel, cfg.mamba_chunk_size,
-                                   moe=cfg.is_moe, grouped_gemm=rt.moe_grouped_gemm)
+                                   moe=cfg.is_moe, grouped_gemm=rt.moe_grouped_gemm, cp=cp)
     model = mcore.make_hybrid_model(
         spec,
         pattern,

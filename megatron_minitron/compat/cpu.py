@@ -196,6 +196,16 @@ def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def pos_emb_on_this_cp_rank(pos_emb, seq_dim: int, cp_group):
+    """megatron's rope_utils.get_pos_emb_on_this_cp_rank (RoPE under context parallelism:
+    chunks r and 2cp-1-r of the table) without its pinned-memory `.cuda()` index."""
+    cp, r = cp_group.size(), cp_group.rank()
+    idx = torch.tensor([r, 2 * cp - r - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, idx)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
 _TENSOR_TYPE = torch.Tensor.type
 
 
@@ -252,5 +262,10 @@ def install() -> bool:
     opt = sys.modules.get("megatron.core.optimizer.optimizer")
     if opt is not None:
         opt.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    for name in ("megatron.core.models.common.embeddings.rotary_pos_embedding",
+                 "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "get_pos_emb_on_this_cp_rank"):
+            mod.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank
     _installed = True
     return True

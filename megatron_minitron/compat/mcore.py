@@ -111,7 +111,7 @@ def te_usable() -> bool:
 
 
 def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int, moe: bool = False,
-                      grouped_gemm: bool = False) -> ModuleSpec:
+                      grouped_gemm: bool = False, cp: int = 1) -> ModuleSpec:
     """Layer specs for the hybrid stack.
 
     With Transformer Engine: TE's fused norm+linear modules. Without it: plain
@@ -120,6 +120,8 @@ def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int, moe: bool = Fa
     spec loads in the other. moe: E layers as megatron's MoELayer (SequentialMLP experts,
     or TE's grouped GEMM with grouped_gemm; both store one [experts, ...] tensor per
     projection under `mlp.experts.experts.linear_fc{1,2}.weight`) behind a separate norm.
+    cp > 1 without TE: the core attention is compat/cp_attention.py's (megatron's local
+    attention refuses context parallelism; TE's runs it).
     """
     mixer_params = {"d_conv": d_conv, "chunk_size": chunk_size}
     if use_te:
@@ -134,6 +136,8 @@ def hybrid_stack_spec(use_te: bool, d_conv: int, chunk_size: int, moe: bool = Fa
         keymaps = dict(mamba={}, attn={}, mlp={})
     else:
         col_ln, row, attn = ColumnParallelLinear, RowParallelLinear, DotProductAttention
+        if cp > 1:
+            from .cp_attention import CPDotProductAttention as attn
         norms = dict(mamba=LocalNorm, attn=LocalNorm, mlp=LocalNorm)
         keymaps = dict(
             mamba={"norm.": "mixer.in_proj.layer_norm_"},

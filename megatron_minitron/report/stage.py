@@ -133,6 +133,7 @@ def _loss_curves(run_dir: Path, labels: list[tuple[str, Path]], out: Path) -> st
 
 
 def run_report(cfg: ReportConfig) -> dict:
+    cfg.parallel.validate()  # (refuses parallel.cp > 1: the throughput pass is not split)
     cfg.data.validate()
     models = _models(cfg)
     data_summary = check_data(cfg.data)

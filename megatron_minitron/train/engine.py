@@ -19,6 +19,7 @@ from ..config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from ..dist import Parallel
 from ..model import build_model, causal_mask
 from . import checkpoint as ckpt
+from . import cp as cpsplit
 
 
 # ----------------------------------------------------------------------------- data
@@ -85,21 +86,43 @@ def collate(samples: list[dict], device="cpu") -> dict:
 # ----------------------------------------------------------------------------- forward
 
 
-def lm_forward_step(data_iterator: Iterator, model, use_mask: bool = True):
-    """forward_step_func for the pipeline schedules: LM cross-entropy on the last stage."""
+def lm_forward_step(data_iterator: Iterator, model, use_mask: bool = True, cp_group=None):
+    """forward_step_func for the pipeline schedules: LM cross-entropy on the last stage.
+    cp_group (size > 1): the batch is split over its ranks (train/cp.py); no mask is passed
+    (the CP attention masks its chunks itself)."""
     batch = next(data_iterator)
+    if cp_group is not None and cp_group.size() > 1:
+        batch = cpsplit.split_batch(batch, cp_group.size(), cp_group.rank())
+        use_mask = False
+    else:
+        cp_group = None
     tokens = batch["tokens"]
     mask = causal_mask(tokens.shape[1], str(tokens.device)) if use_mask else None
     out = model(tokens, batch["position_ids"], mask, labels=batch["labels"])
-    return out, partial(_lm_loss, batch["loss_mask"])
+    return out, partial(_lm_loss, batch["loss_mask"], cp_group=cp_group)
 
 
-def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Returns (sum loss, tokens, report): the schedule divides by tokens and micro-batches."""
+def forward_step_for(par: Parallel) -> Callable:
+    """lm_forward_step for `par`'s layout (its CP group when cp > 1)."""
+    if getattr(par, "cp", 1) > 1:
+        return partial(lm_forward_step, cp_group=par.pg.cp)
+    return lm_forward_step
+
+
+def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor, cp_group=None):
+    """Returns (sum loss, tokens, report): the schedule divides by tokens and micro-batches.
+    Under CP the report holds this rank's own sums (each token counted once, where it is);
+    the loss is divided by the micro-batch's token count over the CP group and multiplied
+    by cp, since DDP averages gradients over dp x cp ranks."""
     per_token_loss = per_token_loss.float()
     total = (per_token_loss * loss_mask).sum()
     n = loss_mask.sum()
-    return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n.detach()])}
+    report = {"lm loss": torch.stack([total.detach(), n.detach()])}
+    if cp_group is None:
+        return total, n.to(torch.int), report
+    n_all = n.detach().clone()
+    dist.all_reduce(n_all, group=cp_group)
+    return total * cp_group.size(), n_all.to(torch.int), report
 
 
 def reduce_reports(reports: list[dict], par: Parallel, key: str = "lm loss") -> float:
@@ -288,7 +311,7 @@ def save_trainable(t: Trainable, run_dir, extra_meta: Optional[dict] = None) -> 
     # plain (non-sharded) values are stored once, in the checkpoint's common state
     sd["scheduler"] = t.scheduler.state_dict()
     sd["iteration"] = t.iteration
-    meta = {"tp": t.par.tp, "pp": t.par.pp, "ep": t.par.ep, "dp": t.par.dp,
+    meta = {"tp": t.par.tp, "pp": t.par.pp, "ep": t.par.ep, "dp": t.par.dp, "cp": t.par.cp,
             "optimizer": {"distributed": t.distributed_optimizer,
                           "format": t.optimizer_checkpoint if t.distributed_optimizer else "plain"},
             **(extra_meta or {})}
@@ -321,13 +344,14 @@ def resume_trainable(t: Trainable, path) -> dict:
             f"{where} holds {'distributed' if saved_dist else 'plain'}-optimizer state; resume "
             f"with parallel.distributed_optimizer={'true' if saved_dist else 'false'}, or start "
             "from its weights only with init_from=<this checkpoint> and resume=false")
-    saved = {k: meta.get(k, 1 if k == "ep" else None) for k in ("tp", "pp", "ep", "dp")}
-    now = {"tp": t.par.tp, "pp": t.par.pp, "ep": t.par.ep, "dp": t.par.dp}
+    # (the distributed optimizer shards over the dp x cp ranks: cp is part of the layout)
+    saved = {k: meta.get(k, 1 if k in ("ep", "cp") else None) for k in ("tp", "pp", "ep", "dp", "cp")}
+    now = {"tp": t.par.tp, "pp": t.par.pp, "ep": t.par.ep, "dp": t.par.dp, "cp": t.par.cp}
     if saved_dist and fmt == "dp_sharded" and saved != now:
         lay = " ".join(f"{k}={v}" for k, v in saved.items())
         raise ConfigError(
             f"{where} stores the distributed optimizer's state sharded by data-parallel rank "
-            f"at {lay}, not loadable at tp={now['tp']} pp={now['pp']} ep={now['ep']} dp={now['dp']}. Reshard "
+            f"at {lay}, not loadable at " + " ".join(f"{k}={v}" for k, v in now.items()) + ". Reshard "
             f"it once: rerun at {lay} with parallel.optimizer_checkpoint=reshardable (it "
             "rewrites the checkpoint on resume), then resume at the new layout")
     from ..compat import mcore
@@ -343,7 +367,7 @@ def resume_trainable(t: Trainable, path) -> dict:
     if saved_dist and fmt != t.optimizer_checkpoint:
         # rewrite in the requested format now (dp_sharded -> reshardable before a layout change)
         save_trainable(t, where.parent.parent, {k: v for k, v in meta.items()
-                                                if k not in ("tp", "pp", "ep", "dp", "optimizer",
+                                                if k not in ("tp", "pp", "ep", "dp", "cp", "optimizer",
                                                              "iteration", "megatron_core")})
     return meta
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, EvalConfig, PretrainConfig, check_ep_used, check_moe_train, dump_json  # noqa: F401
+from ..config import (ConfigError, DataConfig, EvalConfig, PretrainConfig, check_cp, check_ep_used,  # noqa: F401
+                      check_moe_train, dump_json)
 from ..data.stage_data import check_data, datasets
 from ..model import build_model, count_parameters
 from . import checkpoint as ckpt
-from .engine import (MicroBatches, load_weights, Progress, build_trainable, evaluate, fmt_eta, lm_forward_step,
+from .engine import (MicroBatches, load_weights, Progress, build_trainable, evaluate, fmt_eta, forward_step_for,
                      reduce_reports, resume_trainable, save_trainable, train_step, valid_batches)
 
 
@@ -24,9 +25,10 @@ def world_size_from_env() -> int:
 
 def validate_pretrain(cfg: PretrainConfig, world: int) -> None:
     """Every settings error, no file read: the run, --dry-run and --print-config call it."""
-    dp = world // (cfg.parallel.tp * cfg.parallel.pp)
-    cfg.parallel.validate()
+    dp = world // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
+    cfg.parallel.validate(cp_ok=True)
     cfg.model.validate(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep)
+    check_cp(cfg.model, cfg.parallel)
     check_ep_used(cfg.parallel.ep, cfg.model)
     check_moe_train(cfg.train, cfg.model)
     cfg.train.validate(max(dp, 1))
@@ -73,12 +75,14 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
 
     params = count_parameters(cfg.model)
     D.print0(f"[pretrain] model {cfg.model.pattern!r}: {params['total']:,} parameters "
-             f"({params['non_embedding']:,} non-embedding); tp={par.tp} pp={par.pp} dp={par.dp}; "
+             f"({params['non_embedding']:,} non-embedding); tp={par.tp} pp={par.pp} dp={par.dp}"
+             + (f" cp={par.cp}" if par.cp > 1 else "") + "; "
              f"{num_micro} micro-batches of {tr.micro_batch_size} per step"
              + (f"; resumed at step {resumed_from}" if resumed_from is not None else ""))
     data = MicroBatches(train_ds, tr.micro_batch_size, tr.global_batch_size, par.dp,
                         par.dp_rank, start_step=t.iteration, device=par.device)
     seq = cfg.model.seq_length
+    step_fn = forward_step_for(par)  # splits each sequence over the CP ranks when cp > 1
     tokens_per_step = tr.global_batch_size * seq
     history = []
     writer = _tensorboard(out / "tensorboard") if D.is_rank0() else None
@@ -92,7 +96,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     stop, interrupted = StopRequest(tr.exit_duration_minutes, t_start).start(), None
     while t.iteration < tr.steps:
         t0 = time.time()
-        res = train_step(t, data, lm_forward_step, num_micro, seq, tr.micro_batch_size)
+        res = train_step(t, data, step_fn, num_micro, seq, tr.micro_batch_size)
         loss = reduce_reports(res["reports"], par)
         dt = time.time() - t0
         rec = {"step": t.iteration, "loss": loss, "lr": res["lr"], "grad_norm": res["grad_norm"],
@@ -100,7 +104,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         history.append(rec)
         if t.iteration % tr.eval_interval == 0 or t.iteration == tr.steps:
             last_val = evaluate(t.model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
-                                lm_forward_step, tr.eval_iters, par, seq, tr.micro_batch_size)
+                                step_fn, tr.eval_iters, par, seq, tr.micro_batch_size)
             rec["val_loss"] = last_val
         prog.update(t.iteration, {"loss": loss, "lr": res["lr"]})
         if D.is_rank0():
@@ -135,7 +139,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     clear_record(out)
     if last_val is None:  # nothing left to train (already at the last step)
         last_val = evaluate(t.model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
-                            lm_forward_step, tr.eval_iters, par, seq, tr.micro_batch_size)
+                            step_fn, tr.eval_iters, par, seq, tr.micro_batch_size)
     elapsed = time.time() - t_start
     summary = {
         "stage": "pretrain",
@@ -152,7 +156,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         "train_seconds": time.time() - t_loop,
         "steps_this_run": t.iteration - start_it,
         "elapsed_seconds": elapsed,
-        "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
+        "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp, "cp": par.cp},
         "losses": [h["loss"] for h in history],
     }
     prev = out / "summary.json"
@@ -188,7 +192,7 @@ def eval_checkpoint(checkpoint, data: DataConfig, par, eval_iters: int, micro_ba
     model = build_model(model_cfg, par, initialize=False)  # weights loaded next
     meta = ckpt.load_model_weights(checkpoint, model)
     loss = evaluate(model, valid_batches(ds, micro_batch_size, eval_iters, par),
-                    lm_forward_step, eval_iters, par, model_cfg.seq_length, micro_batch_size)
+                    forward_step_for(par), eval_iters, par, model_cfg.seq_length, micro_batch_size)
     return {
         "checkpoint": str(ckpt.require(checkpoint)),
         "iteration": meta.get("iteration"),
@@ -202,7 +206,7 @@ def eval_checkpoint(checkpoint, data: DataConfig, par, eval_iters: int, micro_ba
 
 def validate_eval(cfg: EvalConfig) -> None:
     """Settings errors, no file read (the run, --dry-run and --print-config)."""
-    cfg.parallel.validate()
+    cfg.parallel.validate(cp_ok=True)
     cfg.data.validate()
     if cfg.split not in ("valid", "test", "train"):
         raise ConfigError(f"split={cfg.split!r}: use valid, test or train")
@@ -215,6 +219,7 @@ def validate_eval_model(cfg: EvalConfig, model_cfg) -> None:
     """The checkpoint's model at the eval layout."""
     model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="checkpoint model", ep=cfg.parallel.ep)
     check_ep_used(cfg.parallel.ep, model_cfg)
+    check_cp(model_cfg, cfg.parallel, prefix="checkpoint model")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -229,7 +234,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     par = D.init(cfg.parallel)
     res = eval_checkpoint(cfg.checkpoint, cfg.data, par, cfg.eval_iters, cfg.micro_batch_size, cfg.split)
     summary = {"stage": "eval", **res, "unigram_baseline": data_summary.get("unigram_entropy"),
-               "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp}}
+               "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp, "cp": par.cp}}
     out = Path(cfg.output_dir or Path(cfg.checkpoint) / "eval")
     if D.is_rank0():
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,241 @@
+"""Context parallelism (CP=2) against CP=1, one launch of 2 processes (gloo, CPU); checked
+by tests/dist/test_cp_dist.py. The CP=1 runs are the oracle: the same world at dp=2 (the
+same global batches, split over DP instead of the sequence).
+
+  * split: train/cp.py's split_batch == megatron's get_batch_on_this_cp_rank on the real
+    CP group, and merge_seq over the ranks gives the batch back;
+  * attention: compat/cp_attention.py's CPDotProductAttention at CP=2 (K/V all-gathered,
+    the causal mask of the rank's chunks) vs megatron's DotProductAttention at CP=1 on the
+    whole sequence: output, dQ, dK, dV of each rank's tokens (float32 and float64);
+  * model: one forward-backward of a hybrid M*-M*- (and a RoPE twin) from the same weights on
+    padded documents (real loss masks): the reported loss, the token count (each token
+    counted once) and every parameter's reduced gradient (main_grad);
+  * stages: pretrain 4 steps at CP=2 and at CP=1 (losses, grad norms, val losses); the CP=2
+    run's step-2 checkpoint resumed at CP=1 (steps 3-4 and the final weights vs the CP=2
+    run); eval of the CP=2 checkpoint at CP=2 and CP=1.
+"""
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_minitron import dist as D  # noqa: E402
+from megatron_minitron.config import (DataConfig, EvalConfig, ModelConfig, ParallelConfig,  # noqa: E402
+                                      PretrainConfig, TrainConfig)
+from tests.dist.mask_worker import make, padded_corpus  # noqa: E402
+
+MODEL = ModelConfig(pattern="M*-M*-", hidden_size=48, ffn_hidden_size=64, mamba_num_heads=4,
+                    mamba_head_dim=12, mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=16,
+                    num_attention_heads=4, num_query_groups=2, kv_channels=12, vocab_size=4096,
+                    seq_length=48)
+ROPE = replace(MODEL, position_embedding="rope")
+TRAIN = TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, lr=1e-3, min_lr=1e-4,
+                    warmup_steps=1, eval_interval=2, eval_iters=2, save_interval=2, log_interval=1)
+# CP=1 at dp=2 evaluates eval_iters x mbs x dp samples: 1 iteration = CP=2's 2 (the same 4)
+TRAIN_CP1 = replace(TRAIN, eval_iters=1)
+CP1, CP2 = ParallelConfig(), ParallelConfig(cp=2)
+
+
+def worst(pairs) -> float:
+    """max over (got, want) of max|got - want| / max|want|, the max over all ranks."""
+    r = max(float((g - w).abs().max()) / max(float(w.abs().max()), 1e-30) for g, w in pairs)
+    t = torch.tensor([r], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def check_split(res):
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from megatron_minitron.train.cp import merge_seq, split_batch
+
+    par = D.init(CP2, seed=1)
+    g = torch.Generator().manual_seed(0)
+    batch = {k: torch.randint(0, 100, (2, 48), generator=g) for k in ("tokens", "labels", "position_ids")}
+    batch["loss_mask"] = (torch.rand(2, 48, generator=g) > 0.3).float()
+    ours = split_batch(batch, 2, par.cp_rank)
+    theirs = get_batch_on_this_cp_rank(dict(batch), cp_group=par.pg.cp)
+    same = all(torch.equal(ours[k], theirs[k]) for k in batch)
+    parts = [torch.empty_like(ours["tokens"]) for _ in range(2)]
+    dist.all_gather(parts, ours["tokens"], group=par.pg.cp)
+    back = torch.equal(merge_seq(parts), batch["tokens"])
+    t = torch.tensor([int(same and back)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    res["split_equals_megatron"] = bool(t)
+
+
+def check_attention(res):
+    from megatron_minitron.compat import mcore
+    from megatron_minitron.compat.cp_attention import CPDotProductAttention
+    from megatron_minitron.model import causal_mask, transformer_config
+    from megatron_minitron.train.cp import split_seq
+
+    s, b, nq, ng, hn = MODEL.seq_length, 2, MODEL.num_attention_heads, MODEL.num_query_groups, MODEL.kv_channels
+    res["attention"] = {}
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(s, b, n, hn, generator=g, dtype=dtype) for n in (nq, ng, ng))
+        w = torch.randn(s, b, nq * hn, generator=g, dtype=dtype)
+        par = D.init(CP1, seed=1)
+        ref = mcore.DotProductAttention(transformer_config(MODEL, initialize=False), 1,
+                                        mcore.AttnMaskType.causal, "self", pg_collection=par.pg)
+        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+        out = ref(qr, kr, vr, causal_mask(s))
+        (out * w).sum().backward()
+
+        par = D.init(CP2, seed=1)
+        attn = CPDotProductAttention(transformer_config(MODEL, initialize=False, cp=2), 1,
+                                     mcore.AttnMaskType.causal, "self", pg_collection=par.pg)
+
+        def mine(x):
+            return split_seq(x, 2, par.cp_rank, seq_dim=0)
+
+        ql, kl, vl = (mine(x).clone().requires_grad_() for x in (q, k, v))
+        ol = attn(ql, kl, vl, None)
+        (ol * mine(w)).sum().backward()
+        name = str(dtype).replace("torch.", "")
+        res["attention"][name] = {
+            "out": worst([(ol, mine(out))]),
+            "dq": worst([(ql.grad, mine(qr.grad))]),
+            "dk": worst([(kl.grad, mine(kr.grad))]),
+            "dv": worst([(vl.grad, mine(vr.grad))]),
+        }
+
+
+def forward_backward(cfg: ModelConfig, pc: ParallelConfig, w0: Path, data: DataConfig) -> dict:
+    """One forward-backward of the first global batch from the weights at w0: the reported
+    loss, tokens counted over all ranks, and every parameter's reduced gradient."""
+    from megatron_minitron.compat import mcore
+    from megatron_minitron.data.stage_data import datasets
+    from megatron_minitron.train.engine import (MicroBatches, build_trainable, forward_step_for,
+                                                load_weights, reduce_reports)
+
+    par = D.init(pc, seed=1)
+    t = build_trainable(cfg, par, TRAIN, pc, initialize=False)
+    load_weights(t, w0)
+    ds, _, _ = datasets(data, cfg.seq_length, 8, 4)
+    mbs, gbs = TRAIN.micro_batch_size, TRAIN.global_batch_size
+    num_micro = gbs // (mbs * par.dp)
+    t.model.train()
+    t.model.zero_grad_buffer()
+    reports = mcore.get_forward_backward_func()(
+        forward_step_func=forward_step_for(par), data_iterator=MicroBatches(ds, mbs, gbs, par.dp, par.dp_rank),
+        model=[t.model], num_microbatches=num_micro, seq_length=cfg.seq_length, micro_batch_size=mbs,
+        forward_only=False)
+    n = torch.zeros(1, dtype=torch.float64)
+    if par.tp_rank == 0:
+        for r in reports:
+            n += float(r["lm loss"][1])
+    dist.all_reduce(n)
+    grads = {name: p.main_grad.detach().clone() for name, p in t.model.module.named_parameters()}
+    return {"loss": reduce_reports(reports, par), "tokens": float(n), "grads": grads}
+
+
+def check_model(wd: Path, data: DataConfig, res):
+    for name, cfg in (("model", MODEL), ("rope", ROPE)):
+        w0 = wd / f"w0_{name}"
+        make(cfg, D.init(CP1, seed=1), 7, w0)
+        a = forward_backward(cfg, CP1, w0, data)
+        b = forward_backward(cfg, CP2, w0, data)
+        assert a["grads"].keys() == b["grads"].keys()
+        per = {k: worst([(b["grads"][k], a["grads"][k])]) for k in sorted(a["grads"])}
+        res[name] = {"loss_cp1": a["loss"], "loss_cp2": b["loss"], "tokens_cp1": a["tokens"],
+                     "tokens_cp2": b["tokens"], "grad_worst": max(per.values()),
+                     "grad_worst_param": max(per, key=per.get),
+                     "grad_norm_cp1": float(torch.cat([g.flatten() for g in a["grads"].values()]).norm()),
+                     "nonzero_grads": sum(int(g.abs().max() > 0) for g in b["grads"].values()),
+                     "params": len(per)}
+
+
+def metrics(run: Path) -> list:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_stages(wd: Path, data: DataConfig, res):
+    from megatron_minitron.model import build_model
+    from megatron_minitron.train import checkpoint as ckpt
+    from megatron_minitron.train.pretrain import run_eval, run_pretrain
+
+    w0 = wd / "w0_model"
+
+    def pretrain(name, pc, train, **kw):
+        return run_pretrain(PretrainConfig(output_dir=str(wd / name), model=MODEL, parallel=pc,
+                                           data=data, train=train, init_from=str(w0), **kw))
+
+    s2 = pretrain("cp2", CP2, TRAIN)
+    s1 = pretrain("cp1", CP1, TRAIN_CP1)
+    if dist.get_rank() == 0:  # the CP=2 run's step-2 checkpoint, to resume at CP=1
+        shutil.copytree(wd / "cp2", wd / "resume")
+        shutil.rmtree(wd / "resume" / "checkpoints" / "iter_0000004")
+        (wd / "resume" / "checkpoints" / "latest").write_text("iter_0000002")
+        (wd / "resume" / "metrics.jsonl").write_text("")
+    dist.barrier()
+    sr = pretrain("resume", CP1, TRAIN_CP1)
+    m2, m1, mr = metrics(wd / "cp2"), metrics(wd / "cp1"), metrics(wd / "resume")
+    res["pretrain"] = {
+        "cp2": {"loss": s2["losses"], "grad_norm": [r["grad_norm"] for r in m2],
+                "val": [r["val_loss"] for r in m2 if "val_loss" in r], "layout": s2["layout"]},
+        "cp1": {"loss": s1["losses"], "grad_norm": [r["grad_norm"] for r in m1],
+                "val": [r["val_loss"] for r in m1 if "val_loss" in r], "layout": s1["layout"]},
+        "resumed_cp1": {"resumed_from": sr["resumed_from"], "loss": sr["losses"],
+                        "grad_norm": [r["grad_norm"] for r in mr],
+                        "val": [r["val_loss"] for r in mr if "val_loss" in r]},
+    }
+    # final weights: CP=2 run vs its checkpoint resumed at CP=1 (both loaded at CP=1)
+    par = D.init(CP1, seed=1)
+    models = {}
+    for name in ("cp2", "resume"):
+        models[name] = build_model(MODEL, par, initialize=False)
+        ckpt.load_model_weights(wd / name, models[name])
+    w2, wr = (dict(m.named_parameters()) for m in (models["cp2"], models["resume"]))
+    res["pretrain"]["resume_weights_worst"] = worst([(wr[k], w2[k]) for k in w2])
+    for name, path in (("cp1", wd / "cp1"), ("w0", w0)):
+        models[name] = build_model(MODEL, par, initialize=False)
+        ckpt.load_model_weights(path, models[name])
+    w1, w0_ = (dict(models[n].named_parameters()) for n in ("cp1", "w0"))
+    res["pretrain"]["cp1_vs_cp2_weights_worst"] = worst([(w1[k], w2[k]) for k in w2])
+    res["pretrain"]["trained_vs_init"] = worst([(w2[k], w0_[k]) for k in w2])  # the steps moved them
+
+    ev = {}
+    for name, pc, iters in (("cp2", CP2, 2), ("cp1", CP1, 1)):
+        e = run_eval(EvalConfig(checkpoint=str(wd / "cp2"), output_dir=str(wd / f"eval_{name}"), data=data,
+                                parallel=pc, eval_iters=iters, micro_batch_size=2))
+        ev[name] = {"loss": e["loss"], "tokens": e["tokens"], "layout": e["layout"]}
+    res["eval"] = ev
+
+
+def masked_fraction(data: DataConfig) -> dict:
+    from megatron_minitron.data.stage_data import datasets
+    from megatron_minitron.train.engine import collate
+
+    train, valid, _ = datasets(data, MODEL.seq_length, 16, 4)
+    return {k: float(1 - collate([ds[i] for i in range(n)])["loss_mask"].mean())
+            for k, ds, n in (("train", train, 16), ("valid", valid, 4))}
+
+
+def run(wd: Path):
+    D.init(CP1, seed=1)
+    if dist.get_rank() == 0:
+        padded_corpus(wd)
+    dist.barrier()
+    data = DataConfig(prefix=str(wd / "padded"), tokenizer=json.loads((wd / "data.json").read_text())["tokenizer"],
+                      split="90,10,0")
+    res = {"masked_fraction": masked_fraction(data)}
+    check_split(res)
+    check_attention(res)
+    check_model(wd, data, res)
+    check_stages(wd, data, res)
+    if dist.get_rank() == 0:
+        (wd / "result_cp.json").write_text(json.dumps(res, indent=2))
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[2]))
