@@ -40,6 +40,7 @@ class TeacherLogitsConfig:
     temperature: float = 1.0  # the log-probs are of softmax(logits / T): the distill's loss.temperature
     logprob_dtype: str = "float32"  # float32 | float16 (bytes per token: cache.bytes_per_token)
     micro_batch_size: int = 8
+    chunk_size: int = 1024  # tokens per top-K pass (one fp32 chunk x V/tp buffer); 0 = a whole micro-batch
     shard_samples: int = 64  # sequences per shard file: the unit of resume (a multiple of micro_batch_size)
     eval_iters: int = 8  # the teacher's validation loss (eval_iters x micro_batch_size x dp) for the manifest
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -55,8 +56,9 @@ class TeacherLogitsConfig:
         for key in ("samples", "top_k", "micro_batch_size", "shard_samples", "eval_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.seq_length < 0:
-            raise ConfigError(f"seq_length={self.seq_length} must be >= 0 (0 = the teacher's)")
+        if self.seq_length < 0 or self.chunk_size < 0:
+            raise ConfigError(f"seq_length={self.seq_length} and chunk_size={self.chunk_size} must be >= 0 "
+                              "(0 = the teacher's / a whole micro-batch)")
         if self.logprob_dtype not in C.DTYPES:
             raise ConfigError(f"logprob_dtype={self.logprob_dtype!r}: use one of {sorted(C.DTYPES)}")
         if not self.temperature > 0:
@@ -172,7 +174,7 @@ def run_teacher_logits(cfg: TeacherLogitsConfig) -> dict:
                 logits = model(tokens, batch["position_ids"], causal_mask(tokens.shape[1], str(tokens.device)))
 
                 def loss(out_t):
-                    got.append(teacher_topk(out_t, cfg.top_k, cfg.temperature, tp_group))
+                    got.append(teacher_topk(out_t, cfg.top_k, cfg.temperature, tp_group, cfg.chunk_size or None))
                     return torch.zeros((), device=out_t.device), torch.ones((), dtype=torch.int, device=out_t.device), {}
                 return logits, loss
 

@@ -134,11 +134,21 @@ def plan_for(stage: str, cfg, world: int, models: Optional[dict] = None, kind: O
         lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, kind=kind)
         depth = "kl" in cfg.sources and cfg.depth_samples > 0
         return (lambda l: E.stats(m, l, kind, depth, cfg.depth_chunk_tokens)), lay, m
-    if stage in ("eval", "teacher-logits"):  # forward only, LM loss / top-K of the logits: the
-        m = models["model"]                    # stats estimate without depth KL
-        seq = getattr(cfg, "seq_length", 0) or m.seq_length
-        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, kind=kind)
+    if stage == "eval":  # forward only, LM loss: the stats estimate without depth KL
+        m = models["model"]
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, m.seq_length, kind=kind)
         return (lambda l: E.stats(m, l, kind, depth=False)), lay, m
+    if stage == "teacher-logits":  # eval's forward, plus the top-K's fp32 chunk buffer
+        m = models["model"]
+        seq = cfg.seq_length or m.seq_length
+        lay = _layout(cfg.parallel, world, cfg.micro_batch_size, seq, kind=kind)
+
+        def est(l: E.Layout) -> E.Estimate:
+            e = E.stats(m, l, kind, depth=False)
+            rows = min(cfg.chunk_size or l.micro_batch_size * seq, l.micro_batch_size * seq)
+            e.items["top-k buffer"] = rows * m.vocab_size / l.tp * 4
+            return e
+        return est, lay, m
     if stage == "prune":
         m = models["model"]
         return (lambda l: E.prune(m, kind)), E.Layout(), m

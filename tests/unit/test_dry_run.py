@@ -20,7 +20,7 @@ from tests.conftest import REPO, cli_refuses
 
 BIG = sorted(p.name for p in (REPO / "configs").glob("*.yaml")
              if "nemotron_h_8b" in p.name or "nemotron_3_nano" in p.name or "nemotron_h_4b" in p.name)
-ESTIMATED = ("pretrain", "distill", "stats", "eval", "prune", "search")
+ESTIMATED = ("pretrain", "distill", "stats", "eval", "prune", "search", "teacher-logits")
 
 
 @pytest.fixture

@@ -35,13 +35,13 @@ def test_readme_dry_runs_match_launchers():
 
 
 def test_every_stage_has_an_sbatch_file_that_dry_runs():
-    for stage in ("pretrain", "stats", "prune", "distill", "eval"):
+    for stage in ("pretrain", "stats", "prune", "distill", "eval", "teacher_logits"):
         f = REPO / "slurm" / f"{stage}.sbatch"
         assert "#SBATCH --gpus-per-node=8" in f.read_text()
         env = dict(_clean_env(), DRY_RUN="1", SLURM_NNODES="4", SLURM_JOB_ID="7")
         out = subprocess.run(["bash", str(f), "x.key=1"], cwd=REPO, env=env,
                              capture_output=True, text=True, check=True).stdout
-        assert f"-m megatron_minitron {stage} --config configs/" in out
+        assert f"-m megatron_minitron {stage.replace('_', '-')} --config configs/" in out
         assert "--nnodes 4 --nproc_per_node 8 --rdzv_backend c10d" in out and out.strip().endswith("x.key=1")
 
 

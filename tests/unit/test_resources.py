@@ -408,3 +408,20 @@ def test_readme_nemotron_3_nano_search_tables_are_the_estimators_output():
     section = readme[readme.index("**Nemotron 3 Nano 30B-A3B -> about 22B"):]
     totals = re.findall(r"^\| [^|]+ \| [^|]+ \| ([0-9.]+) \| (?:yes|NO) \|$", section[:4000], re.M)
     assert totals == [f"{e.total / E.GiB:.1f}" for _, _, e in (rs[0], rs[1], rs[2], rs[6], rs[3], rs[4], rs[5])]
+
+
+def test_teacher_cache_cost_at_the_recipes_scale():
+    """resources.table --teacher-cache: the search's 22 short KDs over 604 x 768 x 8192 tokens
+    share one cache; sizes are tokens x (K int32 ids + K float32 log-probs + 1 float32)."""
+    from megatron_minitron.resources import table as T
+
+    c = T.teacher_cache_cost("nemotron_h_8b", nodes=8)
+    s = c["search"]
+    assert s["tokens"] == 604 * 768 * 8192 and s["runs"] == 22
+    assert s["per_k"][32]["bytes"] == s["tokens"] * (32 * 8 + 4)
+    # one teacher forward: 2 N_teacher FLOP per token at 64 GPUs x 400 TFLOP/s
+    fwd_h = 2 * c["n_used_teacher"] * s["tokens"] / (64 * 400e12) * 8 / 3600
+    assert abs(s["teacher_forward_node_hours"] - fwd_h) < 1e-9 and abs(s["saved_node_hours"] - 21 * fwd_h) < 1e-9
+    assert c["long_kd"]["runs"] == 1 and c["long_kd"]["saved_node_hours"] == 0
+    md = T.teacher_cache_markdown("nemotron_h_8b")
+    assert "| search: short KDs | 3.8B | 22 |" in md and "988 GB" in md
