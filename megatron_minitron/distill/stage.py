@@ -195,7 +195,12 @@ def run_distill(cfg: DistillConfig) -> dict:
     train_ds, valid_ds, _ = datasets(cfg.data, seq, cache.samples if cache else samples_needed,
                                      tr.eval_iters * tr.micro_batch_size * par.dp)
     if cache is not None:
-        cache.spot_check(train_ds, samples_needed)  # before any model is built
+        try:
+            cache.spot_check(train_ds, samples_needed)  # before any model is built
+        except ConfigError:
+            if owns_pg:
+                D.shutdown()
+            raise
 
     def val_loss(model) -> float:
         return evaluate(model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
