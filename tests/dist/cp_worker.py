@@ -18,6 +18,7 @@ same global batches, split over DP instead of the sequence).
 import json
 import shutil
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -227,11 +228,11 @@ def run(wd: Path):
     dist.barrier()
     data = DataConfig(prefix=str(wd / "padded"), tokenizer=json.loads((wd / "data.json").read_text())["tokenizer"],
                       split="90,10,0")
-    res = {"masked_fraction": masked_fraction(data)}
-    check_split(res)
-    check_attention(res)
-    check_model(wd, data, res)
-    check_stages(wd, data, res)
+    res = {"masked_fraction": masked_fraction(data), "seconds": {}}
+    for check in (check_split, check_attention, check_model, check_stages):
+        t0 = time.time()
+        check(res) if check in (check_split, check_attention) else check(wd, data, res)
+        res["seconds"][check.__name__] = round(time.time() - t0, 1)
     if dist.get_rank() == 0:
         (wd / "result_cp.json").write_text(json.dumps(res, indent=2))
     D.shutdown()

@@ -68,8 +68,9 @@ def test_layout_checks_name_the_fix():
     with pytest.raises(ConfigError, match="mixture-of-experts layers is not supported yet"):
         check_cp(dataclasses.replace(M, pattern="M*E", num_moe_experts=4, moe_ffn_hidden_size=16),
                  ParallelConfig(cp=2))
-    with pytest.raises(ConfigError, match=r"seq_length=48 / parallel.cp=2 is not divisible by parallel.tp=5"):
-        check_cp(M, ParallelConfig(cp=2, tp=5, sequence_parallel=True))
+    for lay in (dict(tp=2), dict(pp=2)):  # not run yet: refused, not silently untested
+        with pytest.raises(ConfigError, match="checked only with tp = pp = 1 so far"):
+            check_cp(M, ParallelConfig(cp=2, **lay))
 
 
 @pytest.fixture
