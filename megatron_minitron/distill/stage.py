@@ -7,6 +7,12 @@ loss = alpha_kd * mean_tokens KL(softmax(t/T) || softmax(s/T)) + (1 - alpha_kd) 
 alpha_kd = 1 is the paper's recipe (logits only), alpha_kd = 0 the cross-entropy baseline
 (the teacher is then not run during training; it is only evaluated for the summary).
 
+Context parallelism (parallel.cp > 1): student and teacher are built at the same CP layout
+and both see this rank's load-balanced part of each sequence (train/cp.py); a cache's top-K
+targets are split the same way. The losses follow pretrain's _lm_loss: this rank's token
+sum x cp over the micro-batch's token count on the CP group (DDP averages over dp x cp);
+reports hold each rank's own tokens, so every token is counted once.
+
 Start: the student's weights come from `student` at step 0 (new optimizer). If output_dir
 already holds a checkpoint of this run and resume=true, everything is restored exactly
 (weights, optimizer, scheduler, iteration, data position).
@@ -23,12 +29,14 @@ from pathlib import Path
 import torch
 
 from .. import dist as D
-from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, check_ep_used, check_moe_train, dump_json
+from ..config import (ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig, check_cp, check_ep_used,
+                      check_moe_train, dump_json)
 from ..data.stage_data import check_data, datasets
 from ..model import count_parameters
 from ..train import checkpoint as ckpt
+from ..train import cp as cpsplit
 from ..train.engine import (MicroBatches, Progress, build_trainable, load_weights, runtime_for, evaluate, fmt_eta,
-                            lm_forward_step, reduce_reports, resume_trainable, save_trainable,
+                            forward_step_for, reduce_reports, resume_trainable, save_trainable,
                             train_step, valid_batches)
 from ..train.pretrain import _tensorboard, world_size_from_env
 from ..preempt import StopRequest, clear_record
@@ -110,7 +118,7 @@ class DistillConfig:
             raise ConfigError(f"teacher_cache={self.teacher_cache!r} with loss.alpha_kd=0: the cross-entropy "
                               "baseline reads no teacher; drop teacher_cache or set loss.alpha_kd > 0")
         self.loss.validate()
-        self.parallel.validate()
+        self.parallel.validate(cp_ok=True)
         self.train.validate(max(dp, 1))
         self.data.validate()
 
@@ -133,9 +141,12 @@ def validate_models(cfg: DistillConfig, student: ModelConfig, teacher: ModelConf
     """The student and teacher against the settings (the run, --dry-run, --print-config)."""
     check_pair(student, teacher, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     check_moe_train(cfg.train, student)
+    seq = cfg.seq_length or student.seq_length  # both run at the distillation's length
+    check_cp(replace(student, seq_length=seq), cfg.parallel, prefix="student model")
+    check_cp(replace(teacher, seq_length=seq), cfg.parallel, prefix="teacher model")
 
 
-def _kd_loss_func(loss_cfg: LossConfig, tp_group, batch: dict, teacher_logits, student_logits):
+def _kd_loss_func(loss_cfg: LossConfig, tp_group, batch: dict, teacher_logits, student_logits, cp_group=None):
     """Last-stage loss: (sum over tokens, tokens, report) as the schedules expect.
 
     Logits are [b, s, V/tp] (megatron returns them batch-first); kd_loss expects [s, b, v]
@@ -148,22 +159,29 @@ def _kd_loss_func(loss_cfg: LossConfig, tp_group, batch: dict, teacher_logits, s
         temperature=loss_cfg.temperature, alpha_kd=loss_cfg.alpha_kd, tp_group=tp_group,
         chunk_size=loss_cfg.chunk_size or None,
     )
-    return _report(loss, logs, mask)
+    return _report(loss, logs, mask, cp_group)
 
 
-def _report(loss, logs: dict, mask):
-    """(sum over tokens, tokens, report) from a token-mean loss and its logged terms."""
+def _report(loss, logs: dict, mask, cp_group=None):
+    """(sum over tokens, tokens, report) from a token-mean loss and its logged terms.
+    cp_group (size > 1, as engine._lm_loss): the report keeps this rank's own sums (each
+    token counted once, where it is); the schedule gets the sum x cp and the micro-batch's
+    token count over the CP group, since DDP averages the gradients over dp x cp ranks."""
     n = mask.sum()
     total = loss * n.clamp(min=1)  # kd_loss is the token mean; the schedule wants the sum
     report = {"loss": torch.stack([total.detach(), n.detach()]).float()}
     for k, v in logs.items():
         report[k] = torch.stack([v * n.clamp(min=1), n]).float()
-    return total, n.to(torch.int), report
+    if cp_group is None or cp_group.size() == 1:
+        return total, n.to(torch.int), report
+    n_all = n.detach().clone()
+    torch.distributed.all_reduce(n_all, group=cp_group)
+    return total * cp_group.size(), n_all.to(torch.int), report
 
 
 def run_distill(cfg: DistillConfig) -> dict:
     # ---- every check that needs no process group, before any model is built
-    dp = world_size_from_env() // (cfg.parallel.tp * cfg.parallel.pp)
+    dp = world_size_from_env() // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
     cfg.validate(dp)
     s_cfg = ckpt.read_model_config(cfg.student)
     t_cfg = ckpt.read_model_config(cfg.teacher)
@@ -202,9 +220,9 @@ def run_distill(cfg: DistillConfig) -> dict:
                 D.shutdown()
             raise
 
-    def val_loss(model) -> float:
+    def val_loss(model) -> float:  # (split over the CP ranks when cp > 1)
         return evaluate(model, valid_batches(valid_ds, tr.micro_batch_size, tr.eval_iters, par),
-                        lm_forward_step, tr.eval_iters, par, seq, tr.micro_batch_size)
+                        forward_step_for(par), tr.eval_iters, par, seq, tr.micro_batch_size)
 
     # ---- models: the trainable student (DDP + optimizer) and the frozen teacher
     t = build_trainable(s_cfg, par, tr, cfg.parallel, initialize=False)  # loaded next
@@ -227,7 +245,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     s_params, t_params = count_parameters(s_cfg)["total"], count_parameters(t_cfg)["total"]
     D.print0(
         f"[distill] teacher {cfg.teacher} ({t_params:,} params) -> student {cfg.student} "
-        f"({s_params:,} params); tp={par.tp} pp={par.pp} dp={par.dp}; seq {seq}; "
+        f"({s_params:,} params); tp={par.tp} pp={par.pp} dp={par.dp}" + (f" cp={par.cp}" if par.cp > 1 else "")
+        + f"; seq {seq}; "
         f"{num_micro} micro-batches of {tr.micro_batch_size} per step; alpha_kd={lc.alpha_kd} "
         f"T={lc.temperature}" + (f"; teacher top-{cache.k} from {cfg.teacher_cache}" if cache else "")
         + (f"; resumed at step {resumed_from}" if resumed_from is not None else "")
@@ -241,14 +260,18 @@ def run_distill(cfg: DistillConfig) -> dict:
     D.print0(f"[distill] val loss: teacher {teacher_val:.4f}, student before {student_before:.4f}")
 
     # ---- the loop
+    cp_group = par.pg.cp if par.cp > 1 else None
     if cache is not None:
-        fwd = partial(_student_forward_step, partial(_cached_kd_loss_func, lc, par.pg.tp, cache))
+        fwd = partial(_student_forward_step, partial(_cached_kd_loss_func, lc, par.pg.tp, cache, cp_group=cp_group),
+                      cp_group=cp_group)
     elif use_teacher_in_training:
         fwd = partial(distill_forward_step, teacher=teacher, student_hidden=s_cfg.hidden_size,
                       is_first_stage=par.is_first_stage, is_last_stage=par.is_last_stage,
-                      loss_func=partial(_kd_loss_func, lc, par.pg.tp))
+                      loss_func=partial(_kd_loss_func, lc, par.pg.tp, cp_group=cp_group), cp_group=cp_group)
     else:
-        fwd = partial(_student_forward_step, lambda batch: partial(_kd_loss_func, lc, par.pg.tp, batch, None))
+        fwd = partial(_student_forward_step,
+                      lambda batch: partial(_kd_loss_func, lc, par.pg.tp, batch, None, cp_group=cp_group),
+                      cp_group=cp_group)
     sched_kw = {"adjust_tensor_shapes_fn": pair_shapes_fn(t_cfg.hidden_size)} \
         if (teacher is not None and use_teacher_in_training and par.pp > 1) else None
     data = MicroBatches(train_ds, tr.micro_batch_size, tr.global_batch_size, par.dp,
@@ -340,7 +363,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         "train_seconds": time.time() - t_loop,
         "elapsed_seconds": time.time() - t_start,
         "unigram_baseline": data_summary.get("unigram_entropy"),
-        "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp},
+        "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp, "cp": par.cp},
         "teacher_checksum_rank0": teacher_sum,
         "teacher_unchanged": True if teacher is not None else None,
         "history": history,
@@ -364,30 +387,44 @@ def _has(lc: LossConfig, key: str) -> bool:
     return (key == "kd" and lc.alpha_kd > 0) or (key == "ce" and lc.alpha_kd < 1)
 
 
-def _student_forward_step(loss_of, data_iterator, model):
+def cp_batch(batch: dict, cp_group) -> dict:
+    """This CP rank's part of a micro-batch (train/cp.py split_batch); the whole sequences'
+    tokens stay under "full_tokens" (a teacher cache checks them against its hashes).
+    cp_group None: the batch as it is."""
+    if cp_group is None or cp_group.size() == 1:
+        return batch
+    return dict(cpsplit.split_batch(batch, cp_group.size(), cp_group.rank()), full_tokens=batch["tokens"])
+
+
+def _student_forward_step(loss_of, data_iterator, model, cp_group=None):
     """The student alone (the CE baseline, or KD from a teacher cache): loss_of(batch) is
-    the last stage's loss function of the student's logits."""
+    the last stage's loss function of the student's logits. Under CP the batch is this
+    rank's part and no mask is passed (the CP attention masks its chunks itself)."""
     from ..model import causal_mask
 
-    batch = next(data_iterator)
+    batch = cp_batch(next(data_iterator), cp_group)
     tokens = batch["tokens"]
-    s_out = model(tokens, batch["position_ids"], causal_mask(tokens.shape[1], str(tokens.device)))
+    mask = None if "full_tokens" in batch else causal_mask(tokens.shape[1], str(tokens.device))
+    s_out = model(tokens, batch["position_ids"], mask)
     return s_out, loss_of(batch)
 
 
-def _cached_kd_loss_func(loss_cfg: LossConfig, tp_group, cache, batch: dict):
+def _cached_kd_loss_func(loss_cfg: LossConfig, tp_group, cache, batch: dict, cp_group=None):
     """The loss function of one micro-batch with its top-K targets read from `cache` (its
     tokens checked against the cached hashes first); as _kd_loss_func, logits [b, s, V/tp]
     with the targets [b, s, K] as they are and labels / mask transposed. Read on the last
-    pipeline stage only (the one that calls it)."""
+    pipeline stage only (the one that calls it). Under CP the cached targets of the whole
+    sequences are split along the sequence exactly as the tokens (train/cp.py split_seq)."""
     def loss_func(student_logits):
         idx = batch["index"].tolist()
-        cache.check_tokens(idx, batch["tokens"])
+        cache.check_tokens(idx, batch.get("full_tokens", batch["tokens"]))
         tg = cache.get(idx)
+        if "full_tokens" in batch:  # [b, s, K] / [b, s] -> this rank's [b, s/cp, ...]
+            tg = {k: cpsplit.split_seq(tg[k], cp_group.size(), cp_group.rank()) for k in ("ids", "logprobs", "log_rest")}
         dev = student_logits.device
         loss, logs = topk_kd_loss(
             student_logits, tg["ids"].to(dev), tg["logprobs"].to(dev), tg["log_rest"].to(dev),
             labels=batch["labels"].t(), loss_mask=batch["loss_mask"].t(), temperature=loss_cfg.temperature,
             alpha_kd=loss_cfg.alpha_kd, tp_group=tp_group, chunk_size=loss_cfg.chunk_size or None)
-        return _report(loss, logs, batch["loss_mask"])
+        return _report(loss, logs, batch["loss_mask"], cp_group)
     return loss_func

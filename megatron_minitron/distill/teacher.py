@@ -25,6 +25,7 @@ import torch
 from ..config import ModelConfig
 from ..model import build_model, causal_mask
 from ..train import checkpoint as ckpt
+from ..train import cp as cpsplit
 
 
 def load_teacher(path: str, par, model_cfg: Optional[ModelConfig] = None, runtime=None):
@@ -75,14 +76,21 @@ def distill_forward_step(
     is_first_stage: bool,
     is_last_stage: bool,
     loss_func,
+    cp_group=None,
 ):
     """forward_step_func for megatron's schedules: teacher (no grad) + student on one stage.
 
     `loss_func(batch, teacher_logits, student_logits)` returns the schedule's
-    (sum loss, tokens, report) triple; it runs on the last stage only."""
+    (sum loss, tokens, report) triple; it runs on the last stage only. cp_group (size > 1):
+    both models get this CP rank's part of the sequences (train/cp.py; the teacher is built
+    at the same CP layout) and no mask (the CP attention masks the rank's chunks)."""
     batch = next(data_iterator)
+    if cp_group is not None and cp_group.size() > 1:
+        batch = cpsplit.split_batch(batch, cp_group.size(), cp_group.rank())
+        mask = None
+    else:
+        mask = causal_mask(batch["tokens"].shape[1], str(batch["tokens"].device))
     tokens, pos = batch["tokens"], batch["position_ids"]
-    mask = causal_mask(tokens.shape[1], str(tokens.device))
     student = unwrap(model)
     if not is_first_stage:
         # The schedule handed the received [s, b, h_s + h_t] tensor to the student's

@@ -12,7 +12,12 @@ same global batches, split over DP instead of the sequence).
     counted once) and every parameter's reduced gradient (main_grad);
   * stages: pretrain 4 steps at CP=2 and at CP=1 (losses, grad norms, val losses); the CP=2
     run's step-2 checkpoint resumed at CP=1 (steps 3-4 and the final weights vs the CP=2
-    run); eval of the CP=2 checkpoint at CP=2 and CP=1.
+    run); eval of the CP=2 checkpoint at CP=2 and CP=1;
+  * distill (issue 21 part 2): a student M*- against the teacher M*-M*- (both with peaked
+    random weights), loss.alpha_kd=0.5 (KL and CE both weigh), 3 steps at CP=2 and at CP=1
+    online (the teacher at the same CP layout) and from a top-8 teacher-logits cache
+    written at CP=1 (dp=2) and read at both: per-step loss / KL / CE / grad norm, the
+    validation losses (teacher, student before, after each evaluation) and final weights.
 """
 
 import json
@@ -212,6 +217,49 @@ def check_stages(wd: Path, data: DataConfig, res):
     res["eval"] = ev
 
 
+STUDENT = replace(MODEL, pattern="M*-", hidden_size=32, ffn_hidden_size=48, mamba_head_dim=8,
+                  num_attention_heads=2, num_query_groups=2, kv_channels=16)
+KD_TRAIN = replace(TRAIN, steps=3, eval_interval=2, save_interval=100, clip_grad=1.0)
+
+
+def check_distill(wd: Path, data: DataConfig, res):
+    from megatron_minitron.distill.logits_stage import TeacherLogitsConfig, run_teacher_logits
+    from megatron_minitron.distill.stage import DistillConfig, LossConfig, run_distill
+    from megatron_minitron.model import build_model
+    from megatron_minitron.train import checkpoint as ckpt
+
+    teacher, student = wd / "w0_model", wd / "kd_student"  # the teacher: check_model's weights
+    make(STUDENT, D.init(CP1, seed=1), 11, student)
+    loss = LossConfig(alpha_kd=0.5, chunk_size=16)  # 2 x 24 tokens a rank at CP=2: 3 chunks
+
+    def distill(name, pc, **kw):
+        # CP=1 at dp=2 evaluates eval_iters x mbs x dp samples: 1 iteration = CP=2's 2
+        train = KD_TRAIN if pc.cp == 2 else replace(KD_TRAIN, eval_iters=1)
+        s = run_distill(DistillConfig(student=str(student), teacher=str(teacher), output_dir=str(wd / name),
+                                      data=data, train=train, loss=loss, parallel=pc, **kw))
+        m = metrics(wd / name)
+        return {k: [r[k] for r in m if k in r] for k in ("loss", "kd", "ce", "grad_norm", "val_loss")} | {
+            "teacher_val": s["teacher_val_loss"], "student_before": s["student_val_before"],
+            "after": s["student_val_after"], "layout": s["layout"]}
+
+    out = {"online_cp2": distill("kd_cp2", CP2), "online_cp1": distill("kd_cp1", CP1)}
+    run_teacher_logits(TeacherLogitsConfig(teacher=str(teacher), output_dir=str(wd / "kd_cache"), data=data,
+                                           samples=KD_TRAIN.steps * KD_TRAIN.global_batch_size, top_k=8,
+                                           micro_batch_size=2, shard_samples=4, eval_iters=1, parallel=CP1))
+    out["cached_cp2"] = distill("kdc_cp2", CP2, teacher_cache=str(wd / "kd_cache"))
+    out["cached_cp1"] = distill("kdc_cp1", CP1, teacher_cache=str(wd / "kd_cache"))
+    par = D.init(CP1, seed=1)  # final weights, all loaded at CP=1
+    w = {}
+    for name in ("kd_cp2", "kd_cp1", "kdc_cp2", "kdc_cp1", "kd_student"):
+        m = build_model(STUDENT, par, initialize=False)
+        ckpt.load_model_weights(wd / name, m)
+        w[name] = dict(m.named_parameters())
+    out["weights_online"] = worst([(w["kd_cp2"][k], w["kd_cp1"][k]) for k in w["kd_cp1"]])
+    out["weights_cached"] = worst([(w["kdc_cp2"][k], w["kdc_cp1"][k]) for k in w["kdc_cp1"]])
+    out["moved_from_init"] = worst([(w["kd_cp2"][k], w["kd_student"][k]) for k in w["kd_student"]])
+    res["distill"] = out
+
+
 def masked_fraction(data: DataConfig) -> dict:
     from megatron_minitron.data.stage_data import datasets
     from megatron_minitron.train.engine import collate
@@ -229,7 +277,7 @@ def run(wd: Path):
     data = DataConfig(prefix=str(wd / "padded"), tokenizer=json.loads((wd / "data.json").read_text())["tokenizer"],
                       split="90,10,0")
     res = {"masked_fraction": masked_fraction(data), "seconds": {}}
-    for check in (check_split, check_attention, check_model, check_stages):
+    for check in (check_split, check_attention, check_model, check_stages, check_distill):
         t0 = time.time()
         check(res) if check in (check_split, check_attention) else check(wd, data, res)
         res["seconds"][check.__name__] = round(time.time() - t0, 1)

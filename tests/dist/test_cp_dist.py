@@ -11,7 +11,11 @@ printed by each test):
     reduced gradient 1e-5;
   pretrain 4 steps: losses, val losses 1e-5 relative, grad norms 1e-5 relative;
     resumed at CP=1 from the CP=2 step-2 checkpoint: steps 3-4 losses 1e-5, final weights 1e-5;
-  eval of one checkpoint at CP=2 and CP=1: 1e-6 relative, same token count.
+  eval of one checkpoint at CP=2 and CP=1: 1e-6 relative, same token count;
+  distill 3 steps, loss.alpha_kd=0.5, online KD (teacher at CP=2 too) and KD from a top-8
+    teacher-logits cache written at CP=1: per-step loss, CE, grad norm, the validation
+    losses (teacher, student before, every evaluation) 1e-5 relative; KL 1e-5 relative
+    online, 3e-5 from the cache (a KL of 0.01 there: 3e-7 absolute); final weights 1e-5.
 """
 
 import json
@@ -98,3 +102,21 @@ def test_eval_loss_cp2_equals_cp1(res):
     assert e["cp2"]["layout"]["cp"] == 2
     assert e["cp2"]["tokens"] == e["cp1"]["tokens"]
     assert rel(e["cp2"]["loss"], e["cp1"]["loss"]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["online", "cached"])
+def test_distill_cp2_equals_cp1(res, kind):
+    d = res["distill"]
+    a, b = d[f"{kind}_cp2"], d[f"{kind}_cp1"]
+    assert a["layout"]["cp"] == 2 and a["layout"]["dp"] == 1
+    assert b["layout"]["cp"] == 1 and b["layout"]["dp"] == 2
+    assert len(a["loss"]) == 3 and len(a["val_loss"]) == 2
+    for key in ("loss", "ce", "grad_norm", "val_loss"):
+        close_lists(a[key], b[key], 1e-5, f"distill {kind} {key}")
+    close_lists(a["kd"], b["kd"], 1e-5 if kind == "online" else 3e-5, f"distill {kind} KL")
+    assert min(a["kd"]) > 1e-3 and min(a["ce"]) > 1.0  # both terms weigh (alpha_kd=0.5)
+    for key in ("teacher_val", "student_before", "after"):
+        assert rel(a[key], b[key]) < 1e-5, (key, a[key], b[key])
+    print(f"final weights {kind}: CP=2 vs CP=1 {d['weights_' + kind]:.1e}; moved from init {d['moved_from_init']:.1e}")
+    assert d[f"weights_{kind}"] < 1e-5
+    assert d["moved_from_init"] > 1e-3

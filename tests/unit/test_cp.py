@@ -1,7 +1,7 @@
 """Context parallelism without processes: the load-balanced split (train/cp.py) and the CPU
 CP attention's mask (compat/cp_attention.py) agree on which positions a rank holds; the
-layout checks; and the stages without CP refuse parallel.cp > 1 in one line while pretrain
-and eval take it. The distributed parity is tests/dist/test_cp_dist.py."""
+layout checks; and the stages without CP refuse parallel.cp > 1 in one line while pretrain,
+eval and distill take it. The distributed parity is tests/dist/test_cp_dist.py."""
 
 import dataclasses
 import shutil
@@ -82,16 +82,26 @@ def clone(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("stage", ["stats", "distill", "search", "prune", "teacher-logits"])
+@pytest.mark.parametrize("stage", ["stats", "search", "prune", "teacher-logits"])
 def test_stages_without_cp_refuse_it(stage, clone, capsys):
     err = cli_refuses([stage, "-c", f"configs/{stage.replace('-', '_')}_default.yaml", "--print-config", "parallel.cp=2"], capsys)
-    assert "parallel.cp=2: context parallelism runs in pretrain and eval only" in err, err
+    assert "parallel.cp=2: context parallelism runs in pretrain, eval, distill only" in err, err
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "eval"])
-def test_pretrain_and_eval_take_cp(stage, clone, capsys):
+@pytest.mark.parametrize("stage", ["pretrain", "eval", "distill"])
+def test_cp_stages_take_cp(stage, clone, capsys):
     from megatron_minitron import __main__ as cli
 
     capsys.readouterr()
     assert cli.main([stage, "-c", f"configs/{stage}_default.yaml", "--print-config", "parallel.cp=2"]) == 0
     assert '"cp": 2' in capsys.readouterr().out
+
+
+def test_distill_checks_both_models_at_the_cp_layout(clone, capsys):
+    # tiny_hybrid: 8 Mamba heads; seq_length 256 is not divisible by 2 x 3 (the first check)
+    base = ["distill", "-c", "configs/distill_default.yaml", "--print-config",
+            "student_model=configs/model/tiny_hybrid.yaml", "teacher_model=configs/model/tiny_hybrid.yaml"]
+    err = cli_refuses(base + ["parallel.cp=3"], capsys)
+    assert "student model.seq_length=256 is not divisible by 2 x parallel.cp = 6" in err, err
+    err = cli_refuses(base + ["parallel.cp=3", "seq_length=258"], capsys)  # 8 heads over 3 ranks
+    assert "student model.mamba_num_heads=8 gives 8 heads per TP rank, not divisible by parallel.cp=3" in err, err
