@@ -10,6 +10,11 @@ memory shared by the ranks of this node), naming settings that would make it fit
 MoE models also parallel.ep). A layout the stage could not run at all (an ep that does not
 divide the data-parallel size or the experts, MoE training at tp > 1 without sequence
 parallelism) is refused first, naming the fix.
+
+Context parallelism: the estimate counts each rank's seq / cp tokens (estimate.py); a
+layout that does not fit is offered the smallest parallel.cp that makes it fit (listed first
+when the sequence-proportional items are most of the estimate), among the layouts the CP
+stages run (check_cp: the sequence, Mamba heads and groups split, tp = pp = 1 so far).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from ..config import ConfigError, ModelConfig
+from ..config import CP_STAGES, ConfigError, ModelConfig, ParallelConfig, check_cp
 from . import estimate as E
 
 CHECKED = ("pretrain", "distill", "stats", "eval", "prune", "teacher-logits")  # the runs that check
@@ -53,8 +58,8 @@ def device_limit_gb(limit_gb: float, device: Optional[str] = None) -> float:
     return host_memory_gb()
 
 
-def _dp(world: int, tp: int, pp: int) -> int:
-    return max(1, world // (tp * pp))
+def _dp(world: int, tp: int, pp: int, cp: int = 1) -> int:
+    return max(1, world // (tp * pp * cp))
 
 
 def _layout(parallel, world: int, mbs: int, seq: int, global_batch: int = 0,
@@ -64,8 +69,9 @@ def _layout(parallel, world: int, mbs: int, seq: int, global_batch: int = 0,
     # as train.engine.use_distributed_optimizer, for the target device: auto = on GPU only
     dist_opt = parallel.distributed_optimizer == "true" or (
         parallel.distributed_optimizer == "auto" and kind == "gpu")
-    dp = _dp(world, parallel.tp, parallel.pp)
-    return E.Layout(tp=parallel.tp, pp=parallel.pp, dp=dp, micro_batch_size=mbs, seq_length=seq,
+    cp = getattr(parallel, "cp", 1)
+    dp = _dp(world, parallel.tp, parallel.pp, cp)
+    return E.Layout(tp=parallel.tp, pp=parallel.pp, dp=dp, cp=cp, micro_batch_size=mbs, seq_length=seq,
                     num_micro=global_batch // (mbs * dp) if global_batch else 1,
                     sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
                     recompute=recompute, distributed_optimizer=dist_opt,
@@ -202,9 +208,9 @@ def layout_problem(models: list[ModelConfig], lay: E.Layout, world: int, train: 
     """Why the stage cannot run at this layout at all (None: it can), naming the fix.
     whole_world=False: a world size that tp x pp does not divide is let through (a dry run
     without --world-size estimates one model replica; torchrun refuses the real run)."""
-    if whole_world and world % (lay.tp * lay.pp):
-        return (f"world size {world} is not a multiple of parallel.tp x parallel.pp = "
-                f"{lay.tp * lay.pp}")
+    if whole_world and world % (lay.tp * lay.pp * lay.cp):
+        return (f"world size {world} is not a multiple of parallel.tp x parallel.pp"
+                + (" x parallel.cp" if lay.cp > 1 else "") + f" = {lay.tp * lay.pp * lay.cp}")
     moe = any(m.is_moe for m in models)
     if lay.ep > 1 and not moe:
         return (f"parallel.ep={lay.ep} splits mixture-of-experts layers, but no model has one; "
@@ -217,6 +223,9 @@ def layout_problem(models: list[ModelConfig], lay: E.Layout, world: int, train: 
     for m in models:
         try:
             m.validate(lay.tp, lay.pp, ep=lay.ep)
+            if lay.cp > 1:
+                check_cp(dataclasses.replace(m, seq_length=lay.seq_length or m.seq_length),
+                         _cp_parallel(lay))
         except ConfigError as e:
             return str(e)
     if train and moe and lay.tp > 1 and not lay.sequence_parallel:
@@ -225,14 +234,52 @@ def layout_problem(models: list[ModelConfig], lay: E.Layout, world: int, train: 
     return None
 
 
+def _cp_parallel(lay: E.Layout) -> ParallelConfig:
+    return ParallelConfig(tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep,
+                          sequence_parallel=lay.sequence_parallel)
+
+
+def _seq_share(est: E.Estimate) -> float:
+    """The fraction of an estimate that grows with the sequence (what CP splits)."""
+    seq_items = ("activations", "logits", "teacher cache", "depth_kl", "moe_dispatch")
+    return sum(v for k, v in est.items.items() if k in seq_items) / max(est.total, 1.0)
+
+
+def smallest_cp(fn, lay: E.Layout, models: list[ModelConfig], world: int, limit_gb: float,
+                train: bool, whole_world: bool = False) -> list[tuple[int, dict, E.Estimate]]:
+    """The smallest parallel.cp above the layout's (doubling, up to 64, at the same tp / pp;
+    dp = world / (tp x pp x cp), and within the world when the world is given) whose
+    estimate fits: [(cp, the other changes it needs, estimate)]. A training stage also
+    tries train.recompute=selective, then full: each kept when it needs a smaller cp than
+    the lighter recompute before it. [] when none fits."""
+    tries = [{}] + ([{"recompute": r} for r in ("selective", "full") if r != lay.recompute]
+                    if train and lay.recompute != "full" else [])
+    out = []
+    for extra in tries:
+        cp = lay.cp * 2
+        while cp <= 64 and (not out or cp < out[-1][0]):
+            if whole_world and world % (lay.tp * lay.pp * cp):
+                break
+            new = dataclasses.replace(lay, cp=cp, dp=_dp(world, lay.tp, lay.pp, cp), **extra)
+            if _valid(models, new, world, train):
+                est = fn(new)
+                if E.fits(est, limit_gb):
+                    out.append((cp, extra, est))
+                    break
+            cp *= 2
+    return out
+
+
 def _valid(models: list[ModelConfig], lay: E.Layout, world: int, train: bool = False) -> bool:
     return layout_problem(models, lay, world, train) is None
 
 
 def suggestions(fn, lay: E.Layout, m, world: int, limit_gb: float,
-                stage: str) -> list[str]:
+                stage: str, whole_world: bool = False) -> list[str]:
     """Single-key changes (then pairs) of the layout that bring the estimate under the limit.
-    m: the model config, or the list of all models of the stage (checked at each layout)."""
+    m: the model config, or the list of all models of the stage (checked at each layout).
+    In a CP stage the smallest parallel.cp that fits is one of them (the first when the
+    sequence-proportional items are at least half of the estimate)."""
     train = stage in TRAINING
     tkey = "kd" if stage == "search" else "train"  # the training section's keys
     models = list(m) if isinstance(m, (list, tuple)) else [m]
@@ -264,7 +311,7 @@ def suggestions(fn, lay: E.Layout, m, world: int, limit_gb: float,
 
     def fitting(name: str, change: dict) -> Optional[str]:
         new = dataclasses.replace(lay, **change)
-        new.dp = _dp(world, new.tp, new.pp)
+        new.dp = _dp(world, new.tp, new.pp, new.cp)
         if not _valid(models, new, world, train):
             return None
         est = fn(new)
@@ -277,6 +324,12 @@ def suggestions(fn, lay: E.Layout, m, world: int, limit_gb: float,
     if not out and moe:  # pairs: an ep move with each other layout move
         out = [f for f in (fitting(f"{n} {n2}", dict(c, **c2)) for n, c in moves if "ep" in c
                            for n2, c2 in moves if "ep" not in c2) if f]
+    if stage in CP_STAGES:
+        texts = [f"parallel.cp={cp}" + "".join(f" {tkey}.{k}={v}" for k, v in extra.items())
+                 + f" ({est.total / E.GiB:.1f} GiB: each sequence split over {cp} ranks)"
+                 for cp, extra, est in smallest_cp(fn, lay, models, world, limit_gb, train, whole_world)]
+        if texts:
+            out = texts + out if _seq_share(fn(lay)) >= 0.5 else out[:6 - len(texts)] + texts
     return out[:6]
 
 
@@ -296,13 +349,13 @@ def report(stage: str, cfg, world: int, models: Optional[dict] = None, kind: Opt
     est = fn(lay)
     if limit is None:
         limit = device_limit_gb(getattr(cfg.parallel, "memory_limit_gb", 0.0))
-    fixes = [] if E.fits(est, limit) else suggestions(fn, lay, every, world, limit, stage)
+    fixes = [] if E.fits(est, limit) else suggestions(fn, lay, every, world, limit, stage, whole_world)
     return est, limit, fixes
 
 
 def layout_text(p) -> str:
     return (f"tp={p.tp} pp={p.pp}" + (f" ep={p.ep}" if p.ep > 1 else "")
-            + (" sp" if p.sequence_parallel else ""))
+            + (f" cp={p.cp}" if getattr(p, "cp", 1) > 1 else "") + (" sp" if p.sequence_parallel else ""))
 
 
 def describe(stage: str, est: E.Estimate, limit: float, world: int, lay_text: str,

@@ -25,6 +25,16 @@ Items, for the worst pipeline stage of one rank (bytes):
   depth_kl     stats: hidden states held for the depth KL + logits chunks + KL buffers
   runtime      CUDA context, NCCL buffers, allocator slack (GPU only; an assumption)
 
+Context parallelism (Layout.cp > 1): every sequence-proportional item is per CP rank, which
+holds seq / cp tokens of each sequence (activations, embedding output, logits and the loss's
+chunk buffers, a teacher cache's targets, the teacher's layer, MoE dispatch); weights and
+gradients are whole on every CP rank; the distributed optimizer shards over dp x cp
+(megatron's data-parallel group with CP). Per local token the layers keep what they keep
+without CP: Mamba layers' all-to-all trades s / cp tokens x all heads for s tokens x heads /
+cp (the same bytes); attention's [s / cp x s] scores on CPU still span all s keys, and the
+CPU CP attention (compat/cp_attention.py) keeps the gathered K and V (cp x the local ones);
+TE's ring attention on GPU keeps the local q, k, v, output and log-sum-exp.
+
 Activation bytes per token are counted per layer kind for two implementations:
   "gpu": Transformer Engine (flash attention: q, k, v, output, fp32 log-sum-exp) and
          mamba_ssm's fused Mamba path (see layer_activation_bytes): what their autograd
@@ -74,6 +84,11 @@ class Layout:
     ep: int = 1
     moe_dispatcher: str = "auto"
     moe_aux_loss: bool = False  # train.moe_aux_loss_coeff > 0: the aux loss keeps its scores
+    cp: int = 1  # context parallel: each rank holds seq_length / cp tokens of every sequence
+
+    def local_tokens(self, seq: int) -> float:
+        """Tokens of one micro-batch on one rank: micro_batch_size x seq / cp."""
+        return self.micro_batch_size * seq / self.cp
 
     def dispatcher(self, impl: str) -> str:
         if self.moe_dispatcher == "auto":
@@ -139,8 +154,10 @@ def local_params(cfg: ModelConfig, pattern: str, tp: int, first: bool, last: boo
 
 
 def layer_activation_bytes(kind: str, cfg: ModelConfig, tp: int, seq: int, sp: bool,
-                           recompute: str, impl: str, ep: int = 1, moe_aux: bool = False) -> float:
-    """Bytes autograd keeps for backward, per token, for one layer of `kind`."""
+                           recompute: str, impl: str, ep: int = 1, moe_aux: bool = False,
+                           cp: int = 1) -> float:
+    """Bytes autograd keeps for backward, per token (of this rank's seq / cp), for one
+    layer of `kind`. seq: the whole sequence (the keys each query attends to)."""
     a = _bytes(cfg.params_dtype)
     h = cfg.hidden_size
     hq = h / tp if sp and tp > 1 else h  # residual-stream tensors: split by SP
@@ -159,8 +176,9 @@ def layer_activation_bytes(kind: str, cfg: ModelConfig, tp: int, seq: int, sp: b
         heads = cfg.num_attention_heads / tp
         if impl == "gpu":  # TE flash attention: q, k, v, output, fp32 log-sum-exp
             core = (qw + kvw + qw) * a + heads * 4
-        else:  # unfused: q, k, v, context and the [s x s] probabilities per head
-            core = 3 * qw * a + seq * heads * 4
+        else:  # unfused: q, k, v, context and the [s x s] probabilities per head; under
+            # CP the K and V gathered from the other cp - 1 ranks too
+            core = 3 * qw * a + seq * heads * 4 + (cp - 1) * kvw * a
         if recompute == "selective":  # core attention recomputed from q, k, v
             core = (qw + kvw) * a
         return 3 * hq * a + qw * a + core + 4
@@ -262,29 +280,29 @@ _CPU_MAMBA = {"di": 11.205, "gn": 6.469, "nhT": 1.932, "gT": 1.636, "states": 2.
 
 
 def _stage_activations(cfg: ModelConfig, pattern: str, lay: Layout, impl: str) -> float:
-    """Per micro-batch, all layers of one stage."""
+    """Per micro-batch, all layers of one stage (this CP rank's seq / cp tokens)."""
     seq = lay.seq_length or cfg.seq_length
-    tokens = lay.micro_batch_size * seq
+    tokens = lay.local_tokens(seq)
     per = [layer_activation_bytes(k, cfg, lay.tp, seq, lay.sequence_parallel, lay.recompute, impl,
-                                  lay.ep, lay.moe_aux_loss) for k in pattern]
+                                  lay.ep, lay.moe_aux_loss, lay.cp) for k in pattern]
     total = tokens * sum(per)
     if pattern:
         # backward of one layer: gradients of its intermediates beside the saved tensors
         # (and, with full recompute, the layer's recomputed activations): one more layer
         one = max(layer_activation_bytes(k, cfg, lay.tp, seq, lay.sequence_parallel, "none", impl,
-                                         lay.ep, lay.moe_aux_loss) for k in set(pattern))
+                                         lay.ep, lay.moe_aux_loss, lay.cp) for k in set(pattern))
         total += tokens * one * (2 if lay.recompute == "full" else 1)
     return total
 
 
 def _optimizer_bytes(dense: int, expert: int, cfg: ModelConfig, lay: Layout) -> float:
     """Adam state (+ fp32 main params); the distributed optimizer shards dense parameters
-    over DP and routed-expert parameters over the expert-data-parallel group (DP / EP)."""
+    over DP x CP and routed-expert parameters over the expert-data-parallel group (DP / EP)."""
     main = 4 if cfg.params_dtype == "bf16" else 0
     per = 8 + main
     if not lay.distributed_optimizer:
         return (dense + expert) * per
-    return dense * per / lay.dp + expert * per / max(1, lay.dp // lay.ep)
+    return dense * per / (lay.dp * lay.cp) + expert * per / max(1, lay.dp // lay.ep)
 
 
 def _runtime(impl: str, rest: float) -> float:
@@ -317,9 +335,10 @@ def training(cfg: ModelConfig, lay: Layout, impl: str = "gpu", stage: str = "pre
              kd_chunk: Optional[int] = None, teacher: Optional[ModelConfig] = None,
              cache_k: int = 0) -> Estimate:
     """pretrain (LM cross-entropy) or distill (teacher given: forward KL on logits; cache_k
-    > 0: KL against a teacher-logits cache of top-K targets, no teacher in memory)."""
+    > 0: KL against a teacher-logits cache of top-K targets, no teacher in memory).
+    Sequence-proportional items count this CP rank's tokens (module docstring)."""
     seq = lay.seq_length or cfg.seq_length
-    tokens = lay.micro_batch_size * seq
+    tokens = lay.local_tokens(seq)
     a = _bytes(cfg.params_dtype)
     per_stage = []
     for i, pat, first, last, (dense, expert) in _stages(cfg, lay):
@@ -352,7 +371,7 @@ def training(cfg: ModelConfig, lay: Layout, impl: str = "gpu", stage: str = "pre
             tn = local_params(teacher, tpat, lay.tp, first, last, lay.ep)
             ta = _bytes(teacher.params_dtype)
             one = max((layer_activation_bytes(k, teacher, lay.tp, seq, lay.sequence_parallel,
-                                              "none", impl, lay.ep) for k in set(tpat)), default=0.0)
+                                              "none", impl, lay.ep, cp=lay.cp) for k in set(tpat)), default=0.0)
             items["teacher"] = tn * ta + tokens * one
             # megatron's gather buffer is one per process, sized for the larger of the two
             dispatch = max(dispatch, moe_dispatch_bytes(dataclasses.replace(teacher, pattern=tpat),
@@ -373,7 +392,7 @@ def forward_peak_bytes(kind: str, cfg: ModelConfig, lay: Layout, seq: int, impl:
     and MoE layers measured within 1% of their saved-tensor counts (86 / 87, 93 / 92.5 MiB).
     The stats loop's total on a MoE hybrid: tests/unit/test_resources.py (-3.9%)."""
     base = layer_activation_bytes(kind, cfg, lay.tp, seq, lay.sequence_parallel, "none", impl,
-                                  lay.ep)
+                                  lay.ep, cp=lay.cp)
     if impl != "cpu":
         return base
     if kind == "*":
@@ -387,9 +406,10 @@ def forward_peak_bytes(kind: str, cfg: ModelConfig, lay: Layout, seq: int, impl:
 def stats(cfg: ModelConfig, lay: Layout, impl: str = "gpu", depth: bool = True,
           depth_chunk: int = 1024) -> Estimate:
     """Forward-only calibration: weights, one layer's activations at a time, hooks'
-    accumulators; on the last stage the depth KL's held hidden states and chunk buffers."""
+    accumulators; on the last stage the depth KL's held hidden states and chunk buffers.
+    (Also eval's forward: under CP, this rank's seq / cp tokens.)"""
     seq = lay.seq_length or cfg.seq_length
-    tokens = lay.micro_batch_size * seq
+    tokens = lay.local_tokens(seq)
     a = _bytes(cfg.params_dtype)
     per_stage = []
     for i, pat, first, last, (dense, expert) in _stages(cfg, lay):

@@ -157,7 +157,7 @@ def _checkpoint_files(pre: Preflight, key: str) -> None:
 
 def _dp(pre: Preflight) -> int:
     p = pre.cfg.parallel
-    return pre.world // (p.tp * p.pp)
+    return pre.world // (p.tp * p.pp * p.cp)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -370,7 +370,7 @@ def default_world(cfg) -> tuple[int, bool]:
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"]), True
     p = getattr(cfg, "parallel", None)
-    return (p.tp * p.pp * p.ep if p is not None else 1), False
+    return (p.tp * p.pp * p.ep * getattr(p, "cp", 1) if p is not None else 1), False
 
 
 def preflight(stage: str, cfg, world: Optional[int] = None, need_models: bool = True) -> Preflight:
@@ -426,7 +426,7 @@ def dry_run(pre: Preflight, device: Optional[str] = None, memory_gib: Optional[f
     notes = list(pre.notes)
     if not pre.world_given and stage in C.ESTIMATED and stage != "prune":  # prune: one process
         notes.append(f"world size {pre.world}: the fewest processes this layout runs on "
-                     "(tp x pp x ep); give --world-size N for the job's")
+                     "(tp x pp x ep x cp); give --world-size N for the job's")
     if stage not in C.ESTIMATED:
         return _no_estimate(pre, notes, as_json)
     device, limit, tnotes = target(cfg, device, memory_gib, stage)
@@ -441,7 +441,7 @@ def dry_run(pre: Preflight, device: Optional[str] = None, memory_gib: Optional[f
         p = cfg.parallel
         print(json.dumps({
             "stage": stage, "device": device, "world_size": pre.world,
-            "layout": {"tp": p.tp, "pp": p.pp, "ep": p.ep,
+            "layout": {"tp": p.tp, "pp": p.pp, "ep": p.ep, "cp": getattr(p, "cp", 1),
                        "sequence_parallel": p.sequence_parallel and p.tp > 1},
             "pipeline_stage": est.pp_stage,
             "items_gib": {k: round(v / E.GiB, 4) for k, v in est.items.items()},
