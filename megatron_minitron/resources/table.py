@@ -62,9 +62,9 @@ def _stats_layout(st: dict, gpus: int = 8) -> E.Layout:
 
 def _distill_layout(dc: dict, world: int, moe: bool) -> E.Layout:
     p, tr = dc["parallel"], dc["train"]
-    tp, pp = p["tp"], p.get("pp", 1)
-    dp = world // (tp * pp)
-    return E.Layout(tp=tp, pp=pp, dp=dp, ep=p.get("ep", 1), micro_batch_size=tr["micro_batch_size"],
+    tp, pp, cp = p["tp"], p.get("pp", 1), p.get("cp", 1)
+    dp = world // (tp * pp * cp)
+    return E.Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=p.get("ep", 1), micro_batch_size=tr["micro_batch_size"],
                     seq_length=dc["seq_length"],
                     num_micro=tr["global_batch_size"] // (tr["micro_batch_size"] * dp),
                     sequence_parallel=p.get("sequence_parallel", False) and tp > 1,
@@ -76,7 +76,8 @@ def layout_text(lay: E.Layout, nodes: int) -> str:
     ep = f" ep={lay.ep}" if lay.ep > 1 else ""
     sp = f" sp={lay.sequence_parallel}" if lay.tp > 1 else ""
     rc = f" recompute={lay.recompute}" if lay.recompute != "none" or lay.num_micro > 1 else ""
-    return (f"{nodes} node{'s' if nodes > 1 else ''}: tp={lay.tp} pp={lay.pp}{ep} dp={lay.dp}"
+    cp = f" cp={lay.cp}" if lay.cp > 1 else ""
+    return (f"{nodes} node{'s' if nodes > 1 else ''}: tp={lay.tp} pp={lay.pp}{ep}{cp} dp={lay.dp}"
             f"{sp} mbs={lay.micro_batch_size}{rc}")
 
 
@@ -93,6 +94,10 @@ def rows(world: int = 64) -> list[tuple[str, str, E.Estimate]]:
     out.append(("distill 8B -> 4B (KD)", f"{world // 8} nodes: tp={lay.tp} pp={lay.pp} dp={lay.dp} "
                 f"sp={lay.sequence_parallel} recompute={lay.recompute}",
                 E.training(s4, lay, "gpu", "distill", kd_chunk=dc["loss"]["chunk_size"], teacher=t8)))
+    lc = load_yaml(CONFIGS / "distill_nemotron_h_4b_128k.yaml")  # the long-context phase after it
+    lay = _distill_layout(lc, world, False)
+    out.append((f"distill 4B at {lc['seq_length'] // 1024}k (KD, long context)", layout_text(lay, world // 8),
+                E.training(s4, lay, "gpu", "distill", kd_chunk=lc["loss"]["chunk_size"], teacher=t8)))
     return out
 
 

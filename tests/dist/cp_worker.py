@@ -17,7 +17,11 @@ same global batches, split over DP instead of the sequence).
     random weights), loss.alpha_kd=0.5 (KL and CE both weigh), 3 steps at CP=2 and at CP=1
     online (the teacher at the same CP layout) and from a top-8 teacher-logits cache
     written at CP=1 (dp=2) and read at both: per-step loss / KL / CE / grad norm, the
-    validation losses (teacher, student before, after each evaluation) and final weights.
+    validation losses (teacher, student before, after each evaluation) and final weights;
+  * long context: the 128k recipe (configs/distill_nemotron_h_4b_128k.yaml: its loss,
+    recompute, optimizer and schedule settings) on the same tiny pair at 4096 tokens, CP=2,
+    2 steps end to end (its CP=1 oracle is the distill check above, at 48 tokens: a CP=1
+    run at 4096 tokens would add about 20 s to this launch).
 """
 
 import json
@@ -260,6 +264,30 @@ def check_distill(wd: Path, data: DataConfig, res):
     res["distill"] = out
 
 
+def check_long(wd: Path, data: DataConfig, res):
+    from megatron_minitron.config import load_stage_config
+    from megatron_minitron.distill.stage import run_distill
+
+    info = json.loads((wd / "data.json").read_text())  # the unpadded corpus: 4096-token sequences
+    out = {}
+    for name, cp in (("cp2", 2),):
+        cfg = load_stage_config("distill", str(Path(__file__).resolve().parents[2] / "configs"
+                                                / "distill_nemotron_h_4b_128k.yaml"), [
+            f"student={wd / 'kd_student'}", f"teacher={wd / 'w0_model'}", "student_model=", "teacher_model=",
+            f"output_dir={wd / ('long_' + name)}", "seq_length=4096", f"parallel.cp={cp}", "parallel.backend=auto",
+            f"data.prefix={info['prefix']}", f"data.tokenizer={info['tokenizer']}", "data.split=90,10,0",
+            "train.steps=2", "train.global_batch_size=2", "train.warmup_steps=1", "train.lr=1e-3",
+            "train.eval_interval=2", f"train.eval_iters={2 // (3 - cp)}", "train.save_interval=2"])
+        s = run_distill(cfg)
+        m = metrics(wd / f"long_{name}")
+        out[name] = {"seq_length": s["seq_length"], "layout": s["layout"], "loss": [r["loss"] for r in m],
+                     "grad_norm": [r["grad_norm"] for r in m], "val": [r["val_loss"] for r in m if "val_loss" in r],
+                     "recompute": cfg.train.recompute, "tokens_seen": s["tokens_seen"],
+                     "before": s["student_val_before"], "after": s["student_val_after"],
+                     "checkpoint": Path(s["checkpoint"]).name}
+    res["long"] = out
+
+
 def masked_fraction(data: DataConfig) -> dict:
     from megatron_minitron.data.stage_data import datasets
     from megatron_minitron.train.engine import collate
@@ -277,7 +305,7 @@ def run(wd: Path):
     data = DataConfig(prefix=str(wd / "padded"), tokenizer=json.loads((wd / "data.json").read_text())["tokenizer"],
                       split="90,10,0")
     res = {"masked_fraction": masked_fraction(data), "seconds": {}}
-    for check in (check_split, check_attention, check_model, check_stages, check_distill):
+    for check in (check_split, check_attention, check_model, check_stages, check_distill, check_long):
         t0 = time.time()
         check(res) if check in (check_split, check_attention) else check(wd, data, res)
         res["seconds"][check.__name__] = round(time.time() - t0, 1)

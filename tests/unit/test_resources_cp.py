@@ -1,7 +1,8 @@
 """Resource check under context parallelism (issue 21): the sequence-proportional items are
 counted per CP rank (seq / cp tokens), checked against hand computations; a layout that
 does not fit because of its sequence is refused naming the smallest parallel.cp that fits
-(a layout the CP stages run)."""
+(a layout the CP stages run); the 128k long-context recipe fits 8 x 80 GB nodes in its dry
+run and in the resources table."""
 
 import dataclasses
 import json
@@ -123,3 +124,35 @@ def test_the_runs_refusal_names_the_cp(monkeypatch):
     limit = (est[2] + est[4]) / 2
     with pytest.raises(ConfigError, match=r"it fits with: parallel\.cp=4 \("):
         C.check("pretrain", _pretrain(limit=limit), 8)
+
+
+# ----------------------------------------------------------------------------- the 128k recipe
+
+
+def test_128k_recipe_dry_run_fits_64_gpus(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from megatron_minitron import __main__ as cli
+    from megatron_minitron.resources.table import rows
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    rc = cli.main(["distill", "-c", "configs/distill_nemotron_h_4b_128k.yaml", "--dry-run", "--world-size", "64",
+                   "--gpu-memory-gib", "80", "--json"])
+    j = json.loads(capsys.readouterr().out)
+    assert rc == 0 and j["fits"] and j["device"] == "gpu", j
+    assert j["layout"]["cp"] == 16 and j["layout"]["tp"] == 1 and j["layout"]["pp"] == 1
+    print(j["items_gib"], j["total_gib"])
+    assert 50 < j["total_gib"] < 65  # the recipe's comment: 58.2 GiB
+    row = {name: est for name, _, est in rows(64)}["distill 4B at 128k (KD, long context)"]
+    assert j["total_gib"] == pytest.approx(row.total / E.GiB, abs=1e-3)
+    # the same phase without CP does not fit, and is told the cp that does
+    capsys.readouterr()
+    rc = cli.main(["distill", "-c", "configs/distill_nemotron_h_4b_128k.yaml", "--dry-run", "--world-size", "64",
+                   "--gpu-memory-gib", "80", "--json", "parallel.cp=2"])
+    j = json.loads(capsys.readouterr().out)
+    assert rc == 2 and not j["fits"]
+    assert j["would_fit_with"][0].startswith("parallel.cp=8 ("), j["would_fit_with"]
