@@ -363,7 +363,8 @@ def run_distill(cfg: DistillConfig) -> dict:
         "train_seconds": time.time() - t_loop,
         "elapsed_seconds": time.time() - t_start,
         "unigram_baseline": data_summary.get("unigram_entropy"),
-        "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp, "cp": par.cp},
+        # cp named when > 1 (the search's short-KD summaries are read with these four keys)
+        "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp, **({"cp": par.cp} if par.cp > 1 else {})},
         "teacher_checksum_rank0": teacher_sum,
         "teacher_unchanged": True if teacher is not None else None,
         "history": history,
