@@ -62,11 +62,11 @@ DP = {"ref": 1, "ep1": 2, "ep2": 2, "tp2": 1}
 
 def test_pretrain_losses_and_weights_equal_across_layouts(wd):
     ref = _summary(wd, "ft_ep1")
-    assert ref["layout"] == {"tp": 1, "pp": 1, "ep": 1, "dp": 2}
+    assert ref["layout"] == {"tp": 1, "pp": 1, "ep": 1, "dp": 2, "cp": 1}
     for name in ("ep2", "tp2"):
         s = _summary(wd, f"ft_{name}")
         assert s["layout"] == {"tp": 1 if name == "ep2" else 2, "pp": 1,
-                               "ep": 2 if name == "ep2" else 1, "dp": DP[name]}
+                               "ep": 2 if name == "ep2" else 1, "dp": DP[name], "cp": 1}
         # the same global batches
         _close(ref["losses"], s["losses"], LOSS_ATOL if name == "ep2" else TP_PRETRAIN_ATOL)
     assert abs(ref["val_loss"] - _summary(wd, "ft_ep2")["val_loss"]) < LOSS_ATOL
@@ -286,7 +286,7 @@ def test_tp2_x_ep2_equals_ep1(wd):
     ref = torch.load(wd / "logits_ref.pt")
     assert (torch.load(wd / "logits_tp2ep2.pt") - ref["full"]).abs().max() < LOGIT_ATOL
     s = _summary(wd, "ft_tp2ep2")
-    assert s["layout"] == {"tp": 2, "pp": 1, "ep": 2, "dp": 2}
+    assert s["layout"] == {"tp": 2, "pp": 1, "ep": 2, "dp": 2, "cp": 1}
     assert s["reused"] is True  # the second run found it trained and kept its record
     _close(_summary(wd, "ft_ep1")["losses"], s["losses"], TP_PRETRAIN_ATOL)
     a, b = _summary(wd, "kd_moe_student_ep1"), _summary(wd, "kd_moe_student_tp2ep2")
