@@ -8,8 +8,8 @@ teacher trained a few steps and its real `stats` importance file.
   3. `res`: the same search stopped after 4 results (3 zero-shot + 1 KD), the state file
      snapshotted, then re-run with the same config (resume);
   4. `prune` of full/chosen_plan.json from the teacher (the plan is ready for `prune`);
-  5. `cached`: the full search again with its short KDs reading one `teacher-logits` cache
-     of every token (top-K = the vocabulary: the online KD's loss).
+  5. `cached`: the full search again (top_k 1) with its short KD reading a `teacher-logits`
+     cache of every token (top-K = the vocabulary: the online KD's loss).
 `par` (2 processes, one torchrun): the `full` search again at TP=2 (`tp2`) and at DP=2 (`dp2`).
 
 Writes <workdir>/result.json; each search writes its own output_dir.
@@ -78,7 +78,7 @@ def main():
     run_teacher_logits(TeacherLogitsConfig(teacher=str(work / "teacher"), output_dir=str(work / "cache"),
                                            data=data_cfg(work), samples=2 * 4, top_k=4096, micro_batch_size=2,
                                            shard_samples=4, eval_iters=2))
-    res["cached"] = run_search(search_cfg(work, "cached", teacher_cache=str(work / "cache")))
+    res["cached"] = run_search(search_cfg(work, "cached", teacher_cache=str(work / "cache"), top_k=1))
     (work / "result.json").write_text(json.dumps(res, indent=1, default=str))
 
 

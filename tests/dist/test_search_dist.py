@@ -152,13 +152,13 @@ def test_resume_skips_finished_candidates(run):
 
 
 def test_short_kds_from_a_teacher_cache(run):
-    """One cache of every token (top-4096 = the vocabulary) serves both short KDs: the same
-    candidates, distilled losses within 1e-5 of the online KDs'."""
+    """A cache of every token (top-4096 = the vocabulary) serves the short KD: the best
+    zero-shot candidate's distilled loss within 1e-5 of the online KD's."""
     work, res = run
     full = {r["name"]: r for r in json.loads((work / "full" / "table.json").read_text())["rows"]}
     cached = {r["name"]: r for r in json.loads((work / "cached" / "table.json").read_text())["rows"]}
-    assert set(full) == set(cached) and len(full) == 2
-    for n in full:
+    assert len(cached) == 1 and set(cached) <= set(full)
+    for n in cached:
         assert abs(full[n]["distilled_loss"] - cached[n]["distilled_loss"]) < 1e-5, n
     kd = json.loads((work / "cached" / "candidates" / next(iter(cached)) / "distilled" / "summary.json").read_text())
     assert kd["teacher_source"]["top_k"] == 4096
