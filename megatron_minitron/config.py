@@ -335,12 +335,6 @@ def check_cp(model: "ModelConfig", parallel: ParallelConfig, prefix: str = "mode
         lo = model.seq_length - model.seq_length % (2 * cp)
         raise ConfigError(f"{p}seq_length={model.seq_length} is not divisible by 2 x parallel.cp = "
                           f"{2 * cp} (each CP rank holds two equal chunks); use e.g. {lo or 2 * cp}")
-    if tp > 1 or parallel.pp > 1:
-        # megatron supports these layouts, but they have not run here yet (a 4-process
-        # CP=2 x TP=2 / PP=2 probe on a 2-core host gave no result in 15 minutes)
-        raise ConfigError(f"parallel.cp={cp} with parallel.tp={tp} / parallel.pp={parallel.pp}: "
-                          "context parallelism is checked only with tp = pp = 1 so far; use "
-                          "parallel.cp with data parallelism, or parallel.tp / pp without cp")
     if "M" in model.pattern:
         heads, groups = model.mamba_num_heads // tp, model.mamba_num_groups // tp
         if heads % cp:

@@ -14,7 +14,7 @@ parallelism) is refused first, naming the fix.
 Context parallelism: the estimate counts each rank's seq / cp tokens (estimate.py); a
 layout that does not fit is offered the smallest parallel.cp that makes it fit (listed first
 when the sequence-proportional items are most of the estimate), among the layouts the CP
-stages run (check_cp: the sequence, Mamba heads and groups split, tp = pp = 1 so far).
+stages run (check_cp: the sequence, and each TP rank's Mamba heads and groups, split).
 """
 
 from __future__ import annotations

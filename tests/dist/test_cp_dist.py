@@ -137,3 +137,46 @@ def test_long_context_recipe_runs_at_4096_tokens_cp2(res):
     assert len(a["loss"]) == 2 and len(a["val"]) == 1
     assert all(math.isfinite(x) and x > 0 for x in a["loss"] + a["grad_norm"] + a["val"])
     assert a["after"] < a["before"]  # the two steps moved the student
+
+
+# ---------------------------------------------------------------- CP with TP and PP (4 processes)
+@pytest.fixture(scope="module")
+def res_tp(tmp_path_factory, real_data):
+    """tests/dist/cp_tp_worker.py: CP=2 x TP=2 vs TP=2 x DP=2 and CP=2 x PP=2 vs PP=2 x DP=2
+    (pretrain 3 steps), and distill 3 steps at CP=2 x TP=2 vs TP=2 x DP=2 (alpha_kd=0.5).
+    Tolerances as at TP=1: 1e-5 relative for losses, grad norms, validation losses, weights."""
+    wd = tmp_path_factory.mktemp("cp_tp")
+    write_data_json(wd, real_data)
+    launch(WORKER.with_name("cp_tp_worker.py"), ["run", wd], nproc=4)
+    return json.loads((wd / "result_cp_tp.json").read_text())
+
+
+@pytest.mark.parametrize("lay", ["tp", "pp"])
+def test_pretrain_cp2_with_tp_or_pp_equals_cp1(res_tp, lay):
+    p = res_tp["pretrain"]
+    a, b = p[f"{lay}_cp2"], p[f"{lay}_cp1"]
+    assert a["layout"]["cp"] == 2 and a["layout"][lay] == 2 and a["layout"]["dp"] == 1
+    assert b["layout"]["cp"] == 1 and b["layout"][lay] == 2 and b["layout"]["dp"] == 2
+    assert len(a["loss"]) == 3 and len(a["val"]) == 1
+    for k in ("loss", "grad_norm", "val"):
+        close_lists(a[k], b[k], 1e-5, f"{lay} {k}")
+    assert p[f"{lay}_weights_worst"] < 1e-5 and p[f"{lay}_moved"] > 1e-3
+    print(f"CP=2 x {lay.upper()}=2 vs {lay.upper()}=2 x DP=2: losses {max(rel(x, y) for x, y in zip(a['loss'], b['loss'])):.1e}, "
+          f"grad norms {max(rel(x, y) for x, y in zip(a['grad_norm'], b['grad_norm'])):.1e}, "
+          f"val {rel(a['val'][0], b['val'][0]):.1e}, weights {p[f'{lay}_weights_worst']:.1e}")
+
+
+def test_distill_cp2_x_tp2_equals_tp2(res_tp):
+    d = res_tp["distill"]
+    a, b = d["kd_tp_cp2"], d["kd_tp_cp1"]
+    assert a["layout"]["cp"] == 2 and a["layout"]["tp"] == 2 and b["layout"]["dp"] == 2
+    assert len(a["loss"]) == 3 and min(a["kd"]) > 0 and min(a["ce"]) > 0
+    for k in ("loss", "kd", "ce", "grad_norm", "val_loss"):
+        close_lists(a[k], b[k], 1e-5, f"distill {k}")
+    for k in ("teacher_val", "student_before", "after"):
+        assert rel(a[k], b[k]) < 1e-5, k
+    assert d["weights_worst"] < 1e-5 and d["moved"] > 1e-3
+    print(f"distill CP=2 x TP=2 vs TP=2 x DP=2: loss {max(rel(x, y) for x, y in zip(a['loss'], b['loss'])):.1e}, "
+          f"KL {max(rel(x, y) for x, y in zip(a['kd'], b['kd'])):.1e}, CE {max(rel(x, y) for x, y in zip(a['ce'], b['ce'])):.1e}, "
+          f"grad norms {max(rel(x, y) for x, y in zip(a['grad_norm'], b['grad_norm'])):.1e}, "
+          f"val {rel(a['after'], b['after']):.1e}, weights {d['weights_worst']:.1e}; seconds {res_tp['seconds']}")

@@ -68,9 +68,11 @@ def test_layout_checks_name_the_fix():
     with pytest.raises(ConfigError, match="mixture-of-experts layers is not supported yet"):
         check_cp(dataclasses.replace(M, pattern="M*E", num_moe_experts=4, moe_ffn_hidden_size=16),
                  ParallelConfig(cp=2))
-    for lay in (dict(tp=2), dict(pp=2)):  # not run yet: refused, not silently untested
-        with pytest.raises(ConfigError, match="checked only with tp = pp = 1 so far"):
-            check_cp(M, ParallelConfig(cp=2, **lay))
+    # with TP the heads and groups split per TP rank first (tests/dist/cp_tp_worker.py runs these)
+    check_cp(M, ParallelConfig(cp=2, tp=2))  # 2 heads per TP rank over 2 CP ranks
+    check_cp(M, ParallelConfig(cp=2, pp=2))
+    with pytest.raises(ConfigError, match="gives 2 heads per TP rank, not divisible by parallel.cp=4"):
+        check_cp(M, ParallelConfig(cp=4, tp=2))
 
 
 @pytest.fixture

@@ -1,0 +1,113 @@
+"""Context parallelism combined with tensor and pipeline parallelism, one launch of 4
+processes (gloo, CPU); checked by tests/dist/test_cp_dist.py. The oracle of each CP=2 run
+is the same world with cp=1 (dp=2): the same global batches, split over DP instead of the
+sequence, at the same TP / PP layout.
+
+  * pretrain 3 steps, padded documents: CP=2 x TP=2 vs TP=2 x DP=2, and CP=2 x PP=2 vs
+    PP=2 x DP=2: per-step losses, grad norms, validation losses, final weights;
+  * distill 3 steps, loss.alpha_kd=0.5 (KL and CE both weigh), online KD with the teacher
+    at the same layout: CP=2 x TP=2 vs TP=2 x DP=2: loss / KL / CE / grad norm, the
+    validation losses (teacher, student before, after) and final weights.
+Shapes from tests/dist/cp_worker.py (MODEL: 4 Mamba heads = 2 per TP rank, split over the
+2 CP ranks; 6 layers = 3 per pipeline stage).
+"""
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_minitron import dist as D  # noqa: E402
+from megatron_minitron.config import DataConfig, ParallelConfig, PretrainConfig  # noqa: E402
+from tests.dist.cp_worker import KD_TRAIN, MODEL, STUDENT, TRAIN, metrics, worst  # noqa: E402
+from tests.dist.mask_worker import make, padded_corpus  # noqa: E402
+
+TRAIN3 = replace(TRAIN, steps=3, eval_interval=3, save_interval=3)
+LAYOUTS = {"tp": (ParallelConfig(tp=2, cp=2), ParallelConfig(tp=2)),
+           "pp": (ParallelConfig(pp=2, cp=2), ParallelConfig(pp=2))}
+
+
+def _iters(train, pc):
+    # dp=2 evaluates eval_iters x mbs x dp samples: 1 iteration = the CP=2 run's 2
+    return train if pc.cp == 2 else replace(train, eval_iters=1)
+
+
+def final_weights(cfg, runs: dict) -> dict:
+    from megatron_minitron.model import build_model
+    from megatron_minitron.train import checkpoint as ckpt
+
+    par = D.init(ParallelConfig(), seed=1)  # every run's checkpoint loaded at tp = pp = cp = 1
+    w = {}
+    for name, path in runs.items():
+        m = build_model(cfg, par, initialize=False)
+        ckpt.load_model_weights(path, m)
+        w[name] = dict(m.named_parameters())
+    return w
+
+
+def check_pretrain(wd: Path, data: DataConfig, res):
+    from megatron_minitron.train.pretrain import run_pretrain
+
+    out = {}
+    for lay, pcs in LAYOUTS.items():
+        runs = {}
+        for pc in pcs:
+            name = f"{lay}_cp{pc.cp}"
+            s = run_pretrain(PretrainConfig(output_dir=str(wd / name), model=MODEL, parallel=pc, data=data,
+                                            train=_iters(TRAIN3, pc), init_from=str(wd / "w0")))
+            m = metrics(wd / name)
+            out[name] = {"loss": s["losses"], "grad_norm": [r["grad_norm"] for r in m],
+                         "val": [r["val_loss"] for r in m if "val_loss" in r], "layout": s["layout"]}
+            runs[name] = wd / name
+        w = final_weights(MODEL, runs | {"w0": wd / "w0"})
+        a, b = w[f"{lay}_cp2"], w[f"{lay}_cp1"]
+        out[f"{lay}_weights_worst"] = worst([(a[k], b[k]) for k in b])
+        out[f"{lay}_moved"] = worst([(a[k], w["w0"][k]) for k in b])
+    res["pretrain"] = out
+
+
+def check_distill(wd: Path, data: DataConfig, res):
+    from megatron_minitron.distill.stage import DistillConfig, LossConfig, run_distill
+
+    make(STUDENT, D.init(ParallelConfig(), seed=1), 11, wd / "student")
+    loss = LossConfig(alpha_kd=0.5, chunk_size=16)
+    out = {}
+    for pc in LAYOUTS["tp"]:
+        name = f"kd_tp_cp{pc.cp}"
+        s = run_distill(DistillConfig(student=str(wd / "student"), teacher=str(wd / "w0"), output_dir=str(wd / name),
+                                      data=data, train=_iters(KD_TRAIN, pc), loss=loss, parallel=pc))
+        m = metrics(wd / name)
+        out[name] = {k: [r[k] for r in m if k in r] for k in ("loss", "kd", "ce", "grad_norm", "val_loss")} | {
+            "teacher_val": s["teacher_val_loss"], "student_before": s["student_val_before"],
+            "after": s["student_val_after"], "layout": s["layout"]}
+    w = final_weights(STUDENT, {"cp2": wd / "kd_tp_cp2", "cp1": wd / "kd_tp_cp1", "init": wd / "student"})
+    out["weights_worst"] = worst([(w["cp2"][k], w["cp1"][k]) for k in w["cp1"]])
+    out["moved"] = worst([(w["cp2"][k], w["init"][k]) for k in w["cp1"]])
+    res["distill"] = out
+
+
+def run(wd: Path):
+    D.init(ParallelConfig(), seed=1)
+    if dist.get_rank() == 0:
+        padded_corpus(wd)
+    dist.barrier()
+    make(MODEL, D.init(ParallelConfig(), seed=1), 7, wd / "w0")
+    data = DataConfig(prefix=str(wd / "padded"), tokenizer=json.loads((wd / "data.json").read_text())["tokenizer"],
+                      split="90,10,0")
+    res = {"seconds": {}}
+    for check in (check_pretrain, check_distill):
+        t0 = time.time()
+        check(wd, data, res)
+        res["seconds"][check.__name__] = round(time.time() - t0, 1)
+    if dist.get_rank() == 0:
+        (wd / "result_cp_tp.json").write_text(json.dumps(res, indent=2))
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[2]))
