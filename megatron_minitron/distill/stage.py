@@ -35,7 +35,8 @@ from ..data.stage_data import check_data, datasets
 from ..model import count_parameters
 from ..train import checkpoint as ckpt
 from ..train import cp as cpsplit
-from ..train.engine import (MicroBatches, Progress, build_trainable, load_weights, runtime_for, evaluate, fmt_eta,
+from ..train.engine import (MicroBatches, Progress, build_trainable, cp_scaled, load_weights, runtime_for,
+                            evaluate, fmt_eta,
                             forward_step_for, reduce_reports, resume_trainable, save_trainable,
                             train_step, valid_batches)
 from ..train.pretrain import _tensorboard, world_size_from_env
@@ -172,11 +173,7 @@ def _report(loss, logs: dict, mask, cp_group=None):
     report = {"loss": torch.stack([total.detach(), n.detach()]).float()}
     for k, v in logs.items():
         report[k] = torch.stack([v * n.clamp(min=1), n]).float()
-    if cp_group is None or cp_group.size() == 1:
-        return total, n.to(torch.int), report
-    n_all = n.detach().clone()
-    torch.distributed.all_reduce(n_all, group=cp_group)
-    return total * cp_group.size(), n_all.to(torch.int), report
+    return (*cp_scaled(total, n, cp_group), report)
 
 
 def run_distill(cfg: DistillConfig) -> dict:

@@ -118,11 +118,18 @@ def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor, cp_group=Non
     total = (per_token_loss * loss_mask).sum()
     n = loss_mask.sum()
     report = {"lm loss": torch.stack([total.detach(), n.detach()])}
-    if cp_group is None:
-        return total, n.to(torch.int), report
+    return (*cp_scaled(total, n, cp_group), report)
+
+
+def cp_scaled(total: torch.Tensor, n: torch.Tensor, cp_group=None):
+    """(loss sum, tokens) for the schedule: as they are without CP (or cp = 1); under CP the
+    sum x cp and the token count over the CP group, since DDP averages gradients over dp x cp
+    ranks while each rank holds only its part of every sequence."""
+    if cp_group is None or cp_group.size() == 1:
+        return total, n.to(torch.int)
     n_all = n.detach().clone()
     dist.all_reduce(n_all, group=cp_group)
-    return total * cp_group.size(), n_all.to(torch.int), report
+    return total * cp_group.size(), n_all.to(torch.int)
 
 
 def reduce_reports(reports: list[dict], par: Parallel, key: str = "lm loss") -> float:
