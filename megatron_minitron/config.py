@@ -285,7 +285,7 @@ class ParallelConfig:
     # context parallelism: each sequence split over cp ranks (megatron's load-balanced
     # chunks; Mamba through megatron's MambaContextParallel, attention through TE on GPU
     # and compat/cp_attention.py elsewhere). Data parallel size = world / (tp * pp * cp).
-    # pretrain, eval and distill so far (CP_STAGES); the other stages refuse cp > 1.
+    # pretrain, eval, distill and search (CP_STAGES); the other stages refuse cp > 1.
     cp: int = 1
     # the stage refuses to start when its memory estimate per GPU exceeds this (GiB);
     # 0 = the device's memory (on CPU: host memory / ranks per node). --dry-run prints it.
@@ -320,7 +320,7 @@ class ParallelConfig:
             raise ConfigError(f"{prefix}.backend={self.backend!r}: use auto, nccl or gloo")
 
 
-CP_STAGES = ("pretrain", "eval", "distill")  # the stages that accept parallel.cp > 1
+CP_STAGES = ("pretrain", "eval", "distill", "search")  # the stages that accept parallel.cp > 1
 
 
 def check_cp(model: "ModelConfig", parallel: ParallelConfig, prefix: str = "model") -> None:

@@ -41,17 +41,24 @@ def skip_layer(layer):
         del layer.forward
 
 
-def pipeline_forward(model, batch: dict, on_logits: Callable[[torch.Tensor], None]) -> None:
+def pipeline_forward(model, batch: dict, on_logits: Callable[[torch.Tensor], None],
+                     cp_group=None) -> None:
     """One forward of `batch` (tokens / position_ids [b, s]) through the pipeline schedule;
-    on the last stage `on_logits(logits [b, s, vocab/tp])` is called (no labels, no loss)."""
+    on the last stage `on_logits(logits [b, s, vocab/tp])` is called (no labels, no loss).
+    cp_group (size > 1): each rank runs its part of the sequences (train/cp.py; logits
+    [b, s/cp, vocab/tp]), no mask (the CP attention masks its chunks)."""
     from ..compat import mcore
+    from ..train import cp as cpsplit
 
     tokens = batch["tokens"]
     b, s = tokens.shape
+    cp = cp_group.size() if cp_group is not None else 1
 
     def step(it, m):
         bt = next(it)
-        out = m(bt["tokens"], bt["position_ids"], causal_mask(s, str(tokens.device)))
+        if cp > 1:
+            bt = cpsplit.split_batch(bt, cp, cp_group.rank())
+        out = m(bt["tokens"], bt["position_ids"], causal_mask(s, str(tokens.device)) if cp == 1 else None)
 
         def loss(o):
             on_logits(o.detach())

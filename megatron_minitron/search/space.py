@@ -18,7 +18,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, ParallelConfig, check_cp
 from ..model import count_parameters
 from ..resources.estimate import GiB, serving
 
@@ -206,9 +206,9 @@ def check_space(teacher: ModelConfig, space: SearchSpace) -> None:
 
 def enumerate_candidates(teacher: ModelConfig, space: SearchSpace, budget: Budget | int,
                          tolerance: float | None = None, drop_order: Sequence[int] = (),
-                         tp: int = 1, pp: int = 1, ep: int = 1) -> tuple[list[Candidate], dict]:
+                         tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1) -> tuple[list[Candidate], dict]:
     """All candidates within the budget that the teacher can be pruned to (no axis larger
-    than the teacher's) and that run at (tp, pp, ep). `budget` an int: total parameters
+    than the teacher's) and that run at (tp, pp, ep, cp). `budget` an int: total parameters
     within budget * (1 +- tolerance). Returns the candidates (closest to the budget first)
     and counts of what was rejected and why."""
     if not isinstance(budget, Budget):
@@ -233,6 +233,8 @@ def enumerate_candidates(teacher: ModelConfig, space: SearchSpace, budget: Budge
         cfg = dataclasses.replace(teacher, pattern=pattern, **{a: vals[a] for a in axes[1:]})
         try:
             cfg.validate(tp=tp, pp=pp, ep=ep)
+            if cp > 1:  # Mamba heads / groups per TP rank split over CP (the sequence: the teacher's check)
+                check_cp(dataclasses.replace(cfg, seq_length=2 * cp), ParallelConfig(tp=tp, pp=pp, ep=ep, cp=cp))
         except ConfigError:
             rejected["divisibility"] += 1
             continue

@@ -1,7 +1,7 @@
 """`search` stage: architecture search under a parameter budget (paper sec. 3.5, table 1).
 
     python -m megatron_minitron search -c RECIPE.yaml            # one process
-    torchrun --nproc_per_node N -m megatron_minitron search -c RECIPE.yaml   # parallel.tp/pp, DP = rest
+    torchrun --nproc_per_node N -m megatron_minitron search -c RECIPE.yaml   # parallel.tp/pp/cp, DP = rest
 
   1. enumerate candidates (search/space.py: analytic counts, divisibility, budget);
   2. zero-shot score EVERY candidate without writing checkpoints: per candidate the plan is
@@ -44,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, DataConfig, ParallelConfig, TrainConfig, check_ep_used, check_moe_train
+from ..config import (ConfigError, DataConfig, ParallelConfig, TrainConfig, check_cp, check_ep_used,
+                      check_moe_train)
 from ..distill.stage import LossConfig
 from .space import Budget, Candidate, SearchSpace, axes_of, enumerate_candidates
 
@@ -94,8 +95,9 @@ class SearchConfig:
     # one `teacher-logits` cache every short KD reads (top-K targets, no teacher forward);
     # "" = the teacher runs in every KD step
     teacher_cache: str = ""
-    # the layout the search runs at (torchrun: DP = world / (tp x pp)); every candidate's
-    # sizes divide by its tp / pp, so the chosen model also runs there
+    # the layout the search runs at (torchrun: DP = world / (tp x pp x cp)); every candidate's
+    # sizes divide by its tp / pp (and its Mamba heads per TP rank by cp), so the chosen
+    # model also runs there
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     keep_checkpoints: bool = True  # keep each top-k candidate's pruned / distilled checkpoints
     resume: bool = True  # reuse search_state.json results of the same config
@@ -158,12 +160,13 @@ def validate_settings(cfg: SearchConfig, world: int | None = None) -> int:
     number of processes (default $WORLD_SIZE). Returns the data-parallel size."""
     from ..preempt import check_minutes
 
-    cfg.parallel.validate()
+    cfg.parallel.validate(cp_ok=True)
     check_minutes(cfg.exit_duration_minutes)
-    world, mp = world or int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp * cfg.parallel.pp
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    mp = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
     from ..dist import check_world
 
-    check_world(cfg.parallel, world)  # tp x pp divides the world, ep divides DP
+    check_world(cfg.parallel, world)  # tp x pp x cp divides the world, ep divides DP
     dp = world // mp
     cfg.data.validate()
     if not cfg.output_dir:
@@ -209,6 +212,8 @@ def budget_of(cfg: SearchConfig, teacher_seq: int) -> Budget:
 def validate_teacher(cfg: SearchConfig, t_cfg) -> None:
     """The teacher's model against the settings."""
     t_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, prefix="teacher model", ep=cfg.parallel.ep)
+    check_cp(dataclasses.replace(t_cfg, seq_length=cfg.seq_length or t_cfg.seq_length), cfg.parallel,
+             prefix="teacher model")
     check_ep_used(cfg.parallel.ep, t_cfg)
     check_moe_train(cfg.kd, t_cfg, "kd")  # candidates keep the teacher's E layers
     if cfg.expert_score != "out" and not (t_cfg.is_moe and cfg.space.values("num_moe_experts", 0) != [0]):
@@ -240,7 +245,8 @@ def candidates(cfg: SearchConfig, t_cfg, drop_order: list[int]):
     """(candidates, enumeration info) of the space under the budget; none is an error."""
     b = budget_of(cfg, t_cfg.seq_length)
     cands, info = enumerate_candidates(t_cfg, cfg.space, b, drop_order=drop_order,
-                                       tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
+                                       tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
+                                       cp=cfg.parallel.cp)
     if not cands:
         rej = ", ".join(f"{n} {why}" for why, n in info["rejected"].items() if n) or "none"
         windows = [f"{k}={v:,} -> [{int(v * (1 - b.tolerance)):,}, {int(v * (1 + b.tolerance)):,}]"
@@ -337,20 +343,20 @@ def _plan_for(imp, c: Candidate, cfg: SearchConfig, teacher_layers: int):
 def _eval(model, ds, cfg: SearchConfig, par, seq: int) -> float:
     """LM loss on the fixed validation set: the first eval_iters x micro_batch_size samples
     whatever the layout (DP ranks split them: eval_iters / dp micro-batches each), so
-    every layout scores the same tokens."""
-    from ..train.engine import MicroBatches, evaluate, lm_forward_step
+    every layout scores the same tokens (under CP each sequence split over the CP ranks)."""
+    from ..train.engine import MicroBatches, evaluate, forward_step_for
 
     data = MicroBatches(ds, cfg.micro_batch_size, cfg.eval_iters * cfg.micro_batch_size, par.dp,
                         par.dp_rank, start_step=0, device=par.device)
-    return evaluate(model, data, lm_forward_step, cfg.eval_iters // par.dp, par, seq,
+    return evaluate(model, data, forward_step_for(par), cfg.eval_iters // par.dp, par, seq,
                     cfg.micro_batch_size)
 
 
 @torch.no_grad()
 def throughput(model, par, vocab_size: int, micro_batch_size: int, seq: int, iters: int) -> float:
     """Forward tokens/s of `model` at this layout (random tokens, full sequences, through the
-    pipeline schedule), best of two timings; per model replica, the same on every rank (the
-    slowest rank's time)."""
+    pipeline schedule; under CP each rank runs its part of them), best of two timings; per
+    model replica, the same on every rank (the slowest rank's time)."""
     from ..importance.depth import pipeline_forward
 
     g = torch.Generator().manual_seed(0)
@@ -358,14 +364,15 @@ def throughput(model, par, vocab_size: int, micro_batch_size: int, seq: int, ite
     batch = {"tokens": tok.to(par.device),
              "position_ids": torch.arange(seq, device=par.device)[None].expand(micro_batch_size, -1)}
     model.eval()
-    pipeline_forward(model, batch, lambda _: None)  # warm-up
+    cp_group = par.pg.cp if par.cp > 1 else None
+    pipeline_forward(model, batch, lambda _: None, cp_group)  # warm-up
     best = math.inf
     for _ in range(2):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(iters):
-            pipeline_forward(model, batch, lambda _: None)
+            pipeline_forward(model, batch, lambda _: None, cp_group)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -536,7 +543,7 @@ def run_search(cfg: SearchConfig) -> dict:
     say(f"[search] {len(cands)} candidates within {budget.describe()} "
         f"(of {info['combinations']} combinations; rejected {info['rejected']}); teacher "
         f"{t_cfg.pattern} {_params(t_cfg):,} params; depth order ({cfg.depth_metric}) {drop_order}; "
-        f"tp={par.tp} pp={par.pp} dp={par.dp}"
+        f"tp={par.tp} pp={par.pp} dp={par.dp}" + (f" cp={par.cp}" if par.cp > 1 else "")
         + (f"; resuming: {state.resumed['zero_shot']} zero-shot and {state.resumed['kd']} KD results "
            "already done" if any(state.resumed.values()) else ""))
     budget_left = [cfg.stop_after or math.inf]

@@ -10,7 +10,8 @@ teacher trained a few steps and its real `stats` importance file.
   4. `prune` of full/chosen_plan.json from the teacher (the plan is ready for `prune`);
   5. `cached`: the full search again (top_k 1) with its short KD reading a `teacher-logits`
      cache of every token (top-K = the vocabulary: the online KD's loss).
-`par` (2 processes, one torchrun): the `full` search again at TP=2 (`tp2`) and at DP=2 (`dp2`).
+`par` (2 processes, one torchrun): the `full` search again at TP=2 (`tp2`), at DP=2 (`dp2`)
+and at CP=2 (`cp2`: each sequence split over the two ranks, dp=1; its oracle is `dp2`).
 
 Writes <workdir>/result.json; each search writes its own output_dir.
 """
@@ -49,10 +50,11 @@ def search_cfg(work: Path, name: str, **kw) -> SearchConfig:
 
 
 def par(work: Path) -> None:
-    """2 processes, one launch: the reference search at TP=2, then at DP=2."""
-    D.init(ParallelConfig(), seed=1)  # kept across both searches
+    """2 processes, one launch: the reference search at TP=2, then at DP=2 and CP=2."""
+    D.init(ParallelConfig(), seed=1)  # kept across the searches
     res = {"tp2": run_search(search_cfg(work, "tp2", parallel=ParallelConfig(tp=2))),
            "dp2": run_search(search_cfg(work, "dp2")),
+           "cp2": run_search(search_cfg(work, "cp2", parallel=ParallelConfig(cp=2))),
            # a wall-clock limit already passed at the first check: stops after one result
            "dp2_limit": run_search(search_cfg(work, "dp2_limit", exit_duration_minutes=1e-6))}
     if D.is_rank0():

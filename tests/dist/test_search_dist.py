@@ -14,6 +14,10 @@ Invariants checked:
     the same top_k, and every zero-shot / distilled loss equals the one-process search's
     within PARITY_ATOL (fp32 on CPU: TP re-associates the row-parallel GEMM sums and the
     vocab-parallel softmax; DP changes the order of the gradient and loss sums).
+  * CP: the search at CP=2 (dp=1, each sequence split over the two ranks: zero-shot evals,
+    short KDs and their evaluations) against the same world at DP=2 (cp=1, the same global
+    batches): the same candidates, table and choice; every zero-shot / distilled loss and
+    the teacher's within CP_RTOL relative.
 """
 
 import json
@@ -27,6 +31,7 @@ BUDGET, TOL = 440_000, 0.03
 
 
 PARITY_ATOL = 1e-4
+CP_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +86,26 @@ def test_parallel_search_picks_the_same_candidate(run, par_run, layout):
     for r in got["table"]:
         s = json.loads((work / layout / "candidates" / r["name"] / "distilled" / "summary.json").read_text())
         assert s["layout"] == {"tp": 2 if layout == "tp2" else 1, "pp": 1, "ep": 1, "dp": 2 if layout == "dp2" else 1}
+
+
+def test_search_cp2_equals_dp2(run, par_run):
+    work, _ = run
+    a, b = par_run["cp2"], par_run["dp2"]
+    assert not a["stopped"] and a["chosen"]["name"] == b["chosen"]["name"]
+    assert [r["name"] for r in a["table"]] == [r["name"] for r in b["table"]]
+    (zs1, kd1), (zs2, kd2) = _losses(work, "dp2"), _losses(work, "cp2")
+    assert zs1.keys() == zs2.keys() and kd1.keys() == kd2.keys() and len(kd1) == 2
+    rel = lambda x, y: abs(x - y) / abs(y)  # noqa: E731
+    dz = max(rel(zs2[k], zs1[k]) for k in zs1)
+    dk = max(rel(kd2[k], kd1[k]) for k in kd1)
+    dt = rel(a["teacher_row"]["zero_shot_loss"], b["teacher_row"]["zero_shot_loss"])
+    print(f"\n[search parity] CP=2 vs DP=2: max relative zero-shot loss diff {dz:.1e}, distilled "
+          f"{dk:.1e}, teacher {dt:.1e} (over {len(zs1)} / {len(kd1)} candidates)")
+    assert dz < CP_RTOL and dk < CP_RTOL and dt < CP_RTOL
+    for r in a["table"]:
+        assert r["tokens_per_s"] > 0
+        s = json.loads((work / "cp2" / "candidates" / r["name"] / "distilled" / "summary.json").read_text())
+        assert s["layout"] == {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "cp": 2}
 
 
 def _strip(rows):

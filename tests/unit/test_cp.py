@@ -84,19 +84,34 @@ def clone(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("stage", ["stats", "search", "prune", "teacher-logits"])
+@pytest.mark.parametrize("stage", ["stats", "prune", "teacher-logits"])
 def test_stages_without_cp_refuse_it(stage, clone, capsys):
     err = cli_refuses([stage, "-c", f"configs/{stage.replace('-', '_')}_default.yaml", "--print-config", "parallel.cp=2"], capsys)
-    assert "parallel.cp=2: context parallelism runs in pretrain, eval, distill only" in err, err
+    assert "parallel.cp=2: context parallelism runs in pretrain, eval, distill, search only" in err, err
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "eval", "distill"])
+@pytest.mark.parametrize("stage", ["pretrain", "eval", "distill", "search"])
 def test_cp_stages_take_cp(stage, clone, capsys):
     from megatron_minitron import __main__ as cli
 
     capsys.readouterr()
     assert cli.main([stage, "-c", f"configs/{stage}_default.yaml", "--print-config", "parallel.cp=2"]) == 0
     assert '"cp": 2' in capsys.readouterr().out
+
+
+def test_search_candidates_split_over_cp():
+    """enumerate_candidates at cp drops the candidates whose Mamba heads per TP rank do not
+    split over the CP ranks (as divisibility); the rest are those of cp=1."""
+    from megatron_minitron.search.space import SearchSpace, enumerate_candidates
+
+    t = dataclasses.replace(M, mamba_num_heads=8)  # 2 groups
+    space = SearchSpace(mamba_num_heads=[2, 4, 6, 8])
+    big = dict(budget=16_000, tolerance=0.5, drop_order=[0, 1, 2])
+    a, ia = enumerate_candidates(t, space, **big)
+    b, ib = enumerate_candidates(t, space, **big, cp=4)
+    assert sorted(c.mamba_num_heads for c in a) == [2, 4, 6, 8]
+    assert sorted(c.mamba_num_heads for c in b) == [4, 8]
+    assert ib["rejected"]["divisibility"] == ia["rejected"]["divisibility"] + 2
 
 
 def test_distill_checks_both_models_at_the_cp_layout(clone, capsys):

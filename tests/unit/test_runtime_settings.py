@@ -67,7 +67,7 @@ def test_moe_settings_reach_megatron():
 
 def test_context_parallel_is_refused_with_the_reason():
     # stages without CP support call validate() as is (tests/unit/test_cp.py: which do)
-    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism runs in pretrain, eval, distill only"):
+    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism runs in pretrain, eval, distill, search only"):
         ParallelConfig(cp=2).validate()
     ParallelConfig(cp=2).validate(cp_ok=True)
 
