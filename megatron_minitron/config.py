@@ -326,8 +326,9 @@ CP_STAGES = ("pretrain", "eval", "distill", "search")  # the stages that accept 
 def check_cp(model: "ModelConfig", parallel: ParallelConfig, prefix: str = "model") -> None:
     """The model splits over parallel.cp ranks: the sequence into 2*cp equal chunks; each
     Mamba layer's heads (and B/C groups) over the CP ranks of a TP rank, as megatron's
-    MambaContextParallel requires. MoE layers are refused under CP until their router
-    losses are checked there."""
+    MambaContextParallel requires. MoE layers need nothing more: tokens route independently,
+    and megatron reduces the load-balancing loss's counts over TP x CP and the expert bias's
+    over TP x DP x CP (tests/dist/cp_worker.py checks both)."""
     cp, tp, p = parallel.cp, parallel.tp, prefix + "."
     if cp == 1:
         return
@@ -345,9 +346,6 @@ def check_cp(model: "ModelConfig", parallel: ParallelConfig, prefix: str = "mode
             raise ConfigError(f"{p}mamba_num_groups={model.mamba_num_groups} gives {groups} groups "
                               f"per TP rank: parallel.cp={cp} must divide it or be a multiple of it "
                               "(megatron's MambaContextParallel)")
-    if model.is_moe:
-        raise ConfigError(f"parallel.cp={cp} with mixture-of-experts layers is not supported yet; "
-                          "use parallel.cp=1 (and parallel.ep / tp) for this model")
 
 
 @dataclass

@@ -226,6 +226,48 @@ STUDENT = replace(MODEL, pattern="M*-", hidden_size=32, ffn_hidden_size=48, mamb
 KD_TRAIN = replace(TRAIN, steps=3, eval_interval=2, save_interval=100, clip_grad=1.0)
 
 
+# MoE under CP: 4 experts, top-2, a shared expert; the load-balancing loss (weighted up so
+# that it moves the gradients) and the expert bias both on
+MOE = replace(MODEL, pattern="ME*-", num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2,
+              moe_shared_expert_intermediate_size=32)
+MOE_TRAIN = replace(TRAIN, steps=3, eval_interval=3, save_interval=3, moe_aux_loss_coeff=1.0,
+                    moe_router_bias_update_rate=1e-2)
+
+
+def check_moe(wd: Path, data: DataConfig, res):
+    """MoE pretrain 3 steps at CP=2 vs CP=1 (dp=2): losses, grad norms, val losses, final
+    weights and expert biases; and CP=1 without the load-balancing loss (it must move the
+    weights far more than the tolerance, or the parity would not test its CP reduction)."""
+    from megatron_minitron.model import build_model
+    from megatron_minitron.train import checkpoint as ckpt
+    from megatron_minitron.train.pretrain import run_pretrain
+
+    make(MOE, D.init(CP1, seed=1), 5, wd / "moe_w0")
+    out = {}
+    cp1 = replace(MOE_TRAIN, eval_iters=1)
+    for name, pc, train in (("cp2", CP2, MOE_TRAIN), ("cp1", CP1, cp1),
+                            ("cp1_noaux", CP1, replace(cp1, moe_aux_loss_coeff=0.0))):
+        s = run_pretrain(PretrainConfig(output_dir=str(wd / f"moe_{name}"), model=MOE, parallel=pc, data=data,
+                                        train=train, init_from=str(wd / "moe_w0")))
+        m = metrics(wd / f"moe_{name}")
+        out[name] = {"loss": s["losses"], "grad_norm": [r["grad_norm"] for r in m],
+                     "val": [r["val_loss"] for r in m if "val_loss" in r], "layout": s["layout"]}
+    par = D.init(CP1, seed=1)
+    w = {}
+    for name in ("cp2", "cp1", "cp1_noaux", "w0"):
+        mdl = build_model(MOE, par, initialize=False)
+        ckpt.load_model_weights(wd / f"moe_{name}", mdl)
+        w[name] = dict(mdl.named_parameters()) | {k: v for k, v in mdl.named_buffers() if k.endswith("expert_bias")}
+    bias = [k for k in w["cp1"] if k.endswith("expert_bias")]
+    out["weights_worst"] = worst([(w["cp2"][k], w["cp1"][k]) for k in w["cp1"] if k not in bias])
+    out["bias_worst"] = worst([(w["cp2"][k], w["cp1"][k]) for k in bias])
+    out["bias_moved"] = max(float((w["cp2"][k] - w["w0"][k]).abs().max()) for k in bias)
+    out["bias_keys"] = bias
+    out["aux_effect"] = worst([(w["cp1_noaux"][k], w["cp1"][k]) for k in w["cp1"] if k not in bias])
+    out["moved"] = worst([(w["cp2"][k], w["w0"][k]) for k in w["cp1"] if k not in bias])
+    res["moe"] = out
+
+
 def check_distill(wd: Path, data: DataConfig, res):
     from megatron_minitron.distill.logits_stage import TeacherLogitsConfig, run_teacher_logits
     from megatron_minitron.distill.stage import DistillConfig, LossConfig, run_distill
@@ -305,7 +347,9 @@ def run(wd: Path):
     data = DataConfig(prefix=str(wd / "padded"), tokenizer=json.loads((wd / "data.json").read_text())["tokenizer"],
                       split="90,10,0")
     res = {"masked_fraction": masked_fraction(data), "seconds": {}}
-    for check in (check_split, check_attention, check_model, check_stages, check_distill, check_long):
+    checks = (check_split, check_attention, check_model, check_stages, check_moe, check_distill, check_long)
+    only = sys.argv[3:]  # (a subset by name, for a quick rerun by hand)
+    for check in (c for c in checks if not only or c.__name__ in only):
         t0 = time.time()
         check(res) if check in (check_split, check_attention) else check(wd, data, res)
         res["seconds"][check.__name__] = round(time.time() - t0, 1)

@@ -16,6 +16,10 @@ printed by each test):
     teacher-logits cache written at CP=1: per-step loss, CE, grad norm, the validation
     losses (teacher, student before, every evaluation) 1e-5 relative; KL 1e-5 relative
     online, 3e-5 from the cache (a KL of 0.01 there: 3e-7 absolute); final weights 1e-5;
+  MoE (ME*-: 4 experts, top-2, a shared expert, load-balancing loss 1.0, expert bias rate
+    1e-2) pretrain 3 steps: losses, grad norms, val losses, final weights 1e-5 relative,
+    expert biases equal (their sign updates: exactly); without the load-balancing loss the
+    CP=1 final weights differ by more than 1e-3 (the loss weighs);
   long context (the 128k recipe's settings, 4096 tokens, CP=2, 2 steps): runs end to end
     (finite losses, a checkpoint, the validation loss moved).
 """
@@ -106,6 +110,21 @@ def test_eval_loss_cp2_equals_cp1(res):
     assert rel(e["cp2"]["loss"], e["cp1"]["loss"]) < 1e-6
 
 
+def test_moe_pretrain_cp2_equals_cp1(res):
+    m = res["moe"]
+    a, b, c = m["cp2"], m["cp1"], m["cp1_noaux"]
+    assert a["layout"]["cp"] == 2 and a["layout"]["dp"] == 1 and b["layout"]["dp"] == 2
+    assert len(a["loss"]) == 3 and len(a["val"]) == 1
+    for k in ("loss", "grad_norm", "val"):
+        close_lists(a[k], b[k], 1e-5, f"MoE {k}")
+    print(f"MoE final weights {m['weights_worst']:.1e} (moved {m['moved']:.1e}), expert bias "
+          f"{m['bias_worst']:.1e} (moved {m['bias_moved']:.1e}); without the aux loss: weights "
+          f"{m['aux_effect']:.1e}, losses {max(rel(x, y) for x, y in zip(c['loss'], b['loss'])):.1e}")
+    assert m["weights_worst"] < 1e-5 and m["moved"] > 1e-3
+    assert m["bias_keys"] and m["bias_worst"] == 0 and m["bias_moved"] > 0
+    assert m["aux_effect"] > 1e-3  # the load-balancing loss weighs: 100 x the tolerance
+
+
 @pytest.mark.parametrize("kind", ["online", "cached"])
 def test_distill_cp2_equals_cp1(res, kind):
     d = res["distill"]
@@ -143,7 +162,7 @@ def test_long_context_recipe_runs_at_4096_tokens_cp2(res):
 @pytest.fixture(scope="module")
 def res_tp(tmp_path_factory, real_data):
     """tests/dist/cp_tp_worker.py: CP=2 x TP=2 vs TP=2 x DP=2 and CP=2 x PP=2 vs PP=2 x DP=2
-    (pretrain 3 steps), and distill 3 steps at CP=2 x TP=2 vs TP=2 x DP=2 (alpha_kd=0.5).
+    (pretrain 3 steps, and distill 3 steps with alpha_kd=0.5), MoE CP=2 x EP=2 vs EP=2 x DP=4.
     Tolerances as at TP=1: 1e-5 relative for losses, grad norms, validation losses, weights."""
     wd = tmp_path_factory.mktemp("cp_tp")
     write_data_json(wd, real_data)
@@ -166,17 +185,34 @@ def test_pretrain_cp2_with_tp_or_pp_equals_cp1(res_tp, lay):
           f"val {rel(a['val'][0], b['val'][0]):.1e}, weights {p[f'{lay}_weights_worst']:.1e}")
 
 
-def test_distill_cp2_x_tp2_equals_tp2(res_tp):
+@pytest.mark.parametrize("lay", ["tp", "pp"])
+def test_distill_cp2_with_tp_or_pp_equals_cp1(res_tp, lay):
     d = res_tp["distill"]
-    a, b = d["kd_tp_cp2"], d["kd_tp_cp1"]
-    assert a["layout"]["cp"] == 2 and a["layout"]["tp"] == 2 and b["layout"]["dp"] == 2
+    a, b = d[f"kd_{lay}_cp2"], d[f"kd_{lay}_cp1"]
+    assert a["layout"]["cp"] == 2 and a["layout"][lay] == 2 and b["layout"][lay] == 2 and b["layout"]["dp"] == 2
     assert len(a["loss"]) == 3 and min(a["kd"]) > 0 and min(a["ce"]) > 0
     for k in ("loss", "kd", "ce", "grad_norm", "val_loss"):
-        close_lists(a[k], b[k], 1e-5, f"distill {k}")
+        close_lists(a[k], b[k], 1e-5, f"distill {lay} {k}")
     for k in ("teacher_val", "student_before", "after"):
         assert rel(a[k], b[k]) < 1e-5, k
-    assert d["weights_worst"] < 1e-5 and d["moved"] > 1e-3
-    print(f"distill CP=2 x TP=2 vs TP=2 x DP=2: loss {max(rel(x, y) for x, y in zip(a['loss'], b['loss'])):.1e}, "
+    assert d[f"{lay}_weights_worst"] < 1e-5 and d[f"{lay}_moved"] > 1e-3
+    L = lay.upper()
+    print(f"distill CP=2 x {L}=2 vs {L}=2 x DP=2: loss {max(rel(x, y) for x, y in zip(a['loss'], b['loss'])):.1e}, "
           f"KL {max(rel(x, y) for x, y in zip(a['kd'], b['kd'])):.1e}, CE {max(rel(x, y) for x, y in zip(a['ce'], b['ce'])):.1e}, "
           f"grad norms {max(rel(x, y) for x, y in zip(a['grad_norm'], b['grad_norm'])):.1e}, "
-          f"val {rel(a['after'], b['after']):.1e}, weights {d['weights_worst']:.1e}; seconds {res_tp['seconds']}")
+          f"val {max(rel(x, y) for x, y in zip(a['val_loss'], b['val_loss'])):.1e}, "
+          f"weights {d[f'{lay}_weights_worst']:.1e}; seconds {res_tp['seconds']}")
+
+
+def test_moe_cp2_x_ep2_equals_ep2(res_tp):
+    """MoE pretrain 3 steps, CP=2 x EP=2 (dp=2) vs EP=2 x DP=4: tolerances as above, the
+    expert biases equal."""
+    m = res_tp["moe_ep"]
+    a, b = m["moe_ep_cp2"], m["moe_ep_cp1"]
+    assert a["layout"]["cp"] == 2 and a["layout"]["ep"] == 2 and a["layout"]["dp"] == 2
+    assert b["layout"]["cp"] == 1 and b["layout"]["ep"] == 2 and b["layout"]["dp"] == 4
+    for k in ("loss", "grad_norm", "val"):
+        close_lists(a[k], b[k], 1e-5, f"MoE EP=2 {k}")
+    print(f"MoE CP=2 x EP=2 vs EP=2 x DP=4: weights {m['weights_worst']:.1e} (moved {m['moved']:.1e}), "
+          f"expert bias {m['bias_worst']:.1e}")
+    assert m["weights_worst"] < 1e-5 and m["moved"] > 1e-3 and m["bias_worst"] == 0

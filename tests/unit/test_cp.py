@@ -65,9 +65,8 @@ def test_layout_checks_name_the_fix():
     with pytest.raises(ConfigError, match="mamba_num_groups=4 gives 4 groups"):
         check_cp(dataclasses.replace(M, mamba_num_heads=12, mamba_num_groups=4, seq_length=60),
                  ParallelConfig(cp=3))
-    with pytest.raises(ConfigError, match="mixture-of-experts layers is not supported yet"):
-        check_cp(dataclasses.replace(M, pattern="M*E", num_moe_experts=4, moe_ffn_hidden_size=16),
-                 ParallelConfig(cp=2))
+    # MoE layers run under CP (tests/dist/cp_worker.py check_moe)
+    check_cp(dataclasses.replace(M, pattern="M*E", num_moe_experts=4, moe_ffn_hidden_size=16), ParallelConfig(cp=2))
     # with TP the heads and groups split per TP rank first (tests/dist/cp_tp_worker.py runs these)
     check_cp(M, ParallelConfig(cp=2, tp=2))  # 2 heads per TP rank over 2 CP ranks
     check_cp(M, ParallelConfig(cp=2, pp=2))
