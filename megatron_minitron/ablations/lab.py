@@ -170,7 +170,8 @@ class Lab:
         D.shutdown()
 
 
-def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path, cache_k: int = 0) -> dict:
+def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path, cache_k: int = 0,
+            memo=None) -> dict:
     """prune + distill (seed = data order) + score on the fixed validation set; cache_k > 0:
     the teacher's top-K over the KD's tokens cached first (`teacher-logits`), the KD reads it."""
     from .. import dist as D
@@ -201,7 +202,8 @@ def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path
         cache_rec = {"cache_seconds": time.time() - t1, "cache_bytes_per_token": m["bytes_per_token"]}
     d = run_distill(DistillConfig(student=str(workdir / "pruned"), teacher=str(ckpt.require(cfg.teacher)),
                                   output_dir=str(workdir / "distilled"), seq_length=seq, loss=cfg.kd_loss,
-                                  data=data, train=train, resume=False, teacher_cache=cache))
+                                  data=data, train=train, resume=False, teacher_cache=cache),
+                    teacher_memo=memo)
     par = D.init(ParallelConfig(tp=1, pp=1))
     try:
         loss = eval_checkpoint(workdir / "distilled", cfg.data, par, cfg.eval_iters, cfg.micro_batch_size)["loss"]
@@ -213,7 +215,8 @@ def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
     return {"loss": loss, "seconds": time.time() - t0, "train_seconds": d["train_seconds"],
-            "tokens": cfg.kd.steps * cfg.kd.global_batch_size * seq, **cache_rec}
+            "tokens": cfg.kd.steps * cfg.kd.global_batch_size * seq, **cache_rec,
+            **({"teacher_memo": d["teacher_memo"]} if d.get("teacher_memo") else {})}
 
 
 def kd_key(v: Variant, seed: int, cache_k: int = 0) -> str:
@@ -222,17 +225,26 @@ def kd_key(v: Variant, seed: int, cache_k: int = 0) -> str:
 
 def run_kds(cfg: AblationsConfig, res: Results, want: list, seq: int, root: Path, label: str = "") -> None:
     """The short KD of each (variant, seed[, cache K]) of `want` without a result yet, each
-    once, in order; every result is recorded as it finishes."""
+    once, seed by seed (in order within a seed); every result is recorded as it finishes.
+    The KDs of one seed read the same tokens from the same teacher: its logits are computed
+    once and kept in memory (distill.teacher.TeacherMemo, up to cfg.teacher_memo_gb) for the
+    seed's other KDs, which then equal a KD that runs the teacher bit for bit."""
+    from ..distill.teacher import TeacherMemo
+
     todo, seen = [], set()
     for v, s, *k in want:
         key = kd_key(v, s, *k)
         if key not in res.d["kd"] and key not in seen:
             seen.add(key)
             todo.append((v, s, k[0] if k else 0, key))
+    todo.sort(key=lambda t: t[1])  # stable: one seed's teacher logits in memory at a time
+    memo = TeacherMemo(int(cfg.teacher_memo_gb * 2**30)) if cfg.teacher_memo_gb > 0 else None
     for i, (v, s, k, key) in enumerate(todo):
+        if memo is not None and i and s != todo[i - 1][1]:
+            memo.clear()
         how = f", teacher top-{k} cached" if k else ""
         print(f"[ablations] {label}KD {i + 1}/{len(todo)}: {v.name} seed {s} ({cfg.kd.steps} steps{how})", flush=True)
-        rec = _kd_one(cfg, v, s, seq, root / key.replace("/", "-"), cache_k=k)
+        rec = _kd_one(cfg, v, s, seq, root / key.replace("/", "-"), cache_k=k, memo=memo)
         rec["name"] = v.name
         res.put("kd", key, rec)
         print(f"[ablations] KD {v.name} seed {s}: loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)", flush=True)

@@ -105,6 +105,9 @@ class AblationsConfig:
     seeds: list[int] = field(default_factory=lambda: [1])  # KD data orders; results are their mean
     cache_k: int = 32  # cache: the teacher's top-K tokens cached per position
     cache_tolerance: float = 0.01  # cache: the claim holds when |cached - online| <= this on every seed
+    # the teacher's logits of one seed's KD tokens kept in memory for that seed's other KDs
+    # (exact: the KDs equal ones that run the teacher); 0 = run the teacher in every KD
+    teacher_memo_gb: float = 4.0
     keep_checkpoints: bool = False
     resume: bool = True
     moe: MoEAblationsConfig = field(default_factory=MoEAblationsConfig)
@@ -127,6 +130,8 @@ def validate(cfg: AblationsConfig) -> tuple[list[str], list[str]]:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")
     if not cfg.seeds:
         raise ConfigError("seeds is empty; give at least one KD seed, e.g. [1]")
+    if not cfg.teacher_memo_gb >= 0:
+        raise ConfigError(f"teacher_memo_gb={cfg.teacher_memo_gb} must be >= 0 (0 = no memo)")
     if cfg.cache_k < 1 or not cfg.cache_tolerance >= 0:
         raise ConfigError(f"cache_k={cfg.cache_k} must be >= 1 and cache_tolerance={cfg.cache_tolerance} >= 0")
     cfg.data.validate()

@@ -176,7 +176,10 @@ def _report(loss, logs: dict, mask, cp_group=None):
     return (*cp_scaled(total, n, cp_group), report)
 
 
-def run_distill(cfg: DistillConfig) -> dict:
+def run_distill(cfg: DistillConfig, teacher_memo=None) -> dict:
+    """teacher_memo (teacher.TeacherMemo, in-process callers): the teacher's logits reused
+    across runs over the same tokens; used at pp = cp = 1 with an online teacher, else unused
+    (the summary's "teacher_memo" says which)."""
     # ---- every check that needs no process group, before any model is built
     dp = world_size_from_env() // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
     cfg.validate(dp)
@@ -248,8 +251,16 @@ def run_distill(cfg: DistillConfig) -> dict:
         f"T={lc.temperature}" + (f"; teacher top-{cache.k} from {cfg.teacher_cache}" if cache else "")
         + (f"; resumed at step {resumed_from}" if resumed_from is not None else "")
     )
-    # with a cache: the teacher's loss the cache recorded on its validation sequences
-    teacher_val = cache.manifest["teacher_val_loss"] if cache else val_loss(teacher)
+    memo = (teacher_memo, teacher_sum) if (teacher_memo is not None and teacher is not None and par.pp == 1
+                                           and par.cp == 1 and use_teacher_in_training) else None
+    memo0 = (teacher_memo.hits, teacher_memo.misses) if memo else None
+    if cache:  # the teacher's loss the cache recorded on its validation sequences
+        teacher_val = cache.manifest["teacher_val_loss"]
+    elif memo:  # the same validation batches as the memo's earlier runs: the same loss
+        teacher_val = teacher_memo.value((teacher_sum, "val", repr(cfg.data), seq, tr.eval_iters,
+                                          tr.micro_batch_size), lambda: val_loss(teacher))
+    else:
+        teacher_val = val_loss(teacher)
     if resumed_from is not None and prev_meta.get("student_val_before") is not None:
         student_before = prev_meta["student_val_before"]
     else:
@@ -264,7 +275,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     elif use_teacher_in_training:
         fwd = partial(distill_forward_step, teacher=teacher, student_hidden=s_cfg.hidden_size,
                       is_first_stage=par.is_first_stage, is_last_stage=par.is_last_stage,
-                      loss_func=partial(_kd_loss_func, lc, par.pg.tp, cp_group=cp_group), cp_group=cp_group)
+                      loss_func=partial(_kd_loss_func, lc, par.pg.tp, cp_group=cp_group), cp_group=cp_group,
+                      memo=memo)
     else:
         fwd = partial(_student_forward_step,
                       lambda batch: partial(_kd_loss_func, lc, par.pg.tp, batch, None, cp_group=cp_group),
@@ -364,6 +376,9 @@ def run_distill(cfg: DistillConfig) -> dict:
         "layout": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp, **({"cp": par.cp} if par.cp > 1 else {})},
         "teacher_checksum_rank0": teacher_sum,
         "teacher_unchanged": True if teacher is not None else None,
+        # micro-batches whose teacher logits came from / went into teacher_memo this run
+        "teacher_memo": ({"hits": teacher_memo.hits - memo0[0], "misses": teacher_memo.misses - memo0[1]}
+                         if memo else None),
         "history": history,
     }
     if D.is_rank0():

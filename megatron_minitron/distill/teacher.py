@@ -67,6 +67,50 @@ def pair_shapes_fn(teacher_hidden: int):
     return adjust
 
 
+class TeacherMemo:
+    """The teacher's logits kept in memory across distill runs in one process: many students,
+    one teacher, the same tokens (the ablations' short KDs of one seed). A hit returns the
+    very tensor the teacher computed for that micro-batch before, so a KD with the memo equals
+    one without it bit for bit. Keyed by the teacher's checksum and the micro-batch's token and
+    position bytes. Single stage without CP only (run_distill passes it then): the output must
+    be the logits and depend on this rank's tokens alone. Once `max_bytes` are held, new
+    outputs are computed and not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
+        self._d: dict = {}
+        self._values: dict = {}
+
+    def clear(self) -> None:
+        self._d.clear()
+        self._values.clear()
+        self.bytes = 0
+
+    def value(self, key, compute):
+        """A scalar of the teacher's (its validation loss) under `key`, computed once."""
+        if key not in self._values:
+            self._values[key] = compute()
+        return self._values[key]
+
+    def __call__(self, teacher, teacher_sum: str, tokens, pos, mask):
+        h = hashlib.sha256(teacher_sum.encode())
+        for t in (tokens, pos):
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        key = h.hexdigest()
+        out = self._d.get(key)
+        if out is not None:
+            self.hits += 1
+            return out
+        self.misses += 1
+        out = teacher(tokens, pos, mask)
+        n = out.numel() * out.element_size()
+        if self.bytes + n <= self.max_bytes:
+            self._d[key] = out
+            self.bytes += n
+        return out
+
+
 def distill_forward_step(
     data_iterator: Iterator,
     model,
@@ -77,13 +121,15 @@ def distill_forward_step(
     is_last_stage: bool,
     loss_func,
     cp_group=None,
+    memo: Optional[tuple] = None,
 ):
     """forward_step_func for megatron's schedules: teacher (no grad) + student on one stage.
 
     `loss_func(batch, teacher_logits, student_logits)` returns the schedule's
     (sum loss, tokens, report) triple; it runs on the last stage only. cp_group (size > 1):
     both models get this CP rank's part of the sequences (train/cp.py; the teacher is built
-    at the same CP layout) and no mask (the CP attention masks the rank's chunks)."""
+    at the same CP layout) and no mask (the CP attention masks the rank's chunks). memo:
+    (TeacherMemo, the teacher's checksum), single stage and no CP only."""
     batch = next(data_iterator)
     if cp_group is not None and cp_group.size() > 1:
         batch = cpsplit.split_batch(batch, cp_group.size(), cp_group.rank())
@@ -101,7 +147,8 @@ def distill_forward_step(
         teacher.set_input_tensor(both[..., student_hidden:].detach().to(t_dtype))
     # Teacher first: its activations are freed before the student's are kept for backward.
     with torch.no_grad():
-        t_out = teacher(tokens, pos, mask)  # last stage: logits [b, s, V/tp]; else [s, b, h_t]
+        t_out = (memo[0](teacher, memo[1], tokens, pos, mask) if memo is not None
+                 else teacher(tokens, pos, mask))  # last stage: logits [b, s, V/tp]; else [s, b, h_t]
     s_out = model(tokens, pos, mask)
     if is_last_stage:
         return s_out, partial(loss_func, batch, t_out)

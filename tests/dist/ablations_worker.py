@@ -1,9 +1,10 @@
 """Worker for tests/dist/test_ablations_dist.py: the `ablations` stage end to end in one
 process on a tiny teacher trained a few steps and its real `stats` importance file (every
 dense ablation, 2 KD steps, one seed; no MoE teacher, so the MoE rows are one skipped line),
-then the same command again (resume). Writes
-<workdir>/result.json."""
+then the same command again (resume), and the `flap` and `ffn` KDs once more without the
+teacher memo (teacher_memo_gb=0: the teacher runs in every KD). Writes <workdir>/result.json."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -43,6 +44,14 @@ def main():
     results1 = json.loads((work / "abl" / "results.json").read_text())
     second = run_ablations(cfg(work))  # resume: nothing re-measured
     results2 = json.loads((work / "abl" / "results.json").read_text())
+    run_ablations(dataclasses.replace(cfg(work), output_dir=str(work / "abl_nomemo"), only=["flap", "ffn"],
+                                      teacher_memo_gb=0.0))
+    nomemo = json.loads((work / "abl_nomemo" / "results.json").read_text())
+    def hist(root, key):
+        d = json.loads((root / "kd" / key.replace("/", "-") / "distilled" / "summary.json").read_text())
+        return [d["teacher_val_loss"], d["student_val_after"], [(h["loss"], h["grad_norm"]) for h in d["history"]]]
+
+    histories = {key: [hist(work / "abl", key), hist(work / "abl_nomemo", key)] for key in nomemo["kd"]}
     # the in-memory pruned model (zero-shot) == the checkpoint `prune` wrote for the KD
     par = D.init(ParallelConfig())
     pruned = {}
@@ -65,6 +74,7 @@ def main():
     report["files"] = sorted(p.name for p in (work / "report").iterdir())
     (work / "result.json").write_text(json.dumps({"report": report,
         "first": first, "second": second, "results1": results1, "results2": results2, "pruned": pruned,
+        "nomemo": nomemo, "histories": histories,
         "claims": json.loads((work / "abl" / "claims.json").read_text())}))
 
 

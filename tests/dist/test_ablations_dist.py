@@ -7,7 +7,9 @@ Invariants checked:
     for the same plan scores (the ablation's fast path is the real pruning);
   * group-unaware keep sets break the group rule unless they coincide with the aware ones,
     heads-vs-channels variants have the same d_inner, width/depth candidates meet the budget;
-  * a re-run measures nothing again (results unchanged).
+  * a re-run measures nothing again (results unchanged);
+  * the teacher memo (one seed's teacher logits reused by its other KDs) is exact: the KDs
+    equal those of a run that computes the teacher every step, bit for bit.
 """
 
 import json
@@ -65,6 +67,19 @@ def test_resume_measures_nothing_again(res):
     assert res["results2"]["zero_shot"] == res["results1"]["zero_shot"]
     assert res["results2"]["kd"] == res["results1"]["kd"]
     assert [r["ours"] for r in res["second"]["claims"]] == [r["ours"] for r in res["first"]["claims"]]
+
+
+def test_teacher_memo_is_exact(res):
+    kd = res["results1"]["kd"]
+    online = [r["teacher_memo"] for r in kd.values() if "teacher_memo" in r]
+    assert len(online) == len(kd) - 1  # all but the cached KD ran the teacher through the memo
+    # one micro-batch per step, 2 steps: the seed's first KD computes both, the others reuse them
+    assert online[0] == {"hits": 0, "misses": 2} and all(m == {"hits": 2, "misses": 0} for m in online[1:])
+    assert len(res["nomemo"]["kd"]) == 3  # flap (L2, FLAP) and ffn (pre) on the default plan
+    for key, rec in res["nomemo"]["kd"].items():
+        assert "teacher_memo" not in rec and rec["loss"] == kd[key]["loss"], key
+        with_memo, without = res["histories"][key]  # teacher val, student val, (loss, grad norm) per step
+        assert with_memo == without, key
 
 
 def test_report_over_real_checkpoints(res):
