@@ -140,17 +140,18 @@ def ffn_source(res: dict) -> dict:
 
 def teacher_cache(res: dict) -> dict:
     """res: {"k", "steps", "tolerance", "online": {seed: loss}, "cached": {seed: loss},
-    "train_seconds": {"online"|"cached": {seed: s}}, "cache_seconds": {seed: s}, "bytes_per_token"}."""
+    "step_seconds": {"online"|"cached": {seed: median KD step s}}, "cache_seconds": {seed: s},
+    "bytes_per_token"}."""
     on, ca, k, tol = res["online"], res["cached"], res["k"], res["tolerance"]
     common = [s for s in on if s in ca]
     gaps = {s: ca[s] - on[s] for s in common}
-    ts = res.get("train_seconds") or {}
+    ts = res.get("step_seconds") or {}
     ratio = [ts["cached"][s] / ts["online"][s] for s in common
              if (ts.get("cached") or {}).get(s) and (ts.get("online") or {}).get(s)]
     ours = (f"after {res['steps']} KD steps, cached top-{k} {_f(_mean({s: ca[s] for s in common}))} vs online "
             f"{_f(_mean({s: on[s] for s in common}))} (gap per seed "
             + ", ".join(f"{s} {gaps[s]:+.4f}" for s in common) + ")"
-            + (f"; KD training time cached / online {sum(ratio) / len(ratio):.2f} (the cache's write, "
+            + (f"; KD step time (median) cached / online {sum(ratio) / len(ratio):.2f} (the cache's write, "
                f"{sum(v for v in res['cache_seconds'].values() if v):.0f} s for all seeds, paid once per "
                "token set, not included)" if ratio else "")
             + (f"; {res['bytes_per_token']} bytes/token" if res.get("bytes_per_token") else "")) if common else \

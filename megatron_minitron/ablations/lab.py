@@ -214,7 +214,10 @@ def _kd_one(cfg: AblationsConfig, v: Variant, seed: int, seq: int, workdir: Path
         shutil.rmtree(workdir / "distilled" / "checkpoints", ignore_errors=True)
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
+    steps = sorted(cfg.kd.global_batch_size * seq / h["tokens_per_s"] for h in d.get("history") or [])
     return {"loss": loss, "seconds": time.time() - t0, "train_seconds": d["train_seconds"],
+            # the median step: free of the first step's one-time compilation
+            "step_seconds": steps[len(steps) // 2] if steps else None,
             "tokens": cfg.kd.steps * cfg.kd.global_batch_size * seq, **cache_rec,
             **({"teacher_memo": d["teacher_memo"]} if d.get("teacher_memo") else {})}
 

@@ -35,6 +35,9 @@ def test_claims_table(res):
     cache = res["claims"]["detail"]["cache"]  # cached top-32 KD vs online KD of the default plan
     assert set(cache["online"]) == set(cache["cached"]) == {"s1"} and cache["bytes_per_token"] == 8 * 32 + 4
     assert cache["cached"]["s1"] != cache["online"]["s1"] and "cached top-32" in rows[7]["ours"]
+    # the online reference ran first in its seed, so it ran the teacher (its step time is the honest one)
+    assert cache["step_seconds"]["online"]["s1"] > 0 and cache["step_seconds"]["cached"]["s1"] > 0
+    assert "KD step time (median) cached / online" in rows[7]["ours"]
     assert rows[-1]["holds"] == "n/a" and "no MoE teacher" in rows[-1]["ours"] and "run_ablations.sh" in rows[-1]["ours"]
     for r in rows:
         assert r["holds"] in ("yes", "no", "mixed", "n/a") and r["ours"] and r["paper"]
