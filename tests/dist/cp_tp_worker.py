@@ -54,19 +54,24 @@ def final_weights(cfg, runs: dict, buffers: bool = False) -> dict:
     return w
 
 
-def check_pretrain(wd: Path, data: DataConfig, res):
+def _pretrain(out_dir: Path, model, pc, data: DataConfig, train, init: Path) -> dict:
+    """One pretrain run from `init`: its losses, grad norms, val losses and layout."""
     from megatron_minitron.train.pretrain import run_pretrain
 
+    s = run_pretrain(PretrainConfig(output_dir=str(out_dir), model=model, parallel=pc, data=data,
+                                    train=train, init_from=str(init)))
+    m = metrics(out_dir)
+    return {"loss": s["losses"], "grad_norm": [r["grad_norm"] for r in m],
+            "val": [r["val_loss"] for r in m if "val_loss" in r], "layout": s["layout"]}
+
+
+def check_pretrain(wd: Path, data: DataConfig, res):
     out = {}
     for lay, pcs in LAYOUTS.items():
         runs = {}
         for pc in pcs:
             name = f"{lay}_cp{pc.cp}"
-            s = run_pretrain(PretrainConfig(output_dir=str(wd / name), model=MODEL, parallel=pc, data=data,
-                                            train=_iters(TRAIN3, pc), init_from=str(wd / "w0")))
-            m = metrics(wd / name)
-            out[name] = {"loss": s["losses"], "grad_norm": [r["grad_norm"] for r in m],
-                         "val": [r["val_loss"] for r in m if "val_loss" in r], "layout": s["layout"]}
+            out[name] = _pretrain(wd / name, MODEL, pc, data, _iters(TRAIN3, pc), wd / "w0")
             runs[name] = wd / name
         w = final_weights(MODEL, runs | {"w0": wd / "w0"})
         a, b = w[f"{lay}_cp2"], w[f"{lay}_cp1"]
@@ -105,18 +110,12 @@ def check_moe_ep(wd: Path, data: DataConfig, res):
     """MoE pretrain 3 steps at CP=2 x EP=2 (dp=2) vs EP=2 x DP=4, micro-batches of one
     sequence (the load-balancing loss's counts are per micro-batch): losses, grad norms,
     val losses, final weights and expert biases."""
-    from megatron_minitron.train.pretrain import run_pretrain
-
     make(MOE, D.init(ParallelConfig(), seed=1), 5, wd / "moe_w0")
     train = replace(MOE_TRAIN, micro_batch_size=1)
     out = {}
     for pc in (ParallelConfig(ep=2, cp=2), ParallelConfig(ep=2)):
         name = f"moe_ep_cp{pc.cp}"
-        s = run_pretrain(PretrainConfig(output_dir=str(wd / name), model=MOE, parallel=pc, data=data,
-                                        train=_iters(train, pc), init_from=str(wd / "moe_w0")))
-        m = metrics(wd / name)
-        out[name] = {"loss": s["losses"], "grad_norm": [r["grad_norm"] for r in m],
-                     "val": [r["val_loss"] for r in m if "val_loss" in r], "layout": s["layout"]}
+        out[name] = _pretrain(wd / name, MOE, pc, data, _iters(train, pc), wd / "moe_w0")
     w = final_weights(MOE, {"cp2": wd / "moe_ep_cp2", "cp1": wd / "moe_ep_cp1", "w0": wd / "moe_w0"}, buffers=True)
     out["weights_worst"] = worst([(w["cp2"][k], w["cp1"][k]) for k in w["cp1"] if not k.endswith("expert_bias")])
     out["bias_worst"] = worst([(w["cp2"][k], w["cp1"][k]) for k in w["cp1"] if k.endswith("expert_bias")])
